@@ -1,0 +1,1 @@
+from weakloc._version import __version__

@@ -1,0 +1,92 @@
+"""A torch ``Dataset`` over :class:`LabeledImages`, with the train/eval transforms.
+
+An image that fails to decode is returned as ``None`` and dropped by :func:`collate_skip_bad`,
+which counts it, so one bad file never stops an epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from weakloc.data.images import read_image
+from weakloc.data.labels import LabeledImages
+from weakloc.errors import ImageReadError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale: tuple[float, float] = (0.35, 1.0)) -> v2.Transform:
+    """Random resized crop, horizontal flip, light colour jitter, then normalisation.
+
+    Input ``(3, H, W)`` uint8, output ``(3, size, size)`` float32.
+    """
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Transform:
+    """Resize to ``size x size`` with no crop (the WSOL protocol), then normalise."""
+    return v2.Compose([
+        v2.Resize((size, size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+class ImageDataset(Dataset):
+    """``(image, target, index)`` per item, or ``None`` when the image cannot be decoded.
+
+    Args:
+        data: labelled images; ``targets`` may be None for unlabelled inference.
+        transform: maps ``(3, H, W)`` uint8 to the model's input tensor.
+    """
+
+    def __init__(self, paths: list[Path], targets: torch.Tensor | None, transform: v2.Transform):
+        self.paths = list(paths)
+        self.targets = targets
+        self.transform = transform
+
+    @classmethod
+    def from_labels(cls, data: LabeledImages, transform: v2.Transform) -> "ImageDataset":
+        return cls(data.paths, data.targets, transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = read_image(self.paths[i])
+        except ImageReadError:
+            return None
+        target = self.targets[i] if self.targets is not None else torch.tensor(-1)
+        return self.transform(img), target, i
+
+
+def collate_skip_bad(items: list) -> dict:
+    """Stack the good items of a batch; count the ones that failed to decode.
+
+    Returns:
+        dict with ``image (B, 3, S, S)``, ``target``, ``index (B,)`` and ``skipped`` (int).
+        When every item failed, ``image`` is None.
+    """
+    good = [it for it in items if it is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return {"image": None, "target": None, "index": None, "skipped": skipped}
+    images, targets, idx = zip(*good)
+    return {
+        "image": torch.stack(images),
+        "target": torch.stack(targets),
+        "index": torch.tensor(idx, dtype=torch.long),
+        "skipped": skipped,
+    }
