@@ -76,7 +76,8 @@ def read_image(path: str | Path) -> torch.Tensor:
         try:
             raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
             with warnings.catch_warnings():
-                warnings.simplefilter("error")  # libjpeg warns (not fails) on truncated data
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29+ deprecates its codecs
+                warnings.simplefilter("error", UserWarning)  # libjpeg warns (not fails) on truncated data
                 data = decode_image(raw, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
             if data.shape[0] in (2, 4) or data.dtype not in (torch.uint8, torch.uint16):
                 data = None  # alpha or exotic layouts: let Pillow composite them

@@ -1,0 +1,203 @@
+"""WSOL metrics exactly as Choe et al. (CVPR 2020) define them: MaxBoxAcc, MaxBoxAccV2, GT-known
+and Top-1 Loc, PxAP, and the centre baseline (see ``docs/metrics.md``).
+
+The sweep is vectorised: binarisation cut points for all maps and thresholds are computed at once
+on the maps' device; OpenCV contours are traced once per *distinct* cut of each map (a uint8 map has
+at most 256, so a 0.001 step needs no more contour calls than a 0.01 one); IoUs of every box
+against every GT box, and the per-threshold best, are one batched tensor computation.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from weakloc.evaluate.boxes import box_iou_inclusive, contour_boxes
+
+IOU_DELTAS = (30, 50, 70)
+
+
+def threshold_list(step: float = 0.01) -> torch.Tensor:
+    """``0, step, 2 step, ... < 1`` as the reference's ``np.arange(0, 1, step)`` (float64)."""
+    return torch.from_numpy(np.arange(0, 1, step))
+
+
+def map_to_uint8(maps: torch.Tensor) -> torch.Tensor:
+    """``uint8(map * 255)`` (truncation, as the reference's ``astype``), ``(..., H, W)``."""
+    if torch.isnan(maps).any():
+        raise ValueError("score maps hold NaN; normalise them first (NaN maps become zeros)")
+    return (maps.double() * 255).to(torch.uint8)
+
+
+def binarisation_cuts(u8: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Integer cut of each map at each threshold: ``int(tau * max)``; foreground is ``> cut``.
+
+    Args:
+        u8: ``(N, H, W)`` uint8 maps. thresholds: ``(T,)``.
+
+    Returns:
+        ``(N, T)`` int64.
+    """
+    top = u8.flatten(1).amax(1).double()
+    return (thresholds.to(u8.device, torch.float64)[None, :] * top[:, None]).floor().long()
+
+
+@dataclass
+class BoxSweep:
+    """Best IoU per map and threshold of a sweep.
+
+    Attributes:
+        thresholds: ``(T,)``.
+        best_iou_largest: ``(N, T)`` best IoU of the largest contour's box (MaxBoxAcc V1).
+        best_iou_all: ``(N, T)`` best IoU over all contour boxes (MaxBoxAccV2).
+    """
+
+    thresholds: torch.Tensor
+    best_iou_largest: torch.Tensor
+    best_iou_all: torch.Tensor
+
+
+def box_sweep(maps: torch.Tensor, gt_boxes: list[torch.Tensor], thresholds: torch.Tensor, workers: int = 2) -> BoxSweep:
+    """Best IoU of each map's boxes against its GT boxes at every threshold.
+
+    Args:
+        maps: ``(N, H, W)`` normalised maps in [0, 1] (any device).
+        gt_boxes: N tensors ``(M_i, 4)`` of GT boxes in map pixels (``M_i >= 1``).
+        thresholds: ``(T,)``.
+        workers: threads tracing contours (OpenCV releases the GIL).
+    """
+    n = maps.shape[0]
+    if len(gt_boxes) != n:
+        raise ValueError(f"{len(gt_boxes)} GT box sets for {n} maps")
+    u8 = map_to_uint8(maps)
+    cuts = binarisation_cuts(u8, thresholds).cpu()
+    u8_np = u8.cpu().numpy()
+    cuts_np = cuts.numpy()
+    uniq_per_map = [np.unique(cuts_np[i]) for i in range(n)]
+
+    def trace(i: int):
+        rows = []
+        for u, c in enumerate(uniq_per_map[i]):
+            boxes, areas = contour_boxes((u8_np[i] > c).astype(np.uint8))
+            if len(boxes) == 0:
+                boxes, areas = np.zeros((1, 4), np.int64), np.zeros(1)
+            rows.append((u, boxes, int(np.argmax(areas))))
+        return rows
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        traced = list(pool.map(trace, range(n)))
+    # flatten all boxes: owner map i, unique-cut slot u, and whether it is that slot's largest contour
+    max_u = max(len(u) for u in uniq_per_map)
+    box_list, owner, slot, largest = [], [], [], []
+    for i, rows in enumerate(traced):
+        for u, boxes, big in rows:
+            box_list.append(boxes)
+            owner.append(np.full(len(boxes), i))
+            slot.append(np.full(len(boxes), u))
+            flag = np.zeros(len(boxes), bool)
+            flag[big] = True
+            largest.append(flag)
+    boxes_t = torch.from_numpy(np.concatenate(box_list))
+    owner_t = torch.from_numpy(np.concatenate(owner))
+    slot_t = torch.from_numpy(np.concatenate(slot))
+    largest_t = torch.from_numpy(np.concatenate(largest))
+    m_max = max(len(g) for g in gt_boxes)
+    gt = torch.zeros(n, m_max, 4, dtype=torch.float64)
+    valid = torch.zeros(n, m_max, dtype=torch.bool)
+    for i, g in enumerate(gt_boxes):
+        if len(g) == 0:
+            raise ValueError(f"map {i} has no GT box")
+        gt[i, : len(g)] = g.double().cpu()
+        valid[i, : len(g)] = True
+    ious = box_iou_inclusive(boxes_t[:, None, :], gt[owner_t]).squeeze(1)  # (R, M_max)
+    best = ious.masked_fill(~valid[owner_t], -1.0).amax(1)
+    flat = owner_t * max_u + slot_t
+    table_all = torch.zeros(n * max_u, dtype=torch.float64).scatter_reduce(0, flat, best, "amax", include_self=True)
+    table_big = torch.zeros(n * max_u, dtype=torch.float64).scatter_reduce(0, flat[largest_t], best[largest_t], "amax", include_self=True)
+    # map each (map, threshold) to its unique-cut slot
+    slot_of = torch.stack([torch.from_numpy(np.searchsorted(uniq_per_map[i], cuts_np[i])) for i in range(n)])
+    index = torch.arange(n)[:, None] * max_u + slot_of
+    return BoxSweep(thresholds.double(), table_big[index], table_all[index])
+
+
+def box_accuracy_curves(best_iou: torch.Tensor, deltas=IOU_DELTAS) -> torch.Tensor:
+    """BoxAcc(tau, delta) in percent, ``(len(deltas), T)``, from per-map best IoUs ``(N, T)``."""
+    d = torch.tensor(deltas, dtype=torch.float64)[:, None, None] / 100
+    return (best_iou[None] >= d - 1e-12).double().mean(1) * 100
+
+
+def wsol_box_metrics(sweep: BoxSweep, deltas=IOU_DELTAS) -> dict:
+    """MaxBoxAcc (V1, IoU 50, largest contour) and MaxBoxAccV2 (mean over deltas of the max over tau,
+    all contours, the best tau chosen separately per delta), with each delta's value and best tau."""
+    curves_v2 = box_accuracy_curves(sweep.best_iou_all, deltas)
+    curve_v1 = box_accuracy_curves(sweep.best_iou_largest, (50,))[0]
+    best_v2, arg_v2 = curves_v2.max(1)
+    out = {
+        "MaxBoxAcc": float(curve_v1.max()),
+        "MaxBoxAcc_tau": float(sweep.thresholds[int(curve_v1.argmax())]),
+        "MaxBoxAccV2": float(best_v2.mean()),
+    }
+    for d, v, a in zip(deltas, best_v2.tolist(), arg_v2.tolist()):
+        out[f"IoU{d}"] = v
+        out[f"IoU{d}_tau"] = float(sweep.thresholds[a])
+    return out
+
+
+def gt_known_loc(maps: torch.Tensor, gt_boxes: list[torch.Tensor], tau: float, correct_class: torch.Tensor | None = None) -> dict:
+    """GT-known Loc at one fixed ``tau`` (largest contour, IoU >= 0.5), and Top-1 Loc when the
+    per-map top-1 correctness ``(N,)`` bool is given. Percentages."""
+    sweep = box_sweep(maps, gt_boxes, torch.tensor([tau], dtype=torch.float64))
+    hit = sweep.best_iou_largest[:, 0] >= 0.5
+    out = {"GT-known Loc": float(hit.double().mean() * 100), "GT-known_tau": tau}
+    if correct_class is not None:
+        out["Top-1 Loc"] = float((hit & correct_class.cpu().bool()).double().mean() * 100)
+    return out
+
+
+class PxAPAccumulator:
+    """Pixel average precision (PxAP) of Choe et al.: score histograms of foreground and background
+    pixels over the threshold bins ``[tau_i, tau_{i+1})``, then AP of the precision-recall curve.
+
+    Mask values: 1 foreground, 0 background, anything else ignored.
+    """
+
+    def __init__(self, thresholds: torch.Tensor, device=None):
+        self.edges = torch.cat([thresholds.double(), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)]).to(device)
+        nbins = len(self.edges) - 1
+        self.fg = torch.zeros(nbins, dtype=torch.float64, device=device)
+        self.bg = torch.zeros(nbins, dtype=torch.float64, device=device)
+
+    def _hist(self, values: torch.Tensor) -> torch.Tensor:
+        idx = torch.bucketize(values.double(), self.edges, right=True) - 1
+        idx = idx.clamp(0, len(self.edges) - 2)
+        return torch.bincount(idx, minlength=len(self.edges) - 1).double()
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        """Add ``(N, H, W)`` normalised maps and their ``(N, H, W)`` masks."""
+        maps = maps.to(self.edges.device)
+        masks = masks.to(self.edges.device)
+        self.fg += self._hist(maps[masks == 1])
+        self.bg += self._hist(maps[masks == 0])
+
+    def compute(self) -> float:
+        """PxAP in percent."""
+        tp = self.fg.flip(0).cumsum(0)
+        fp = self.bg.flip(0).cumsum(0)
+        n_fg = self.fg.sum()
+        if n_fg <= 0:
+            raise ValueError("no foreground pixel in the masks")
+        nonzero = (tp + fp) != 0
+        precision = torch.where(nonzero, tp / (tp + fp).clamp_min(1e-12), torch.zeros_like(tp))
+        recall = tp / n_fg
+        ap = (precision[1:] * recall.diff())[nonzero[1:]].sum()
+        return float(ap * 100)
+
+
+def pxap(maps: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor) -> float:
+    """PxAP in percent of normalised maps ``(N, H, W)`` against masks ``(N, H, W)``."""
+    acc = PxAPAccumulator(thresholds, maps.device)
+    acc.update(maps, masks)
+    return acc.compute()

