@@ -74,10 +74,10 @@ def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = 
         raise WeaklocError("CAM reads the classifier's own feature map; it takes no layer")
     with torch.no_grad():
         out = model.forward_maps(images)
+        maps = out.class_maps
+        if model.classifier.bias is not None:  # CAM is sum_c w_kc f_c, without the bias (Zhou et al.)
+            maps = maps - model.classifier.bias[None, :, None, None]
     targets = targets_fn(out.logits)
-    maps = out.class_maps
-    if model.classifier.bias is not None:  # CAM is sum_c w_kc f_c, without the bias (Zhou et al.)
-        maps = maps - model.classifier.bias[None, :, None, None]
     idx = targets[:, :, None, None].expand(-1, -1, *maps.shape[-2:])
     return maps.gather(1, idx), targets, out.logits
 

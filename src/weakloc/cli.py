@@ -1,0 +1,244 @@
+"""The ``weakloc`` command line: synth, train, localize, evaluate, methods, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from weakloc.errors import WeaklocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Where is it, and how many? Weakly-supervised localization from image-level labels.")
+console = Console()
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@contextmanager
+def progress_bar(description: str):
+    """A rich progress bar; yields a ``(done, total)`` callback."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _parse_gt_class(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise WeaklocError(f"--gt-class takes ANNOTATION_CLASS=MODEL_CLASS, got {p!r}")
+        g, m = p.split("=", 1)
+        out[g.strip()] = m.strip()
+    return out
+
+
+def print_report(report: dict, title: str = "Evaluation") -> None:
+    """Print classification and localization tables of an evaluation report."""
+    from weakloc.evaluate.run import summary_rows
+
+    cls = report["classification"]
+    console.print(f"[bold]{title}[/]: split {report['split']}, {report['images']} image(s), "
+                  f"{report['localization_samples']} localization sample(s), threshold step {report['localization']['step']}")
+    console.print("classification: " + ", ".join(f"{k} {v * 100:.1f}" for k, v in cls.items()))
+    rows = summary_rows(report)
+    cols = [c for c in ["map", "MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "MaxBoxAcc", "GT-known Loc", "Top-1 Loc", "PxAP"] if any(c in r for r in rows)]
+    table = Table(title="Localization (WSOL protocol, %)")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "map" else "right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    console.print(table)
+    loc = report["localization"]
+    console.print(f"best thresholds: IoU30 {loc['IoU30_tau']:.2f}, IoU50 {loc['IoU50_tau']:.2f}, IoU70 {loc['IoU70_tau']:.2f}; "
+                  f"GT-known Loc at {loc['GT-known_tau']:.2f}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the dataset to."),
+    n: int = typer.Option(1000, "--n", help="Number of images."),
+    size: int = typer.Option(128, help="Image side in pixels."),
+    mode: str = typer.Option("single", help="single | binary | multi"),
+    classes: str = typer.Option("triangle,square,star", help="Comma-separated shape classes (triangle, square, star, cross)."),
+    max_instances: int = typer.Option(1, help="Most instances of one class per image."),
+    target: str = typer.Option("star", help="The class asked about in binary mode."),
+    val_fraction: float = typer.Option(0.2, help="Share of images in the val split."),
+    test_fraction: float = typer.Option(0.0, help="Share of images in the test split."),
+    seed: int = typer.Option(0, help="Random seed (output is deterministic for a seed)."),
+):
+    """Write a synthetic dataset with exact boxes, masks and points (labels.csv, counts.csv, annotations.json)."""
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+
+    cfg = SyntheticConfig(n_images=n, size=size, mode=mode, classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+                          max_instances=max_instances, target=target, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    with progress_bar("synthesising") as update:
+        write_synthetic(out, cfg, progress=update)
+    console.print(f"wrote {n} images to {out} (labels.csv, counts.csv, annotations.json)")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="labels CSV, folder with labels.csv, or folder-per-class tree."),
+    out: Path = typer.Option(Path("runs/weakloc"), "--out", "-o", help="Output folder (model/ holds the best checkpoint)."),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
+    pretrained: str = typer.Option("imagenet", help="imagenet | none (random init)."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights file (safetensors, or tensors-only .pth)."),
+    val: Optional[Path] = typer.Option(None, help="Separate validation labels (default: the data's split, or a seeded split)."),
+    image_size: int = typer.Option(224, help="Square input size."),
+    output_stride: Optional[int] = typer.Option(None, help="timm output_stride (16 or 8 give denser maps)."),
+    epochs: int = typer.Option(5),
+    freeze_epochs: int = typer.Option(1, help="Epochs with the backbone frozen first."),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(2e-3, help="Peak learning rate of the head."),
+    schedule: str = typer.Option("onecycle", help="onecycle | cosine"),
+    val_fraction: float = typer.Option(0.2),
+    seed: int = typer.Option(0),
+    precision: Optional[str] = typer.Option(None, help="Lightning precision (default: 16-mixed on GPU, 32 on CPU)."),
+    accelerator: str = typer.Option("auto"),
+    devices: str = typer.Option("auto"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.ckpt."),
+):
+    """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
+    from weakloc.train import fine_tune
+
+    _quiet_lightning()
+    result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
+                       image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
+                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, seed=seed, precision=precision,
+                       accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume)
+    m = result.metrics
+    console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
+    if m["skipped_images"]:
+        console.print(f"[yellow]{m['skipped_images']} image(s) could not be decoded and were skipped[/]")
+    console.print(f"model saved to {result.model_dir}")
+
+
+@app.command()
+def localize(
+    model: Path = typer.Argument(..., help="Model folder (model.safetensors + config.json)."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
+    method: str = typer.Option("cam", help="Heatmap method (see `weakloc methods`)."),
+    target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
+    threshold: str = typer.Option("auto", help="auto | NUMBER | otsu | percentile:Q | calibrated"),
+    keep: str = typer.Option("all", help="all regions, or the largest per map."),
+    batch_size: int = typer.Option(16),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+):
+    """Heatmaps, boxes and overlays for images: writes overlays/, detections.json (COCO) and index.html."""
+    from weakloc.localize.run import localize_images
+    from weakloc.models import load_model
+
+    net = load_model(model, _device(device))
+    with progress_bar("localizing") as update:
+        res = localize_images(net, images, out, method=method, target=target, threshold=threshold, keep=keep,
+                              batch_size=batch_size, progress=update)
+    console.print(f"{len(res['images'])} image(s), {len(res['annotations'])} box(es) -> {out / 'index.html'}")
+    for s in res["skipped"]:
+        console.print(f"[yellow]skipped {s['reason']}[/]")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Model folder."),
+    data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON or Pascal VOC XML folder."),
+    method: str = typer.Option("cam"),
+    split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
+    step: float = typer.Option(0.01, help="Threshold step of the sweep (cam_curve_interval)."),
+    gt_known_tau: Optional[float] = typer.Option(None, help="Fixed threshold of GT-known / Top-1 Loc."),
+    gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
+    calibrate: bool = typer.Option(False, help="Store the best IoU-50 threshold in the model for `localize`."),
+    batch_size: int = typer.Option(32),
+    device: Optional[str] = typer.Option(None),
+):
+    """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
+    from weakloc.evaluate.run import evaluate_model
+    from weakloc.models import load_model, save_model
+
+    net = load_model(model, _device(device))
+    with progress_bar("evaluating") as update:
+        report = evaluate_model(net, data, annotations, method=method, split=split, step=step, gt_known_tau=gt_known_tau,
+                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update)
+    print_report(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {out}")
+    if calibrate:
+        tau = report["localization"]["IoU50_tau"]
+        net.config.localization = {"threshold": tau, "method": method, "calibrated_on": report["localization_samples"]}
+        save_model(net.cpu(), model)
+        console.print(f"calibrated threshold {tau:.2f} stored in {model}")
+
+
+@app.command()
+def methods():
+    """List the heatmap methods."""
+    from weakloc.explain import METHODS
+
+    table = Table("name", "gradients", "summary")
+    for m in METHODS.values():
+        table.add_row(m.name, "yes" if m.uses_gradients else "no", m.summary)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("weakloc-demo"), "--out", "-o"),
+    n: int = typer.Option(600, help="Synthetic images."),
+    epochs: int = typer.Option(6),
+    seed: int = typer.Option(0),
+):
+    """Offline end to end: synthesise data, fine-tune on image labels only, localize, evaluate, report."""
+    from weakloc.demo import run_demo
+
+    _quiet_lightning()
+    run_demo(out, n_images=n, epochs=epochs, seed=seed, console=console, progress_bar=progress_bar, print_report=print_report)
+
+
+def _device(name: str | None):
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and exit code 2."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        app()
+    except WeaklocError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

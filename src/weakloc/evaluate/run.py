@@ -1,0 +1,211 @@
+"""``evaluate_model``: classification metrics and the WSOL protocol's localization metrics of a
+trained model on annotated images, with the centre baseline evaluated beside it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
+from weakloc.data.labels import LabeledImages, load_labels, select_split
+from weakloc.errors import WeaklocError
+from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, threshold_list, wsol_box_metrics
+from weakloc.explain import centre_gaussian, explain
+from weakloc.train.module import classification_metrics
+
+
+@dataclass
+class _Sample:
+    image: int  # index into the labelled images
+    cls: int
+    boxes: torch.Tensor  # (M, 4) in input pixels, truncated to int as the reference does
+    mask: torch.Tensor | None  # (S, S) uint8 or None
+
+
+def scale_gt_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:
+    """GT boxes from original pixels to the ``size x size`` input, truncated to integers (reference)."""
+    sx, sy = size / width, size / height
+    scaled = boxes.double() * torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+    return scaled.trunc()
+
+
+def class_mapping(model_classes: list[str], gt_classes: list[str], explicit: dict[str, str] | None = None) -> dict[str, int]:
+    """Which annotation class is which model class: explicit ``{gt: model}`` pairs first, then equal
+    names (case-insensitive). Annotation classes with no model class are not evaluated."""
+    lower = {c.lower(): k for k, c in enumerate(model_classes)}
+    out: dict[str, int] = {}
+    for g in gt_classes:
+        if explicit and g in explicit:
+            if explicit[g] not in model_classes:
+                raise WeaklocError(f"--gt-class maps {g!r} to {explicit[g]!r}, which is not a model class ({', '.join(model_classes)})")
+            out[g] = model_classes.index(explicit[g])
+        elif g.lower() in lower:
+            out[g] = lower[g.lower()]
+    return out
+
+
+def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size: int, positive: int | None) -> tuple[list[_Sample], int]:
+    samples, unmatched = [], 0
+    for i, path in enumerate(data.paths):
+        ann = gt.find(path)
+        if ann is None:
+            unmatched += 1
+            continue
+        for g, k in mapping.items():
+            if positive is not None and k != positive:
+                continue
+            boxes = ann.boxes_of(g)
+            if len(boxes) == 0:
+                continue
+            mask = ann.mask_of(g, (size, size)).to(torch.uint8) if ann.has_masks(g) else None
+            samples.append(_Sample(i, k, scale_gt_boxes(boxes, ann.width, ann.height, size), mask))
+    return samples, unmatched
+
+
+def evaluate_model(
+    model,
+    data: str | Path | LabeledImages,
+    annotations: str | Path | GroundTruth,
+    *,
+    method: str = "cam",
+    split: str = "auto",
+    step: float = 0.01,
+    gt_known_tau: float | None = None,
+    gt_class: dict[str, str] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress=None,
+) -> dict:
+    """Evaluate classification and localization.
+
+    Localization samples are (image, class) pairs: each annotated class of the image that the model
+    knows (for a yes/no model, only its positive class). The map is the GT class's (GT-known).
+
+    Args:
+        data: labels (CSV / folder / :class:`LabeledImages`); with splits, ``split`` chooses one
+            (``auto``: test, else val, else all).
+        annotations: COCO JSON, VOC folder or :class:`GroundTruth`.
+        step: threshold step of the sweep (``cam_curve_interval``).
+        gt_known_tau: fixed threshold of GT-known / Top-1 Loc (default: the model's calibrated
+            threshold, else 0.2 as in the CAM paper).
+        gt_class: explicit ``{annotation class: model class}`` names.
+        progress: optional callable ``(done, total)``.
+
+    Returns:
+        dict with ``classification``, ``localization`` (``method`` and ``centre_baseline`` metrics,
+        and ``PxAP`` where masks exist) and bookkeeping counts.
+    """
+    device = torch.device(device or next(model.parameters()).device)
+    model = model.to(device).eval()
+    cfg = model.config
+    labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
+    if labeled.task != cfg.task:
+        raise WeaklocError(f"labels are {labeled.task}-label but the model is {cfg.task}-label")
+    if split == "auto":
+        present = set(labeled.splits or [])
+        split = "test" if "test" in present else "val" if "val" in present else "all"
+    if split != "all":
+        labeled = select_split(labeled, split)
+    gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
+    mapping = class_mapping(cfg.classes, gt.classes, gt_class)
+    if not mapping:
+        raise WeaklocError(f"no annotation class matches a model class (annotations: {gt.classes}; model: {cfg.classes}); use --gt-class GT=MODEL")
+    size = cfg.input_size
+    samples, unmatched = _samples(labeled, gt, mapping, size, cfg.positive_class)
+    if not samples:
+        raise WeaklocError(f"none of the {len(labeled)} images has an annotation of an evaluated class")
+    by_image: dict[int, list[int]] = {}
+    for s_idx, s in enumerate(samples):
+        by_image.setdefault(s.image, []).append(s_idx)
+    taus = threshold_list(step)
+    tau_fixed = gt_known_tau if gt_known_tau is not None else cfg.localization.get("threshold", 0.2)
+    loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
+                        shuffle=False, collate_fn=collate_skip_bad)
+    centre = centre_gaussian((size, size), device=device)
+    probs_all, targets_all = [], []
+    sweeps, base_sweeps, fixed_hits, correct = [], [], [], []
+    pxap_acc = PxAPAccumulator(taus, device)
+    pxap_base = PxAPAccumulator(taus, device)
+    has_masks = False
+    skipped = done = 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        done += len(batch["index"]) + batch["skipped"] if batch["index"] is not None else batch["skipped"]
+        if batch["image"] is None:
+            continue
+        x = batch["image"].to(device)
+        idx = batch["index"].tolist()
+        rows = [(r, s) for r, i in enumerate(idx) for s in by_image.get(i, [])]
+        if rows:
+            t_max = max(len(by_image.get(i, [])) for i in idx)
+            tgt = torch.zeros(len(idx), t_max, dtype=torch.long)
+            for r, i in enumerate(idx):
+                cls = [samples[s].cls for s in by_image.get(i, [])] or [0]
+                tgt[r] = torch.tensor((cls * t_max)[:t_max])
+            heat = explain(model, x, method=method, target=tgt.to(device))
+            logits = heat.logits
+            col = {(r, s): by_image[idx[r]].index(s) for r, s in rows}
+            maps = torch.stack([heat.normalized[r, col[(r, s)]] for r, s in rows])
+            gts = [samples[s].boxes for _, s in rows]
+            sweeps.append(box_sweep(maps, gts, taus))
+            base_sweeps.append(box_sweep(centre.expand(len(rows), -1, -1), gts, taus))
+            fixed_hits.append(box_sweep(maps, gts, torch.tensor([tau_fixed], dtype=torch.float64)).best_iou_largest[:, 0] >= 0.5)
+            pr = model.probabilities(logits.float())
+            for r, s in rows:
+                k = samples[s].cls
+                correct.append(bool(pr[r].argmax() == k) if cfg.task == "single" else bool(pr[r, k] >= 0.5))
+            with_mask = [(maps[n], samples[s].mask) for n, (_, s) in enumerate(rows) if samples[s].mask is not None]
+            if with_mask:
+                has_masks = True
+                mm = torch.stack([m for m, _ in with_mask])
+                gm = torch.stack([g for _, g in with_mask]).to(device)
+                pxap_acc.update(mm, gm)
+                pxap_base.update(centre.expand(len(with_mask), -1, -1), gm)
+        else:
+            with torch.no_grad():
+                logits = model(x)
+        probs_all.append(model.probabilities(logits.float()).cpu())
+        targets_all.append(batch["target"])
+        if progress is not None:
+            progress(min(done, len(labeled)), len(labeled))
+    if not sweeps:
+        raise WeaklocError("no annotated image could be read")
+
+    def merged(parts: list[BoxSweep]) -> BoxSweep:
+        return BoxSweep(taus.double(), torch.cat([p.best_iou_largest for p in parts]), torch.cat([p.best_iou_all for p in parts]))
+
+    loc = {"method": method, "step": step, **wsol_box_metrics(merged(sweeps))}
+    hits = torch.cat(fixed_hits)
+    ok = torch.tensor(correct)
+    loc["GT-known Loc"] = float(hits.double().mean() * 100)
+    loc["Top-1 Loc"] = float((hits & ok).double().mean() * 100)
+    loc["GT-known_tau"] = tau_fixed
+    base = wsol_box_metrics(merged(base_sweeps))
+    if has_masks:
+        loc["PxAP"] = pxap_acc.compute()
+        base["PxAP"] = pxap_base.compute()
+    cls_metrics = classification_metrics(torch.cat(probs_all), torch.cat(targets_all), cfg.task, cfg.positive_class)
+    return {
+        "split": split,
+        "images": len(labeled),
+        "skipped_images": skipped,
+        "localization_samples": len(hits),
+        "images_without_annotation": unmatched,
+        "classification": cls_metrics,
+        "localization": loc,
+        "centre_baseline": base,
+    }
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """Rows (method, centre baseline) for a printed or HTML table of a report."""
+    loc, base = report["localization"], report["centre_baseline"]
+    keys = ["MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "MaxBoxAcc", "GT-known Loc", "Top-1 Loc", "PxAP"]
+    rows = [{"map": loc["method"], **{k: loc[k] for k in keys if k in loc}},
+            {"map": "centre baseline", **{k: base[k] for k in keys if k in base}}]
+    return [{k: (v if not (isinstance(v, float) and math.isnan(v)) else "") for k, v in r.items()} for r in rows]

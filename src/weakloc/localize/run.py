@@ -1,0 +1,186 @@
+"""``localize_images``: images in, heatmaps, boxes, masks, overlays, COCO JSON and a gallery out."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from weakloc.data.dataset import eval_transform
+from weakloc.data.images import is_image_file, read_image
+from weakloc.errors import ImageReadError, WeaklocError
+from weakloc.explain import explain, upsample
+from weakloc.localize.regions import binarize, region_boxes, scale_boxes
+from weakloc.localize.threshold import thresholds_for
+from weakloc.report.html import gallery_cards, write_page
+from weakloc.report.overlay import blend, draw_detections, fit_size, save_png
+
+DEFAULT_THRESHOLD = 0.3
+
+
+def list_images(sources: list[str | Path] | str | Path) -> list[Path]:
+    """Image files from files and folders (folders searched recursively, sorted)."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    out: list[Path] = []
+    for s in map(Path, sources):
+        if s.is_dir():
+            out += sorted(p for p in s.rglob("*") if p.is_file() and is_image_file(p))
+        elif s.is_file():
+            out.append(s)
+        else:
+            raise WeaklocError(f"{s}: no such image file or folder")
+    if not out:
+        raise WeaklocError(f"no image files found in {', '.join(map(str, sources))}")
+    return out
+
+
+class _PredictSet(Dataset):
+    def __init__(self, paths, size, mean, std, display: int):
+        self.paths, self.tf, self.display = paths, eval_transform(size, mean, std), display
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = read_image(self.paths[i])
+        except ImageReadError as e:
+            return i, None, str(e), None
+        h, w = img.shape[-2:]
+        dh, dw = fit_size(h, w, self.display)
+        shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
+        return i, self.tf(img), (h, w), shown
+
+
+def _collate(items):
+    return items
+
+
+def default_target(model) -> str:
+    """Which classes to localize by default: the positive class of a yes/no model, every class of a
+    multi-label model (kept where predicted present), else the predicted class."""
+    if model.config.positive_class is not None:
+        return str(model.config.positive_class)
+    return "all" if model.config.task == "multi" else "predicted"
+
+
+def localize_images(
+    model,
+    images: list[str | Path] | str | Path,
+    out: str | Path | None = None,
+    *,
+    method: str = "cam",
+    target=None,
+    threshold: str | float = "auto",
+    keep: str = "all",
+    min_area: int = 4,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    display_size: int = 512,
+    progress=None,
+) -> dict:
+    """Localize the evidence for each image's class(es).
+
+    Args:
+        model: a trained :class:`~weakloc.models.WeaklocNet`.
+        images: files and/or folders.
+        out: when given, writes ``overlays/*.png``, ``detections.json`` (COCO results: boxes in
+            original pixels, scores, labels) and ``index.html`` (a gallery).
+        method: heatmap method (``weakloc methods``).
+        target: see :func:`weakloc.explain.resolve_targets`; default :func:`default_target`.
+        threshold: a number, ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
+            calibrated threshold if any, else 0.3).
+        keep: ``all`` regions or the ``largest`` per map.
+        progress: optional callable ``(done, total)``.
+
+    Returns:
+        COCO-style dict with ``images``, ``annotations`` (detections), ``categories`` and
+        ``skipped`` (files that could not be read, with the reason).
+    """
+    device = torch.device(device or next(model.parameters()).device)
+    model = model.to(device).eval()
+    cfg = model.config
+    paths = list_images(images)
+    calibrated = cfg.localization.get("threshold")
+    if threshold == "auto":
+        threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
+    target = default_target(model) if target is None else target
+    out = Path(out) if out is not None else None
+    loader = DataLoader(_PredictSet(paths, cfg.input_size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=_collate)
+    result = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": c} for k, c in enumerate(cfg.classes)], "skipped": []}
+    cards = []
+    done = 0
+    for batch in loader:
+        good = [b for b in batch if b[1] is not None]
+        for i, _, reason, _ in (b for b in batch if b[1] is None):
+            result["skipped"].append({"file": str(paths[i]), "reason": reason})
+        done += len(batch)
+        if good:
+            _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device)
+        if progress is not None:
+            progress(done, len(paths))
+    if result["skipped"]:
+        warnings.warn(f"{len(result['skipped'])} image(s) could not be read and were skipped", stacklevel=2)
+    if out is not None:
+        (out / "detections.json").write_text(json.dumps(result, indent=1))
+        note = (f"<p class='note'>Method {method}, threshold {threshold}, {len(result['images'])} image(s), "
+                f"{len(result['annotations'])} box(es); boxes in detections.json (COCO format, original pixels).</p>")
+        write_page(out / "index.html", "weakloc — localization", [("", note), ("", gallery_cards(cards, out))])
+    return result
+
+
+def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device):
+    cfg = model.config
+    x = torch.stack([b[1] for b in good]).to(device)
+    heat = explain(model, x, method=method, target=target)
+    probs = model.probabilities(heat.logits.float())
+    score = probs.gather(1, heat.targets)  # (B, T)
+    if cfg.task == "multi" and heat.targets.shape[1] > 1:
+        present = score >= 0.5
+        present[torch.arange(len(score)), score.argmax(1)] = True  # always show the top class
+    elif cfg.positive_class is not None:
+        present = probs[:, cfg.positive_class:cfg.positive_class + 1] >= 0.5
+    else:
+        present = torch.ones_like(score, dtype=torch.bool)
+    b, t, h, w = heat.normalized.shape
+    flat = heat.normalized.reshape(b * t, h, w)
+    tau = thresholds_for(flat, threshold, calibrated)
+    masks = binarize(flat, tau)
+    dets = region_boxes(masks, flat, keep=keep, min_area=min_area)
+    present_cpu, score_cpu, targets_cpu = present.cpu(), score.cpu(), heat.targets.cpu()
+    for j, (i, _, (oh, ow), shown) in enumerate(good):
+        image_id = len(result["images"]) + 1
+        result["images"].append({"id": image_id, "file_name": str(paths[i]), "width": ow, "height": oh,
+                                 "predicted": cfg.classes[int(probs[j].argmax())], "probabilities": [round(float(p), 4) for p in probs[j]]})
+        drawn_boxes, drawn_labels = [], []
+        for k in range(t):
+            cls = int(targets_cpu[j, k])
+            if not present_cpu[j, k]:
+                continue
+            det = dets[j * t + k]
+            boxes = scale_boxes(det.boxes, (h, w), (oh, ow))
+            for r in range(len(boxes)):
+                x0, y0, x1, y1 = boxes[r].tolist()
+                result["annotations"].append({
+                    "id": len(result["annotations"]) + 1, "image_id": image_id, "category_id": cls + 1,
+                    "label": cfg.classes[cls], "bbox": [round(x0, 1), round(y0, 1), round(x1 - x0 + 1, 1), round(y1 - y0 + 1, 1)],
+                    "score": round(float(score_cpu[j, k] * det.scores[r]), 4),
+                })
+            drawn_boxes.append(scale_boxes(det.boxes, (h, w), tuple(shown.shape[-2:])))
+            drawn_labels += [f"{cfg.classes[cls]} {float(score_cpu[j, k]):.2f}"] * len(det.boxes)
+        if out is None:
+            continue
+        # overlay the first shown target's map (the predicted / positive class)
+        k_show = int(present[j].float().argmax()) if present[j].any() else 0
+        heat_disp = upsample(heat.normalized[j, k_show][None], tuple(shown.shape[-2:]), mode="bilinear").clamp(0, 1)
+        over = blend(shown[None].to(device), heat_disp)[0]
+        boxes_all = torch.cat(drawn_boxes) if drawn_boxes else torch.zeros(0, 4)
+        picture = draw_detections(over, boxes_all, drawn_labels)
+        png = save_png(picture, out / "overlays" / f"{image_id:05d}_{Path(paths[i]).stem}.png")
+        pred = int(probs[j].argmax())
+        cards.append({"image": png, "title": Path(paths[i]).name,
+                      "lines": [f"predicted {cfg.classes[pred]} ({float(probs[j, pred]):.2f})", f"{len(boxes_all)} box(es)"]})

@@ -1,0 +1,76 @@
+"""Per-map thresholds for normalised heatmaps, batched on the maps' device."""
+
+from __future__ import annotations
+
+import torch
+
+from weakloc.errors import WeaklocError
+
+
+def otsu_threshold(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each map: the cut maximising between-class variance.
+
+    Args:
+        maps: ``(..., H, W)`` values in [0, 1].
+
+    Returns:
+        ``(...)`` thresholds in [0, 1].
+    """
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float().clamp(0, 1)
+    idx = (flat * (bins - 1)).round().long()
+    hist = torch.zeros(flat.shape[0], bins, device=maps.device).scatter_add_(1, idx, torch.ones_like(flat))
+    p = hist / hist.sum(1, keepdim=True)
+    levels = torch.arange(bins, device=maps.device, dtype=torch.float32) / (bins - 1)
+    w0 = p.cumsum(1)
+    mu = (p * levels).cumsum(1)
+    mu_t = mu[:, -1:]
+    between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    between = torch.where((w0 > 0) & (w0 < 1), between, torch.full_like(between, -1.0))
+    return levels[between.argmax(1)].reshape(lead)
+
+
+def percentile_threshold(maps: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile (0..1) of each map's values: keeps the top ``1 - q`` of the pixels. ``(...)``."""
+    if not 0 <= q <= 1:
+        raise WeaklocError(f"percentile must be in [0, 100], got {q * 100}")
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float()
+    return torch.quantile(flat, q, dim=1).reshape(maps.shape[:-2])
+
+
+def parse_threshold(spec: str | float) -> tuple[str, float]:
+    """``0.3`` -> fixed; ``otsu``; ``percentile:90`` / ``p90``; ``calibrated``."""
+    if isinstance(spec, (int, float)):
+        return "fixed", float(spec)
+    s = str(spec).strip().lower()
+    if s in ("otsu", "calibrated"):
+        return s, 0.0
+    for prefix in ("percentile:", "p"):
+        if s.startswith(prefix) and s[len(prefix):].replace(".", "", 1).isdigit():
+            return "percentile", float(s[len(prefix):]) / 100
+    try:
+        v = float(s)
+    except ValueError:
+        raise WeaklocError(f"threshold must be a number in [0, 1), 'otsu', 'percentile:Q' or 'calibrated'; got {spec!r}") from None
+    if not 0 <= v < 1:
+        raise WeaklocError(f"a fixed threshold must be in [0, 1), got {v}")
+    return "fixed", v
+
+
+def thresholds_for(maps: torch.Tensor, spec: str | float, calibrated: float | None = None) -> torch.Tensor:
+    """Thresholds ``(...)`` for normalised maps ``(..., H, W)`` following ``spec`` (see :func:`parse_threshold`).
+
+    ``calibrated`` is the value stored in a model by evaluation/calibration; asking for it when
+    there is none is an error.
+    """
+    kind, value = parse_threshold(spec)
+    lead = maps.shape[:-2]
+    if kind == "otsu":
+        return otsu_threshold(maps)
+    if kind == "percentile":
+        return percentile_threshold(maps, value)
+    if kind == "calibrated":
+        if calibrated is None:
+            raise WeaklocError("this model has no calibrated threshold; run `weakloc evaluate ... --calibrate` or pass a number")
+        value = calibrated
+    return torch.full(lead, value, device=maps.device)
