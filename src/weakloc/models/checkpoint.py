@@ -55,9 +55,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> WeaklocN
         state = load_file(str(weights))
     except Exception as e:  # safetensors' own error types
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
         raise CheckpointError(
-            f"{weights}: weights do not match {CONFIG_NAME} (missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+            f"{weights}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -1,0 +1,239 @@
+"""Reading images, labels and annotations; every kind of bad input gets a clear error."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from weakloc.data import ImageDataset, collate_skip_bad, eval_transform, load_labels, read_annotations, read_image, split_train_val
+from weakloc.data.annotations import decode_rle, read_coco, read_voc
+from weakloc.data.labels import read_class_folders, read_labels_csv
+from weakloc.errors import AnnotationError, ImageReadError, LabelError
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_every_image_mode_reads_as_rgb_uint8(tmp_path, mode):
+    arr = (np.arange(12 * 10 * 3).reshape(12, 10, 3) % 256).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(120).reshape(12, 10) * 500).astype(np.uint16))
+    else:
+        img = img.convert(mode)
+    ext = "jpg" if mode == "CMYK" else "png"
+    out = read_image(_save(img, tmp_path / f"x.{ext}"))
+    assert out.dtype == torch.uint8 and out.shape == (3, 12, 10)
+
+
+def test_sixteen_bit_scaled_not_clipped(tmp_path):
+    img = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert read_image(_save(img, tmp_path / "w.png")).min() == 255
+
+
+def test_rgba_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert read_image(_save(img, tmp_path / "t.png")).min() == 255
+
+
+def test_exif_rotation_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    p = _save(img, tmp_path / "r.jpg", exif=exif.tobytes())
+    assert read_image(p).shape == (3, 20, 10)
+
+
+def test_cmyk_jpeg_colours(tmp_path):
+    img = Image.new("RGB", (8, 8), (200, 30, 30)).convert("CMYK")
+    out = read_image(_save(img, tmp_path / "c.jpg"))
+    assert out[0].float().mean() > 150 and out[1].float().mean() < 90
+
+
+@pytest.mark.parametrize("content, reason", [(None, "not found"), (b"", "empty"), (b"this is not an image", "cannot decode")])
+def test_bad_image_files_name_the_file(tmp_path, content, reason):
+    p = tmp_path / "bad.jpg"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as e:
+        read_image(p)
+    assert "bad.jpg" in str(e.value)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    p = tmp_path / "trunc.jpg"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match="trunc.jpg"):
+        read_image(p)
+
+
+def test_dataset_skips_and_counts_undecodable_images(tmp_path):
+    good = _save(Image.new("RGB", (16, 16)), tmp_path / "good.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    ds = ImageDataset([good, bad, good], torch.tensor([0, 1, 0]), eval_transform(16))
+    batch = collate_skip_bad([ds[i] for i in range(3)])
+    assert batch["skipped"] == 1 and batch["image"].shape == (2, 3, 16, 16)
+    assert batch["index"].tolist() == [0, 2]
+    assert collate_skip_bad([ds[1]])["image"] is None
+
+
+def _tree(tmp_path, classes=("cat", "dog"), n=3):
+    for c in classes:
+        (tmp_path / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.png")
+    return tmp_path
+
+
+def test_class_folders_and_seeded_split(tmp_path):
+    d = read_class_folders(_tree(tmp_path, n=5))
+    assert d.classes == ["cat", "dog"] and d.task == "single" and len(d) == 10
+    tr, va = split_train_val(d, 0.2, seed=3)
+    tr2, va2 = split_train_val(d, 0.2, seed=3)
+    assert [p.name for p in va.paths] == [p.name for p in va2.paths]
+    assert sorted(va.targets.tolist()) == [0, 1]  # stratified
+
+
+def test_class_folders_with_train_val(tmp_path):
+    _tree(tmp_path / "train")
+    _tree(tmp_path / "val", n=1)
+    d = read_class_folders(tmp_path)
+    tr, va = split_train_val(d)
+    assert len(tr) == 6 and len(va) == 2
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LabelError, match="empty.*no image"):
+        read_class_folders(tmp_path)
+
+
+def _csv(tmp_path, text):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    p = tmp_path / "labels.csv"
+    p.write_text(text)
+    return p
+
+
+def test_csv_single_and_multi_label(tmp_path):
+    d = read_labels_csv(_csv(tmp_path, "path,label\na.png,cat\nb.png,dog\n"))
+    assert d.task == "single" and d.classes == ["cat", "dog"] and d.targets.tolist() == [0, 1]
+    m = read_labels_csv(_csv(tmp_path, "a.png,cat;dog\nb.png,dog\nc.png,\n"))
+    assert m.task == "multi" and m.targets.tolist() == [[1, 1], [0, 1], [0, 0]]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("path,label\na.png\n", "row 2: expected 'path,label'"),
+    ("path,label\nmissing.png,cat\n", "row 2: image file not found"),
+    ("path,label\na.png,cat\n,dog\n", "row 3: empty image path"),
+    ("path,label,split\na.png,cat,training\n", "row 2: split must be"),
+])
+def test_malformed_csv_rows_name_the_row(tmp_path, text, match):
+    with pytest.raises(LabelError, match=match):
+        read_labels_csv(_csv(tmp_path, text))
+
+
+def test_unknown_class_is_an_error(tmp_path):
+    with pytest.raises(LabelError, match="row 3: unknown class 'bird'"):
+        read_labels_csv(_csv(tmp_path, "path,label\na.png,cat\nb.png,bird\n"), classes=["cat", "dog"])
+
+
+def test_yes_no_positive_class():
+    from weakloc.data.labels import positive_class_index
+    assert positive_class_index(["Platelets", "none"]) == 0
+    assert positive_class_index(["no", "yes"]) == 1
+
+
+def _coco(tmp_path, doc):
+    p = tmp_path / "gt.json"
+    p.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return p
+
+
+def test_coco_boxes_masks_points_and_bad_boxes(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "sub/a.png", "width": 20, "height": 10}],
+           "categories": [{"id": 7, "name": "cell"}],
+           "annotations": [
+               {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 4, 5], "segmentation": [[2, 3, 6, 3, 6, 8, 2, 8]], "point": [4, 5]},
+               {"id": 2, "image_id": 1, "category_id": 7, "bbox": [5, 5, -3, 2]},  # inverted: dropped with a warning
+               {"id": 3, "image_id": 1, "category_id": 7, "bbox": [1, 1, 0, 0]},  # zero size: kept (area 1 inclusive)
+           ]}
+    with pytest.warns(UserWarning, match="invalid"):
+        gt = read_coco(_coco(tmp_path, doc))
+    ann = gt.find("/data/sub/a.png")
+    assert ann is gt.find("a.png")
+    assert ann.boxes.tolist() == [[2, 3, 6, 8], [1, 1, 1, 1]]
+    assert ann.points[0].tolist() == [4, 5]
+    assert not ann.has_masks("cell")  # the zero-size box has no segmentation
+    mask = ann.mask_of("cell", (10, 20))
+    assert mask.sum() > 0 and mask[5, 4] and not mask[0, 0]
+
+
+@pytest.mark.parametrize("doc, match", [
+    ("{not json", "not valid JSON"),
+    ({"images": []}, "needs 'images' and 'categories'"),
+    ({"images": [{"id": 1, "file_name": "a", "width": 1, "height": 1}], "categories": [{"id": 1, "name": "x"}],
+      "annotations": [{"image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}, "unknown image_id 2"),
+    ({"images": [{"id": 1, "file_name": "a", "width": 1, "height": 1}], "categories": [{"id": 1, "name": "x"}],
+      "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0]}]}, "4-number bbox"),
+])
+def test_malformed_coco_is_an_error(tmp_path, doc, match):
+    with pytest.raises(AnnotationError, match=match):
+        read_coco(_coco(tmp_path, doc))
+
+
+def test_voc_folder_and_malformed_xml(tmp_path):
+    (tmp_path / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>640</width><height>480</height></size>"
+        "<object><name>WBC</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>101</xmax><ymax>81</ymax></bndbox></object>"
+        "<object><name>RBC</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>5</xmax><ymax>30</ymax></bndbox></object></annotation>")
+    gt = read_voc(tmp_path)
+    ann = gt.find("a.jpg")
+    assert gt.classes == ["RBC", "WBC"] and ann.boxes_of("WBC").tolist() == [[10, 20, 100, 80]]
+    assert ann.boxes_of("RBC").tolist() == [[4, 4, 4, 29]]  # one pixel wide: kept
+    (tmp_path / "b.xml").write_text("<annotation><filename>b.jpg</filename>")
+    with pytest.raises(AnnotationError, match="b.xml: not valid XML"):
+        read_annotations(tmp_path)
+
+
+def test_rle_uncompressed_and_compressed_agree():
+    mask = np.zeros((5, 4), np.uint8)
+    mask[1:4, 1:3] = 1
+    flat = mask.T.ravel()  # column-major
+    counts, val, run = [], 0, 0
+    for v in flat:
+        if v != val:
+            counts.append(run)
+            run, val = 0, v
+        run += 1
+    counts.append(run)
+    assert np.array_equal(decode_rle({"size": [5, 4], "counts": counts}), mask)
+    # the compressed string: 5-bit groups (+48), continuation bit 0x20, sign bit 0x10, deltas after the 2nd count
+    s = ""
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = x != -1 if ch & 0x10 else x != 0
+            s += chr((ch | 0x20 if more else ch) + 48)
+    assert np.array_equal(decode_rle({"size": [5, 4], "counts": s}), mask)
+
+
+def test_load_labels_dispatch(tmp_path, synth_single):
+    d = load_labels(synth_single)
+    assert d.splits is not None and d.task == "single"
+    with pytest.raises(LabelError, match="no such file"):
+        load_labels(tmp_path / "nothing")
