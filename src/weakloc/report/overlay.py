@@ -42,7 +42,7 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
     if len(boxes) == 0:
         return image.cpu()
     colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
-    return draw_bounding_boxes(image.cpu(), boxes.cpu().float(), labels=labels, colors=colors, width=width, font_size=12)
+    return draw_bounding_boxes(image.cpu(), boxes.cpu().float(), labels=labels, colors=colors, width=width)
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

@@ -1,0 +1,94 @@
+"""Train -> localize -> evaluate on synthetic data, from Python and from the CLI (tiny model)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from weakloc.cli import app
+from weakloc.evaluate import evaluate_model
+from weakloc.localize.run import localize_images
+from weakloc.train import fine_tune
+
+TINY = {"backbone": "test_resnet", "pretrained": "none", "image_size": 64, "output_stride": 8, "batch_size": 16, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def trained(synth_single, tmp_path_factory):
+    return fine_tune(synth_single, tmp_path_factory.mktemp("run"), epochs=2, **TINY)
+
+
+def test_train_localize_evaluate(trained, synth_single, tmp_path):
+    assert (trained.model_dir / "model.safetensors").is_file()
+    assert trained.metrics["train_images"] + trained.metrics["val_images"] == 48
+    assert 0 <= trained.metrics["val_acc"] <= 1 and len(trained.history) == 2
+    report = evaluate_model(trained.model, synth_single, synth_single / "annotations.json", method="cam")
+    loc, base = report["localization"], report["centre_baseline"]
+    assert report["split"] == "val" and report["localization_samples"] == report["images"]
+    for k in ("MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "MaxBoxAcc", "GT-known Loc", "Top-1 Loc", "PxAP"):
+        assert 0 <= loc[k] <= 100, k
+    assert loc["MaxBoxAccV2"] == pytest.approx((loc["IoU30"] + loc["IoU50"] + loc["IoU70"]) / 3)
+    assert "PxAP" in base and base["IoU30"] >= base["IoU70"]
+    res = localize_images(trained.model, synth_single / "images", tmp_path / "loc", threshold=0.3)
+    assert len(res["images"]) == 48 and (tmp_path / "loc" / "index.html").is_file()
+    assert len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 48
+    doc = json.loads((tmp_path / "loc" / "detections.json").read_text())
+    assert all(len(a["bbox"]) == 4 and 0 <= a["score"] <= 1 for a in doc["annotations"])
+
+
+def test_localize_skips_unreadable_images(trained, synth_single, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.warns(UserWarning, match="could not be read"):
+        res = localize_images(trained.model, [synth_single / "images" / "000000.jpg", bad], None)
+    assert len(res["images"]) == 1 and res["skipped"][0]["file"].endswith("broken.jpg")
+
+
+def test_resume_continues_from_last_checkpoint(synth_single, tmp_path):
+    first = fine_tune(synth_single, tmp_path, epochs=1, **TINY)
+    assert len(first.history) == 1
+    again = fine_tune(synth_single, tmp_path, epochs=2, resume=True, **TINY)
+    assert [h["epoch"] for h in again.history] == [1]
+
+
+def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
+    from weakloc import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)  # tables stay on one line
+    run = CliRunner()
+    data = tmp_path / "data"
+    r = run.invoke(app, ["synth", str(data), "--n", "24", "--size", "64", "--mode", "binary", "--max-instances", "2"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["train", str(data), "-o", str(tmp_path / "run"), "--backbone", "test_resnet", "--pretrained", "none",
+                         "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    model = tmp_path / "run" / "model"
+    r = run.invoke(app, ["evaluate", str(model), str(data), "-a", str(data / "annotations.json"), "--split", "all",
+                         "-o", str(tmp_path / "report.json"), "--calibrate"])
+    assert r.exit_code == 0, r.output
+    assert "centre baseline" in r.output
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert 0 <= saved["localization"]["MaxBoxAccV2"] <= 100 and "MaxBoxAccV2" in saved["centre_baseline"]
+    assert "calibrated threshold" in r.output
+    r = run.invoke(app, ["localize", str(model), str(data / "images"), "-o", str(tmp_path / "loc")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "loc" / "index.html").is_file()
+    r = run.invoke(app, ["methods"])
+    assert "gradcam" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "/no/such/place"], "no such file or directory"),
+    (["localize", "/no/such/model", "x.jpg"], "no config.json"),
+])
+def test_cli_errors_are_one_line_not_tracebacks(args, message, capsys, monkeypatch):
+    import sys
+
+    from weakloc.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["weakloc", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    out = capsys.readouterr().out
+    assert message in out and "Traceback" not in out
