@@ -20,7 +20,7 @@ from weakloc.errors import WeaklocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Where is it, and how many? Weakly-supervised localization from image-level labels.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)  # logs keep whole table headers
 
 
 def _quiet_lightning() -> None:
@@ -214,7 +214,7 @@ def methods():
 def demo(
     out: Path = typer.Option(Path("weakloc-demo"), "--out", "-o"),
     n: int = typer.Option(600, help="Synthetic images."),
-    epochs: int = typer.Option(6),
+    epochs: int = typer.Option(8),
     seed: int = typer.Option(0),
 ):
     """Offline end to end: synthesise data, fine-tune on image labels only, localize, evaluate, report."""

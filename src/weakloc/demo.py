@@ -24,7 +24,7 @@ DEMO_IMAGE_SIZE = 160
 DEMO_OUTPUT_STRIDE = 16
 
 
-def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int = 6, seed: int = 0,
+def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int = 8, seed: int = 0,
              console=None, progress_bar=None, print_report=None, methods: tuple[str, ...] = ("cam", "gradcam")) -> dict:
     """Run the demo; returns the metrics written to ``out/metrics.json``."""
     out = Path(out)
