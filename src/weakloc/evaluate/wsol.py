@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -60,50 +61,60 @@ class BoxSweep:
     best_iou_all: torch.Tensor
 
 
-def box_sweep(maps: torch.Tensor, gt_boxes: list[torch.Tensor], thresholds: torch.Tensor, workers: int = 2) -> BoxSweep:
+def box_sweep(maps: torch.Tensor, gt_boxes: list[torch.Tensor], thresholds: torch.Tensor, workers: int = 1) -> BoxSweep:
     """Best IoU of each map's boxes against its GT boxes at every threshold.
+
+    Two cuts of a map whose foreground pixel counts are equal give the same mask (the foregrounds
+    are nested), so contours are traced once per distinct foreground.
 
     Args:
         maps: ``(N, H, W)`` normalised maps in [0, 1] (any device).
         gt_boxes: N tensors ``(M_i, 4)`` of GT boxes in map pixels (``M_i >= 1``).
         thresholds: ``(T,)``.
-        workers: threads tracing contours (OpenCV releases the GIL).
+        workers: threads tracing contours (more than 1 helps only with large maps and many cores).
     """
     n = maps.shape[0]
     if len(gt_boxes) != n:
         raise ValueError(f"{len(gt_boxes)} GT box sets for {n} maps")
     u8 = map_to_uint8(maps)
-    cuts = binarisation_cuts(u8, thresholds).cpu()
+    cuts = binarisation_cuts(u8, thresholds)  # (N, T)
+    hist = torch.zeros(n, 257, dtype=torch.long, device=u8.device)
+    hist.scatter_add_(1, u8.flatten(1).long() + 1, torch.ones_like(u8.flatten(1), dtype=torch.long))
+    above = u8[0].numel() - hist.cumsum(1)  # above[:, c + 1] = pixels with value > c
+    fg_count = above.gather(1, cuts + 1).cpu().numpy()  # (N, T): identifies each cut's mask
+    cuts_np = cuts.cpu().numpy()
     u8_np = u8.cpu().numpy()
-    cuts_np = cuts.numpy()
-    uniq_per_map = [np.unique(cuts_np[i]) for i in range(n)]
+    slot_of = np.zeros(cuts_np.shape, dtype=np.int64)
+    firsts = []
+    for i in range(n):
+        _, first, inverse = np.unique(fg_count[i], return_index=True, return_inverse=True)
+        slot_of[i] = inverse
+        firsts.append(cuts_np[i, first])
 
     def trace(i: int):
-        rows = []
-        for u, c in enumerate(uniq_per_map[i]):
-            boxes, areas = contour_boxes((u8_np[i] > c).astype(np.uint8))
-            if len(boxes) == 0:
-                boxes, areas = np.zeros((1, 4), np.int64), np.zeros(1)
-            rows.append((u, boxes, int(np.argmax(areas))))
-        return rows
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        traced = list(pool.map(trace, range(n)))
-    # flatten all boxes: owner map i, unique-cut slot u, and whether it is that slot's largest contour
-    max_u = max(len(u) for u in uniq_per_map)
-    box_list, owner, slot, largest = [], [], [], []
-    for i, rows in enumerate(traced):
-        for u, boxes, big in rows:
-            box_list.append(boxes)
-            owner.append(np.full(len(boxes), i))
-            slot.append(np.full(len(boxes), u))
-            flag = np.zeros(len(boxes), bool)
-            flag[big] = True
+        boxes, slots, largest = [], [], []
+        for u, c in enumerate(firsts[i]):
+            _, binary = cv2.threshold(u8_np[i], int(c), 1, cv2.THRESH_BINARY)
+            b, areas = contour_boxes(binary)
+            if len(b) == 0:
+                b, areas = np.zeros((1, 4), np.int64), np.zeros(1)
+            flag = np.zeros(len(b), bool)
+            flag[int(np.argmax(areas))] = True
+            boxes.append(b)
+            slots.append(np.full(len(b), u))
             largest.append(flag)
-    boxes_t = torch.from_numpy(np.concatenate(box_list))
-    owner_t = torch.from_numpy(np.concatenate(owner))
-    slot_t = torch.from_numpy(np.concatenate(slot))
-    largest_t = torch.from_numpy(np.concatenate(largest))
+        return np.concatenate(boxes), np.concatenate(slots), np.concatenate(largest)
+
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            traced = list(pool.map(trace, range(n)))
+    else:
+        traced = [trace(i) for i in range(n)]
+    max_u = max(len(f) for f in firsts)
+    boxes_t = torch.from_numpy(np.concatenate([t[0] for t in traced]))
+    owner_t = torch.from_numpy(np.repeat(np.arange(n), [len(t[0]) for t in traced]))
+    slot_t = torch.from_numpy(np.concatenate([t[1] for t in traced]))
+    largest_t = torch.from_numpy(np.concatenate([t[2] for t in traced]))
     m_max = max(len(g) for g in gt_boxes)
     gt = torch.zeros(n, m_max, 4, dtype=torch.float64)
     valid = torch.zeros(n, m_max, dtype=torch.bool)
@@ -117,9 +128,7 @@ def box_sweep(maps: torch.Tensor, gt_boxes: list[torch.Tensor], thresholds: torc
     flat = owner_t * max_u + slot_t
     table_all = torch.zeros(n * max_u, dtype=torch.float64).scatter_reduce(0, flat, best, "amax", include_self=True)
     table_big = torch.zeros(n * max_u, dtype=torch.float64).scatter_reduce(0, flat[largest_t], best[largest_t], "amax", include_self=True)
-    # map each (map, threshold) to its unique-cut slot
-    slot_of = torch.stack([torch.from_numpy(np.searchsorted(uniq_per_map[i], cuts_np[i])) for i in range(n)])
-    index = torch.arange(n)[:, None] * max_u + slot_of
+    index = torch.arange(n)[:, None] * max_u + torch.from_numpy(slot_of)
     return BoxSweep(thresholds.double(), table_big[index], table_all[index])
 
 
