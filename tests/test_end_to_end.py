@@ -32,6 +32,10 @@ def test_train_localize_evaluate(trained, synth_single, tmp_path):
     res = localize_images(trained.model, synth_single / "images", tmp_path / "loc", threshold=0.3)
     assert len(res["images"]) == 48 and (tmp_path / "loc" / "index.html").is_file()
     assert len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 48
+    first = res["images"][0]
+    mask_file = tmp_path / "loc" / next(iter(first["masks"].values()))
+    from PIL import Image
+    assert Image.open(mask_file).size == (first["width"], first["height"])
     doc = json.loads((tmp_path / "loc" / "detections.json").read_text())
     assert all(len(a["bbox"]) == 4 and 0 <= a["score"] <= 1 for a in doc["annotations"])
 

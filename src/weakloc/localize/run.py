@@ -88,8 +88,9 @@ def localize_images(
     Args:
         model: a trained :class:`~weakloc.models.WeaklocNet`.
         images: files and/or folders.
-        out: when given, writes ``overlays/*.png``, ``detections.json`` (COCO results: boxes in
-            original pixels, scores, labels) and ``index.html`` (a gallery).
+        out: when given, writes ``overlays/*.png``, ``masks/*.png`` (binary masks of each shown class at
+            the original size), ``detections.json`` (COCO results: boxes in original pixels, scores,
+            labels, and ``masks``: the mask file of each image and class) and ``index.html`` (a gallery).
         method: heatmap method (``weakloc methods``).
         target: see :func:`weakloc.explain.resolve_targets`; default :func:`default_target`.
         threshold: a number, ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
@@ -171,6 +172,10 @@ def _localize_batch(model, good, paths, result, cards, out, method, target, thre
                     "score": round(float(score_cpu[j, k] * det.scores[r]), 4),
                 })
             drawn_boxes.append(scale_boxes(det.boxes, (h, w), tuple(shown.shape[-2:])))
+            if out is not None:
+                full = torch.nn.functional.interpolate(masks[j * t + k][None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
+                mask_png = save_png((full * 255).to(torch.uint8), out / "masks" / f"{image_id:05d}_{Path(paths[i]).stem}_{cfg.classes[cls]}.png")
+                result["images"][-1].setdefault("masks", {})[cfg.classes[cls]] = mask_png.relative_to(out).as_posix()
             drawn_labels += [f"{cfg.classes[cls]} {float(score_cpu[j, k]):.2f}"] * len(det.boxes)
         if out is None:
             continue

@@ -46,10 +46,11 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write a ``(3, H, W)`` uint8 image as PNG."""
+    """Write a ``(3, H, W)`` (colour) or ``(H, W)`` (grey) uint8 image as PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path, optimize=False)
+    arr = image.cpu().numpy() if image.ndim == 2 else image.permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr).save(path, optimize=False)
     return path
 
 
