@@ -145,7 +145,7 @@ def fine_tune(
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator=accelerator, devices=devices, precision=precision,
         callbacks=callbacks, logger=CSVLogger(out, name="logs"), enable_progress_bar=progress,
-        enable_model_summary=False, log_every_n_steps=5, num_sanity_val_steps=0,
+        enable_model_summary=False, log_every_n_steps=max(1, min(5, len(train_loader))), num_sanity_val_steps=0,
         limit_train_batches=limit_batches, limit_val_batches=limit_batches, deterministic=False,
     )
     last = out / "checkpoints" / "last.ckpt"
