@@ -96,3 +96,16 @@ def test_cli_errors_are_one_line_not_tracebacks(args, message, capsys, monkeypat
     assert e.value.code == 2
     out = capsys.readouterr().out
     assert message in out and "Traceback" not in out
+
+
+def test_demo_small(tmp_path):
+    """The demo's whole path (offline lite0 weights) on a handful of images."""
+    from weakloc.demo import run_demo
+
+    metrics = run_demo(tmp_path / "demo", n_images=30, epochs=1, methods=("cam",))
+    assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "metrics.json").is_file()
+    ev = metrics["evaluation"]["cam"]
+    assert ev["split"] == "val" and 0 <= ev["localization"]["MaxBoxAccV2"] <= 100
+    assert "MaxBoxAccV2" in ev["centre_baseline"]
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "centre baseline" in html and "<img" in html

@@ -117,6 +117,7 @@ def train(
     lr: float = typer.Option(2e-3, help="Peak learning rate of the head."),
     schedule: str = typer.Option("onecycle", help="onecycle | cosine"),
     val_fraction: float = typer.Option(0.2),
+    crop_scale: tuple[float, float] = typer.Option((0.35, 1.0), help="Random resized crop area range (raise the minimum for small objects)."),
     seed: int = typer.Option(0),
     precision: Optional[str] = typer.Option(None, help="Lightning precision (default: 16-mixed on GPU, 32 on CPU)."),
     accelerator: str = typer.Option("auto"),
@@ -130,7 +131,7 @@ def train(
     _quiet_lightning()
     result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
                        image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
-                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, seed=seed, precision=precision,
+                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, seed=seed, precision=precision,
                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
