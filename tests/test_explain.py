@@ -78,6 +78,55 @@ def test_constant_and_nan_maps_normalise_to_zeros():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(WeaklocError, match="known: cam, gradcam"):
+    with pytest.raises(WeaklocError, match="unknown explanation method 'nope'; known: cam, "):
         from weakloc.explain import get_method
         get_method("nope")
+
+
+def _direct_act_grad(model, x, cls):
+    """Activation of the last feature map and d(logit_cls)/d(activation), by plain autograd."""
+    feats = model.features(x).detach().requires_grad_(True)
+    logits = model.classifier(feats).mean(dim=(2, 3))
+    (g,) = torch.autograd.grad(logits[:, cls].sum(), feats)
+    return feats.detach().double(), g.double()
+
+
+@pytest.mark.parametrize("name, formula", [
+    ("gradcam", lambda a, g: (g.mean((2, 3), keepdim=True) * a).sum(1)),
+    ("hirescam", lambda a, g: (g * a).sum(1)),
+    ("gradcam-elementwise", lambda a, g: (g * a).clamp_min(0).sum(1)),
+    ("xgradcam", lambda a, g: ((g * a / (a.sum((2, 3), keepdim=True) + 1e-7)).sum((2, 3), keepdim=True) * a).sum(1)),
+    ("layercam", lambda a, g: (g.clamp_min(0) * a).sum(1)),
+    ("gradcam++", lambda a, g: ((g.clamp_min(0) * torch.where(
+        g != 0, g**2 / (2 * g**2 + a.sum((2, 3), keepdim=True) * g**3 + 1e-7), torch.zeros_like(g))).sum((2, 3), keepdim=True) * a).sum(1)),
+])
+def test_gradient_methods_match_direct_computation(tiny_model, name, formula):
+    x = torch.randn(3, 3, 64, 64)
+    a, g = _direct_act_grad(tiny_model, x, 2)
+    h = explain(tiny_model, x, name, target=2, size=(8, 8))
+    assert torch.allclose(h.raw[:, 0].double(), formula(a, g), rtol=1e-4, atol=1e-6)
+
+
+def test_eigencam_is_the_first_principal_component_with_a_fixed_sign(tiny_model):
+    x = torch.randn(2, 3, 64, 64)
+    h = explain(tiny_model, x, "eigencam", target="all", size=(8, 8))
+    assert torch.equal(h.raw[:, 0], h.raw[:, 1])  # class-agnostic
+    feats = tiny_model.features(x).detach().double()
+    for i in range(2):
+        m = feats[i].flatten(1).T
+        m = m - m.mean(0)
+        _, _, vh = torch.linalg.svd(m, full_matrices=False)
+        proj = (m @ vh[0]).reshape(8, 8)
+        ours = h.raw[i, 0].double()
+        assert torch.allclose(ours.abs(), proj.abs(), rtol=1e-3, atol=1e-5)
+        centred_sum = feats[i].sum(0) - feats[i].sum(0).mean()
+        assert (ours * centred_sum).sum() >= 0  # sign chosen to agree with the activation mass
+
+
+def test_baselines_are_model_free(tiny_model):
+    x = torch.zeros(2, 3, 64, 64)
+    x[:, :, 20:40, 20:40] = 1.0
+    sob = explain(tiny_model, x, "sobel", size=(64, 64))
+    assert sob.raw[0, 0, 30, 30] == 0 and sob.raw[0, 0, 20, 30] > 0
+    r1 = explain(tiny_model, x, "random").raw
+    assert torch.equal(r1, explain(tiny_model, x, "random").raw)

@@ -41,7 +41,7 @@ def register(method: ExplainMethod) -> ExplainMethod:
 
 def get_method(name: str) -> ExplainMethod:
     """The method called ``name``, or a :class:`WeaklocError` listing the known ones."""
-    key = name.lower().replace("_", "-")
+    key = name.lower().replace("_", "-").replace("gradcampp", "gradcam++").replace("grad-cam", "gradcam")
     if key not in METHODS:
         raise WeaklocError(f"unknown explanation method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[key]
@@ -49,3 +49,12 @@ def get_method(name: str) -> ExplainMethod:
 
 register(ExplainMethod("cam", methods.cam, False, False, "Class activation map from the classifier weights; all classes in one forward pass"))
 register(ExplainMethod("gradcam", methods.gradcam, True, True, "Grad-CAM: gradient-weighted activations of any layer, gradients only to that layer"))
+register(ExplainMethod("gradcam++", methods.gradcam_pp, True, True, "Grad-CAM++: positive gradients weighted by closed-form alphas"))
+register(ExplainMethod("hirescam", methods.hirescam, True, True, "HiResCAM: element-wise gradient x activation, summed over channels"))
+register(ExplainMethod("gradcam-elementwise", methods.gradcam_elementwise, True, True, "Grad-CAM element-wise: ReLU(gradient x activation) summed over channels"))
+register(ExplainMethod("xgradcam", methods.xgradcam, True, True, "XGrad-CAM: activation-normalised gradient weights"))
+register(ExplainMethod("layercam", methods.layercam, True, True, "Layer-CAM: ReLU(gradient) x activation per element; good on early layers"))
+register(ExplainMethod("eigencam", methods.eigencam, False, True, "Eigen-CAM: first principal component of the activations (class-agnostic, batched SVD)"))
+register(ExplainMethod("eigengradcam", methods.eigengradcam, True, True, "EigenGrad-CAM: first principal component of gradient x activation"))
+register(ExplainMethod("random", methods.random_baseline, False, False, "Baseline: uniform random map"))
+register(ExplainMethod("sobel", methods.sobel_baseline, False, False, "Baseline: image edge magnitude (model-free)"))
