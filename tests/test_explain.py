@@ -98,7 +98,7 @@ def _direct_act_grad(model, x, cls):
     ("xgradcam", lambda a, g: ((g * a / (a.sum((2, 3), keepdim=True) + 1e-7)).sum((2, 3), keepdim=True) * a).sum(1)),
     ("layercam", lambda a, g: (g.clamp_min(0) * a).sum(1)),
     ("gradcam++", lambda a, g: ((g.clamp_min(0) * torch.where(
-        g != 0, g**2 / (2 * g**2 + a.sum((2, 3), keepdim=True) * g**3 + 1e-7), torch.zeros_like(g))).sum((2, 3), keepdim=True) * a).sum(1)),
+        g != 0, g**2 / (2 * g**2 + a.sum((2, 3), keepdim=True) * g**3 + 1e-6), torch.zeros_like(g))).sum((2, 3), keepdim=True) * a).sum(1)),
 ])
 def test_gradient_methods_match_direct_computation(tiny_model, name, formula):
     x = torch.randn(3, 3, 64, 64)

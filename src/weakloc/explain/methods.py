@@ -131,7 +131,7 @@ def _gradcam(a, g):
     return (g.mean(dim=(-2, -1), keepdim=True) * a).sum(2)
 
 
-def _gradcam_pp(a, g, eps: float = 1e-7):
+def _gradcam_pp(a, g, eps: float = 1e-6):
     g2 = g.pow(2)
     alpha = g2 / (2 * g2 + a.sum(dim=(-2, -1), keepdim=True) * g2 * g + eps)
     alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))

@@ -1,0 +1,106 @@
+"""weakloc's maps against pytorch-grad-cam 1.5 (and CAM against torchcam) on the same model and input.
+
+pytorch-grad-cam post-processes every map as ReLU -> min-max (eps 1e-7) -> bilinear resize
+(``cv2.resize``) -> min-max; the tests apply that same post-processing to weakloc's raw map, so
+any difference is in the maps themselves. Tolerance: 1e-4 after normalisation.
+"""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from weakloc.explain import explain
+
+gradcam_lib = pytest.importorskip("pytorch_grad_cam")
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+PEERS = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+}
+
+
+def _peer_postprocess(raw: np.ndarray, size: int) -> np.ndarray:
+    out = []
+    for m in raw:
+        m = np.maximum(m, 0)
+        m = m - m.min()
+        m = m / (1e-7 + m.max())
+        m = cv2.resize(np.float32(m), (size, size))
+        m = m - m.min()
+        out.append(m / (1e-7 + m.max()))
+    return np.stack(out)
+
+
+@pytest.fixture()
+def resnet():
+    from weakloc.models import ModelConfig, WeaklocNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", classes=[f"c{i}" for i in range(5)], input_size=96, drop_rate=0.0)
+    return WeaklocNet(cfg, pretrained="none").eval()
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_matches_pytorch_grad_cam_on_a_resnet(resnet, name):
+    x = torch.randn(3, 3, 96, 96)
+    targets = [0, 3, 4]
+    peer_cls = getattr(gradcam_lib, PEERS[name])
+    with peer_cls(model=resnet, target_layers=[resnet.backbone.layer4]) as peer:
+        theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    h = explain(resnet, x, name, target=targets, size=(3, 3))  # raw maps at the layer's own resolution
+    ours = _peer_postprocess(h.raw[:, 0].double().numpy(), 96)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_eigen_projection_matches_pytorch_grad_cam_up_to_sign(resnet):
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from weakloc.explain.methods import principal_projection
+
+    acts = resnet.features(torch.randn(4, 3, 96, 96)).detach()
+    theirs = get_2d_projection(acts.numpy().copy())
+    ours = principal_projection(acts).numpy()
+    for o, t in zip(ours, theirs):
+        sign = np.sign((o * t).sum()) or 1.0
+        assert np.abs(o - sign * t).max() <= 1e-4 * max(1.0, np.abs(t).max())
+
+
+def test_cam_matches_torchcam(resnet):
+    torchcam = pytest.importorskip("torchcam.methods")
+    x = torch.randn(2, 3, 96, 96)
+    # torchcam's CAM reads a Linear classifier after global pooling: give it the equivalent view
+    linear = torch.nn.Linear(resnet.classifier.in_channels, resnet.num_classes)
+    linear.weight.data = resnet.classifier.weight.data[:, :, 0, 0].clone()
+    linear.bias.data = resnet.classifier.bias.data.clone()
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = resnet.backbone
+
+        def forward(self, inp):
+            return self.backbone.forward_features(inp)
+
+    class GapLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = Features()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = linear
+
+        def forward(self, inp):
+            return self.fc(self.pool(self.features(inp)).flatten(1))
+
+    peer_model = GapLinear().eval()
+    with torchcam.CAM(peer_model, target_layer="features", fc_layer="fc") as extractor:
+        scores = peer_model(x)
+        assert torch.allclose(scores, resnet(x), atol=1e-5)
+        theirs = extractor([1, 2], scores)[0]  # (B, h, w), min-max normalised
+    h = explain(resnet, x, "cam", target=[1, 2], size=(3, 3), relu=False)  # torchcam applies no ReLU to CAM
+    assert (h.normalized[:, 0] - theirs).abs().max() <= 1e-4
