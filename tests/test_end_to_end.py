@@ -77,8 +77,16 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     r = run.invoke(app, ["localize", str(model), str(data / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "loc" / "index.html").is_file()
+    r = run.invoke(app, ["explain", str(model), str(data / "images"), "-o", str(tmp_path / "exp"), "--method", "layercam",
+                         "--target", "all", "--layer", "backbone.layer3"])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+    maps = load_file(str(tmp_path / "exp" / "maps.safetensors"))
+    first = sorted(k for k in maps if k.endswith(".normalized"))[0]
+    assert maps[first].shape == (2, 64, 64) and 0 <= maps[first].min() and maps[first].max() <= 1
+    assert len(list((tmp_path / "exp" / "overlays").glob("*.png"))) == 2 * 24
     r = run.invoke(app, ["methods"])
-    assert "gradcam" in r.output
+    assert "gradcam" in r.output and "eigencam" in r.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -165,6 +165,29 @@ def localize(
         console.print(f"[yellow]skipped {s['reason']}[/]")
 
 
+@app.command("explain")
+def explain_cmd(
+    model: Path = typer.Argument(..., help="Model folder."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
+    method: str = typer.Option("gradcam", help="Heatmap method (see `weakloc methods`)."),
+    target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
+    layer: Optional[str] = typer.Option(None, help="Target layer name for gradient methods (default: last feature map)."),
+    batch_size: int = typer.Option(16),
+    device: Optional[str] = typer.Option(None),
+):
+    """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
+    from weakloc.explain.run import explain_images
+    from weakloc.models import load_model
+
+    net = load_model(model, _device(device))
+    with progress_bar(f"explaining ({method})") as update:
+        res = explain_images(net, images, out, method=method, target=target, layer=layer, batch_size=batch_size, progress=update)
+    console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
+    for s in res["skipped"]:
+        console.print(f"[yellow]skipped {s['reason']}[/]")
+
+
 @app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="Model folder."),

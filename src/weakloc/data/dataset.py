@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from weakloc.data.images import read_image
+from weakloc.report.overlay import fit_size
 from weakloc.data.labels import LabeledImages
 from weakloc.errors import ImageReadError
 
@@ -90,3 +91,32 @@ def collate_skip_bad(items: list) -> dict:
         "index": torch.tensor(idx, dtype=torch.long),
         "skipped": skipped,
     }
+
+
+class PredictDataset(Dataset):
+    """For inference on unlabelled files: ``(index, model input, (H, W) original size, display image)``.
+
+    An unreadable file gives ``(index, None, reason, None)`` so callers can report and skip it. The
+    display image is the original resized for pictures (longest side 256..``display`` px).
+    """
+
+    def __init__(self, paths: list[Path], size: int, mean, std, display: int = 512):
+        self.paths, self.tf, self.display = list(paths), eval_transform(size, mean, std), display
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = read_image(self.paths[i])
+        except ImageReadError as e:
+            return i, None, str(e), None
+        h, w = img.shape[-2:]
+        dh, dw = fit_size(h, w, self.display)
+        shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
+        return i, self.tf(img), (h, w), shown
+
+
+def collate_list(items: list) -> list:
+    """Keep a batch as a list (items of different sizes)."""
+    return items

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
-from weakloc.errors import ImageReadError
+from weakloc.errors import ImageReadError, WeaklocError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -108,3 +108,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as e:
         raise ImageReadError(f"{path}: cannot read image header: {e}") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def list_images(sources: list[str | Path] | str | Path) -> list[Path]:
+    """Image files from files and folders (folders searched recursively, sorted)."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    out: list[Path] = []
+    for s in map(Path, sources):
+        if s.is_dir():
+            out += sorted(p for p in s.rglob("*") if p.is_file() and is_image_file(p))
+        elif s.is_file():
+            out.append(s)
+        else:
+            raise WeaklocError(f"{s}: no such image file or folder")
+    if not out:
+        raise WeaklocError(f"no image files found in {', '.join(map(str, sources))}")
+    return out

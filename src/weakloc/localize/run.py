@@ -7,11 +7,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from weakloc.data.dataset import eval_transform
-from weakloc.data.images import is_image_file, read_image
-from weakloc.errors import ImageReadError, WeaklocError
+from weakloc.data.dataset import PredictDataset, collate_list
+from weakloc.data.images import list_images
 from weakloc.explain import explain, upsample
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
@@ -19,45 +18,6 @@ from weakloc.report.html import gallery_cards, write_page
 from weakloc.report.overlay import blend, draw_detections, fit_size, save_png
 
 DEFAULT_THRESHOLD = 0.3
-
-
-def list_images(sources: list[str | Path] | str | Path) -> list[Path]:
-    """Image files from files and folders (folders searched recursively, sorted)."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    out: list[Path] = []
-    for s in map(Path, sources):
-        if s.is_dir():
-            out += sorted(p for p in s.rglob("*") if p.is_file() and is_image_file(p))
-        elif s.is_file():
-            out.append(s)
-        else:
-            raise WeaklocError(f"{s}: no such image file or folder")
-    if not out:
-        raise WeaklocError(f"no image files found in {', '.join(map(str, sources))}")
-    return out
-
-
-class _PredictSet(Dataset):
-    def __init__(self, paths, size, mean, std, display: int):
-        self.paths, self.tf, self.display = paths, eval_transform(size, mean, std), display
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            img = read_image(self.paths[i])
-        except ImageReadError as e:
-            return i, None, str(e), None
-        h, w = img.shape[-2:]
-        dh, dw = fit_size(h, w, self.display)
-        shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
-        return i, self.tf(img), (h, w), shown
-
-
-def _collate(items):
-    return items
 
 
 def default_target(model) -> str:
@@ -111,7 +71,7 @@ def localize_images(
         threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
     target = default_target(model) if target is None else target
     out = Path(out) if out is not None else None
-    loader = DataLoader(_PredictSet(paths, cfg.input_size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=_collate)
+    loader = DataLoader(PredictDataset(paths, cfg.input_size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
     result = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": c} for k, c in enumerate(cfg.classes)], "skipped": []}
     cards = []
     done = 0
