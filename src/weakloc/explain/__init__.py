@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+from weakloc.errors import WeaklocError
 from weakloc.explain.maps import centre_gaussian, normalize_minmax, normalize_percentile, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
@@ -31,31 +35,120 @@ class Heatmaps(NamedTuple):
     logits: torch.Tensor
 
 
+def _method_options(m: ExplainMethod, options: dict) -> dict:
+    accepted = inspect.signature(m.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return options
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        allowed = [n for n, p in accepted.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        raise WeaklocError(f"method {m.name!r} takes no option(s) {unknown}; its options: {allowed or 'none'}")
+    return options
+
+
+def _layers(layer) -> list[str | None]:
+    if layer is None:
+        return [None]
+    if isinstance(layer, str):
+        return [part.strip() for part in layer.split(",") if part.strip()] or [None]
+    return list(layer)
+
+
+def _one_pass(m: ExplainMethod, model, images, targets_fn, layers, size, relu, fusion, options):
+    """Maps of every layer at ``size``, fused: ``(B, T, H, W)`` raw (one layer) or fused normalised maps."""
+    maps, targets, logits = [], None, None
+    for lay in layers:
+        raw, targets, logits = m.fn(model, images, targets_fn, lay, **options)
+        targets_fn = _fixed(targets)  # every layer explains the same targets
+        maps.append(upsample(raw.float(), size))
+    if len(maps) == 1:
+        return maps[0], targets, logits
+    normed = torch.stack([normalize_minmax(x, relu=relu) for x in maps])
+    if fusion == "mean":
+        fused = normed.mean(0)
+    elif fusion == "max":
+        fused = normed.amax(0)
+    elif fusion == "product":
+        fused = normed.prod(0)
+    else:
+        raise WeaklocError(f"unknown fusion {fusion!r}: use mean, max or product")
+    return fused, targets, logits
+
+
+def _fixed(targets: torch.Tensor):
+    return lambda _logits: targets
+
+
 def explain(
     model,
     images: torch.Tensor,
     method: str = "cam",
     target: TargetSpec = "predicted",
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     size: tuple[int, int] | None = None,
     relu: bool | None = None,
+    *,
+    fusion: str = "mean",
+    tta: bool = False,
+    eigen_smooth: bool = False,
+    dtype: torch.dtype | None = None,
+    differentiable: bool = False,
+    **options,
 ) -> Heatmaps:
     """Heatmaps of ``method`` for a batch of normalised images ``(B, 3, H, W)``.
 
     Args:
-        model: a :class:`~weakloc.models.WeaklocNet` (in eval mode).
+        model: a :class:`~weakloc.models.WeaklocNet`, or any timm classifier (in eval mode).
         method: a name from :data:`METHODS` (``weakloc methods`` lists them).
         target: see :func:`resolve_targets` -- ``"predicted"``, ``"all"``, ``"top3"``, a class
             name or index, or a per-image list.
-        layer: target layer name for gradient methods (default: the last feature map).
+        layer: target layer name (default: the last feature map, chosen per architecture); several
+            names (a list or ``"a,b"``) give one map per layer, normalised and fused.
         size: output ``(H, W)``; default the input's size. Upsampling is bicubic.
         relu: clamp negatives before normalising (default: the method's convention).
+        fusion: how several layers' maps combine: ``mean``, ``max`` or ``product``.
+        tta: test-time augmentation smoothing -- the mean of the normalised maps of the input
+            flipped or not and scaled by 0.9, 1 and 1.1 (pytorch-grad-cam's ``aug_smooth``), all
+            for the clean input's targets.
+        eigen_smooth: the first principal component of the weighted activations instead of their
+            sum (channel-weighted methods).
+        dtype: ``torch.float16`` or ``torch.bfloat16`` to run the model under autocast; maps come
+            back in float32.
+        differentiable: keep the autograd graph (CAM and gradient methods), so the maps can be
+            part of a training loss.
+        **options: method-specific settings, e.g. ``num_samples``, ``std``, ``chunk``, ``alpha``.
+
+    Returns:
+        :class:`Heatmaps` on the images' device: raw and normalised maps ``(B, T, H, W)``, targets
+        ``(B, T)``, logits ``(B, K)``. A multi-layer or ``tta`` result's ``raw`` is the fused
+        normalised map.
     """
     m = get_method(method)
-    classes = model.config.classes
-    raw, targets, logits = m.fn(model, images, lambda lg: resolve_targets(target, lg, classes), layer)
-    raw = upsample(raw, size or tuple(images.shape[-2:]))
-    return Heatmaps(raw, normalize_minmax(raw, relu=m.relu if relu is None else relu), targets, logits)
+    relu = m.relu if relu is None else relu
+    options = dict(options)
+    if eigen_smooth:
+        options["eigen_smooth"] = True
+    if differentiable:
+        options["differentiable"] = True
+    options = _method_options(m, options)
+    classes = getattr(getattr(model, "config", None), "classes", None)
+    size = size or tuple(images.shape[-2:])
+    layers = _layers(layer)
+    autocast = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
+        raw, targets, logits = _one_pass(m, model, images, lambda lg: resolve_targets(target, lg, classes or [str(i) for i in range(lg.shape[1])]),
+                                         layers, size, relu, fusion, options)
+        if tta:
+            acc = normalize_minmax(raw, relu=relu)
+            views = [(flip, scale) for flip in (False, True) for scale in (0.9, 1.0, 1.1) if (flip, scale) != (False, 1.0)]
+            for flip, scale in views:
+                x = images * scale
+                x = x.flip(-1) if flip else x
+                r, _, _ = _one_pass(m, model, x, _fixed(targets), layers, size, relu, fusion, options)
+                acc = acc + normalize_minmax(r.flip(-1) if flip else r, relu=relu)
+            raw = acc / (len(views) + 1)
+    raw = raw.float()
+    return Heatmaps(raw, normalize_minmax(raw, relu=relu), targets, logits.float())
 
 
 __all__ = [

@@ -1,19 +1,30 @@
-"""Heatmap methods. Each takes ``(model, images, targets_fn, layer)`` and returns low-resolution
-raw maps ``(B, T, h, w)``, the targets ``(B, T)`` and the logits ``(B, K)``; :func:`weakloc.explain.explain`
-upsamples and normalises them.
+"""Heatmap methods that read activations and gradients.
+
+Each method takes ``(model, images, targets_fn, layer=None, **options)`` and returns low-resolution
+raw maps ``(B, T, h, w)``, the targets ``(B, T)`` and the logits ``(B, K)``;
+:func:`weakloc.explain.explain` upsamples, fuses and normalises them. Options every channel-weighted
+method understands: ``eigen_smooth`` (first principal component of the weighted activations instead
+of their sum) and ``differentiable`` (keep the autograd graph so the maps can be a training signal).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from weakloc.errors import WeaklocError
+from weakloc.explain.layers import capture_activation, find_layer, forward_to_layer, is_weakloc_net, to_grid
 
 TargetsFn = Callable[[torch.Tensor], torch.Tensor]
+#: ``(logits (B, K), targets (B, T)) -> scores (B, T)``: what a gradient method differentiates.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["activations_and_gradients", "cam", "capture_activation", "eigencam", "eigengradcam", "find_layer", "finer_score",
+           "frozen_parameters", "gradcam", "gradcam_elementwise", "gradcam_pp", "hirescam", "layercam", "principal_projection",
+           "random_baseline", "smooth_gradcam_pp", "sobel_baseline", "target_logits", "xgradcam"]
 
 
 @contextmanager
@@ -33,38 +44,158 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-@contextmanager
-def capture_activation(module: nn.Module) -> Iterator[dict]:
-    """Record ``module``'s output as a fresh leaf that requires grad; the hook is always removed.
+def target_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default score: the logit of each target, ``(B, K), (B, T) -> (B, T)``."""
+    return logits.gather(1, targets)
 
-    Yields a dict whose ``"act"`` entry holds the activation after the forward pass.
+
+def finer_score(alpha: float = 1.0, n_compare: int = 3) -> ScoreFn:
+    """Finer-CAM's score (Zhang et al., CVPR 2025): the target's logit against its look-alikes.
+
+    For target ``t`` the comparison classes are the ``n_compare`` classes whose logits are closest to
+    ``y_t``; the score is ``sum_j p_j (y_t - alpha * y_j) / sum_j p_j`` with ``p`` the softmax, so
+    the map shows what separates the class from the classes it is most easily confused with.
     """
-    store: dict = {}
 
-    def hook(_m, _inp, out):
-        if not isinstance(out, torch.Tensor):
-            raise WeaklocError(f"layer {type(_m).__name__} does not output a single tensor")
-        leaf = out.detach().requires_grad_(True)
-        store["act"] = leaf
-        return leaf
+    def score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        yt = logits.gather(1, targets)  # (B, T)
+        dist = (logits[:, None, :] - yt[..., None]).abs()  # (B, T, K)
+        dist = dist.scatter(2, targets[..., None], float("inf"))  # never compare a class with itself
+        k = min(n_compare, logits.shape[1] - 1)
+        if k < 1:
+            return yt
+        comp = dist.topk(k, dim=2, largest=False).indices  # (B, T, k)
+        probs = logits.softmax(-1)
+        pj = probs.gather(1, comp.flatten(1)).view_as(comp)
+        yj = logits.gather(1, comp.flatten(1)).view_as(comp)
+        return (pj * (yt[..., None] - alpha * yj)).sum(-1) / (pj.sum(-1) + 1e-9)
 
-    handle = module.register_forward_hook(hook)
+    return score
+
+
+def _gradients(scores: torch.Tensor, act: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """d(scores[:, t].sum())/d(act) for every t: ``(B, T)`` -> ``(T, *act.shape)``.
+
+    Several targets share one batched backward pass (``is_grads_batched``) when the network's
+    operations allow it, else one pass each.
+    """
+    t = scores.shape[1]
+    if t == 1:
+        return torch.autograd.grad(scores.sum(), act, create_graph=create_graph)[0][None]
+    eye = torch.eye(t, device=scores.device, dtype=scores.dtype)[:, None, :].expand(t, *scores.shape)
     try:
-        yield store
-    finally:
-        handle.remove()
+        return torch.autograd.grad(scores, act, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                   create_graph=create_graph)[0]
+    except RuntimeError:  # an op without a batching rule: fall back to a pass per target
+        return torch.stack([torch.autograd.grad(scores[:, i].sum(), act, retain_graph=True, create_graph=create_graph)[0]
+                            for i in range(t)])
 
 
-def find_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (as in ``model.named_modules()``)."""
-    modules = dict(model.named_modules())
-    if name not in modules:
-        hint = [n for n in modules if n.endswith(name.split(".")[-1])][:5]
-        raise WeaklocError(f"no layer named {name!r} in the model; similar: {hint}")
-    return modules[name]
+def activations_and_gradients(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None,
+                              score_fn: ScoreFn = target_logits, differentiable: bool = False):
+    """Activation of the target layer and d(score)/d(activation) for every target, as grids.
+
+    Gradients flow only to the target layer (default: see :func:`~weakloc.explain.layers.default_layer`);
+    parameters get none, and the layers before it record no graph. With ``differentiable`` the
+    graph from the input and the parameters is kept (and the gradients are themselves
+    differentiable), for using maps as a training signal.
+
+    Returns:
+        activation ``(B, C, h, w)``, gradients ``(B, T, C, h, w)``, targets ``(B, T)``, logits ``(B, K)``.
+    """
+    hw = tuple(images.shape[-2:])
+    with (nullcontext() if differentiable else frozen_parameters(model)), torch.enable_grad():
+        act, logits = forward_to_layer(model, images, layer, keep_graph=differentiable)
+        targets = targets_fn(logits.detach())
+        scores = score_fn(logits, targets)
+        grads = _gradients(scores, act, create_graph=differentiable)  # (T, *raw)
+    grid = to_grid(act, model, hw)
+    ggrid = to_grid(grads.flatten(0, 1), model, hw).unflatten(0, grads.shape[:2]).transpose(0, 1)
+    if not differentiable:
+        grid, ggrid, logits = grid.detach(), ggrid.detach(), logits.detach()
+    return grid, ggrid, targets, logits
 
 
-def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
+def reduce_channels(weighted: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
+    """``(B, T, C, h, w)`` weighted activations -> ``(B, T, h, w)`` maps: their sum over channels, or
+    with ``eigen_smooth`` their first principal component (pytorch-grad-cam's ``eigen_smooth``)."""
+    if not eigen_smooth:
+        return weighted.sum(2)
+    b, t = weighted.shape[:2]
+    return principal_projection(weighted.flatten(0, 1)).reshape(b, t, *weighted.shape[-2:])
+
+
+def _gradient_method(weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str, score_fn: ScoreFn | None = None):
+    """A method whose map sums ``weigh(activation (B,1,C,h,w), gradients (B,T,C,h,w)) -> (B,T,C,h,w)`` over channels."""
+
+    def method(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+               eigen_smooth: bool = False, differentiable: bool = False, **score_options):
+        score = score_fn(**score_options) if score_fn is not None else target_logits
+        if score_fn is None and score_options:
+            raise WeaklocError(f"unknown option(s) {sorted(score_options)}")
+        act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer, score, differentiable)
+        return reduce_channels(weigh(act[:, None].float(), grads.float()), eigen_smooth), targets, logits
+
+    method.__doc__ = doc
+    return method
+
+
+def _gradcam(a, g):
+    return g.mean(dim=(-2, -1), keepdim=True) * a
+
+
+def _gradcam_pp_weights(a, g, g2, g3, eps: float = 1e-6):
+    alpha = g2 / (2 * g2 + a.sum(dim=(-2, -1), keepdim=True) * g3 + eps)
+    alpha = torch.where(g2 != 0, alpha, torch.zeros_like(alpha))
+    return (g.clamp_min(0) * alpha).sum(dim=(-2, -1), keepdim=True)
+
+
+def _gradcam_pp(a, g):
+    return _gradcam_pp_weights(a, g, g.pow(2), g.pow(3)) * a
+
+
+def _xgradcam(a, g, eps: float = 1e-7):
+    return (g * a / (a.sum(dim=(-2, -1), keepdim=True) + eps)).sum(dim=(-2, -1), keepdim=True) * a
+
+
+gradcam = _gradient_method(_gradcam, """Grad-CAM (Selvaraju et al. 2017): channel weights = spatial mean of d(logit)/d(activation).
+
+Returns raw (pre-ReLU) maps ``(B, T, h, w)``, targets ``(B, T)``, logits ``(B, K)``.""")
+gradcam_pp = _gradient_method(_gradcam_pp, "Grad-CAM++ (Chattopadhay et al. 2018): positive gradients weighted by the closed-form alphas.")
+hirescam = _gradient_method(lambda a, g: g * a, "HiResCAM (Draelos & Carin 2020): element-wise gradient x activation, summed over channels.")
+gradcam_elementwise = _gradient_method(lambda a, g: (g * a).clamp_min(0),
+                                       "Grad-CAM element-wise: ReLU of gradient x activation per element, summed over channels.")
+xgradcam = _gradient_method(_xgradcam, "XGrad-CAM (Fu et al. 2020): weights = sum(g * A) / sum(A) per channel.")
+layercam = _gradient_method(lambda a, g: g.clamp_min(0) * a, "Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation per element.")
+finercam = _gradient_method(_gradcam, """Finer-CAM (Zhang et al., CVPR 2025): Grad-CAM of the target's logit minus those of the
+``n_compare`` (3) most similar classes, weighted by their probabilities and ``alpha`` (1.0).""", score_fn=finer_score)
+
+
+def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+                      num_samples: int = 4, std: float = 0.3, seed: int = 0, eigen_smooth: bool = False):
+    """Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ with gradient moments averaged over noisy inputs.
+
+    The first, second and third powers of the gradient are averaged over ``num_samples`` copies of
+    the input with Gaussian noise of standard deviation ``std`` (in normalised-input units, seeded);
+    the alphas use the clean input's activations. One forward and backward per sample, batched.
+    """
+    act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer)
+    fixed = lambda _logits: targets  # noqa: E731 -- the noisy copies explain the clean image's targets
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    g1 = torch.zeros_like(grads, dtype=torch.float32)
+    g2, g3 = torch.zeros_like(g1), torch.zeros_like(g1)
+    for _ in range(num_samples):
+        noisy = images + std * torch.randn(images.shape, generator=gen, device=images.device, dtype=images.dtype)
+        _, g, _, _ = activations_and_gradients(model, noisy, fixed, layer)
+        g = g.float()
+        g1 += g / num_samples
+        g2 += g.pow(2) / num_samples
+        g3 += g.pow(3) / num_samples
+    a = act[:, None].float()
+    return reduce_channels(_gradcam_pp_weights(a, g1, g2, g3) * a, eigen_smooth), targets, logits
+
+
+def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, differentiable: bool = False):
     """Class activation maps from the classifier weights (Zhou et al. 2016): one forward, all classes.
 
     Returns:
@@ -72,87 +203,17 @@ def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = 
     """
     if layer is not None:
         raise WeaklocError("CAM reads the classifier's own feature map; it takes no layer")
-    with torch.no_grad():
+    if not is_weakloc_net(model):
+        raise WeaklocError("CAM needs a weakloc model (a 1x1 classifier over the feature map); for another classifier "
+                           "use gradcam, which equals CAM for a global-average-pooling + linear head")
+    with (torch.enable_grad() if differentiable else torch.no_grad()):
         out = model.forward_maps(images)
         maps = out.class_maps
         if model.classifier.bias is not None:  # CAM is sum_c w_kc f_c, without the bias (Zhou et al.)
             maps = maps - model.classifier.bias[None, :, None, None]
-    targets = targets_fn(out.logits)
+    targets = targets_fn(out.logits.detach())
     idx = targets[:, :, None, None].expand(-1, -1, *maps.shape[-2:])
     return maps.gather(1, idx), targets, out.logits
-
-
-def _activation_and_logits(model, images: torch.Tensor, layer: str | None):
-    if layer is None:
-        with torch.no_grad():
-            feats = model.features(images)
-        act = feats.detach().requires_grad_(True)
-        logits = model.classifier(model.dropout(act)).mean(dim=(2, 3))
-        return act, logits
-    with capture_activation(find_layer(model, layer)) as store:
-        logits = model(images)
-    return store["act"], logits
-
-
-def activations_and_gradients(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
-    """Activation of the target layer and d(logit)/d(activation) for every target.
-
-    Gradients flow only to the target layer (default: the backbone's last feature map); parameters
-    get none. Several targets per image take one backward pass each through the layers after it.
-
-    Returns:
-        activation ``(B, C, h, w)``, gradients ``(B, T, C, h, w)``, targets ``(B, T)``, logits ``(B, K)``.
-    """
-    with frozen_parameters(model), torch.enable_grad():
-        act, logits = _activation_and_logits(model, images, layer)
-        if act.ndim != 4:
-            raise WeaklocError(f"gradient maps need a (B, C, h, w) activation; layer {layer!r} gives {tuple(act.shape)}")
-        targets = targets_fn(logits.detach())
-        grads = []
-        for t in range(targets.shape[1]):
-            score = logits.gather(1, targets[:, t:t + 1]).sum()
-            (g,) = torch.autograd.grad(score, act, retain_graph=t + 1 < targets.shape[1])
-            grads.append(g)
-    return act.detach(), torch.stack(grads, 1), targets, logits.detach()
-
-
-def _gradient_method(combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str):
-    """A method whose map is ``combine(activation (B,1,C,h,w), gradients (B,T,C,h,w)) -> (B,T,h,w)``."""
-
-    def method(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
-        act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer)
-        return combine(act[:, None].float(), grads.float()), targets, logits
-
-    method.__doc__ = doc
-    return method
-
-
-def _gradcam(a, g):
-    return (g.mean(dim=(-2, -1), keepdim=True) * a).sum(2)
-
-
-def _gradcam_pp(a, g, eps: float = 1e-6):
-    g2 = g.pow(2)
-    alpha = g2 / (2 * g2 + a.sum(dim=(-2, -1), keepdim=True) * g2 * g + eps)
-    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    weights = (g.clamp_min(0) * alpha).sum(dim=(-2, -1), keepdim=True)
-    return (weights * a).sum(2)
-
-
-def _xgradcam(a, g, eps: float = 1e-7):
-    weights = (g * a / (a.sum(dim=(-2, -1), keepdim=True) + eps)).sum(dim=(-2, -1), keepdim=True)
-    return (weights * a).sum(2)
-
-
-gradcam = _gradient_method(_gradcam, """Grad-CAM (Selvaraju et al. 2017): channel weights = spatial mean of d(logit)/d(activation).
-
-Returns raw (pre-ReLU) maps ``(B, T, h, w)``, targets ``(B, T)``, logits ``(B, K)``.""")
-gradcam_pp = _gradient_method(_gradcam_pp, "Grad-CAM++ (Chattopadhay et al. 2018): positive gradients weighted by the closed-form alphas.")
-hirescam = _gradient_method(lambda a, g: (g * a).sum(2), "HiResCAM (Draelos & Carin 2020): element-wise gradient x activation, summed over channels.")
-gradcam_elementwise = _gradient_method(lambda a, g: (g * a).clamp_min(0).sum(2),
-                                       "Grad-CAM element-wise: ReLU of gradient x activation per element, summed over channels.")
-xgradcam = _gradient_method(_xgradcam, "XGrad-CAM (Fu et al. 2020): weights = sum(g * A) / sum(A) per channel.")
-layercam = _gradient_method(lambda a, g: (g.clamp_min(0) * a).sum(2), "Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation per element.")
 
 
 def principal_projection(x: torch.Tensor) -> torch.Tensor:
@@ -185,13 +246,8 @@ def eigencam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | No
     Class-agnostic: every target of an image gets the same map. One forward pass, no gradients.
     """
     with torch.no_grad():
-        if layer is None:
-            act = model.features(images)
-            logits = model.classifier(act).mean(dim=(2, 3))
-        else:
-            with capture_activation(find_layer(model, layer)) as store:
-                logits = model(images)
-            act = store["act"].detach()
+        act, logits = forward_to_layer(model, images, layer)
+        act = to_grid(act.detach(), model, tuple(images.shape[-2:]))
     targets = targets_fn(logits)
     proj = principal_projection(act)
     return proj[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, logits
@@ -200,20 +256,18 @@ def eigencam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | No
 def eigengradcam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
     """EigenGrad-CAM: first principal component of gradient x activation, per target."""
     act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer)
-    b, t = targets.shape
-    prod = (grads * act[:, None]).flatten(0, 1)  # (B*T, C, h, w)
-    return principal_projection(prod).reshape(b, t, *act.shape[-2:]), targets, logits
+    return reduce_channels(grads * act[:, None], eigen_smooth=True), targets, logits
 
 
-def random_baseline(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
+def random_baseline(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, seed: int = 0):
     """A uniform random map per image and target (a floor for explanation-quality metrics).
 
-    Deterministic for a batch: seeded from the batch size and image size.
+    Deterministic for a batch: seeded from ``seed``, the batch size and the image size.
     """
     with torch.no_grad():
         logits = model(images)
     targets = targets_fn(logits)
-    gen = torch.Generator(device=images.device).manual_seed(images.shape[0] * 7919 + images.shape[-1])
+    gen = torch.Generator(device=images.device).manual_seed(seed + images.shape[0] * 7919 + images.shape[-1])
     maps = torch.rand(*targets.shape, *images.shape[-2:], generator=gen, device=images.device)
     return maps, targets, logits
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from weakloc.errors import WeaklocError
-from weakloc.explain import methods
+from weakloc.explain import methods, perturbation
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,30 @@ def register(method: ExplainMethod) -> ExplainMethod:
 
 def get_method(name: str) -> ExplainMethod:
     """The method called ``name``, or a :class:`WeaklocError` listing the known ones."""
-    key = name.lower().replace("_", "-").replace("gradcampp", "gradcam++").replace("grad-cam", "gradcam")
+    key = name.lower().replace("_", "-").replace("grad-cam", "gradcam").replace("gradcampp", "gradcam++").replace("score-cam", "scorecam")
+    key = {"gradcamplusplus": "gradcam++", "ablation-cam": "ablationcam", "eigen-cam": "eigencam", "layer-cam": "layercam"}.get(key, key)
     if key not in METHODS:
         raise WeaklocError(f"unknown explanation method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[key]
 
 
-register(ExplainMethod("cam", methods.cam, False, False, "Class activation map from the classifier weights; all classes in one forward pass"))
-register(ExplainMethod("gradcam", methods.gradcam, True, True, "Grad-CAM: gradient-weighted activations of any layer, gradients only to that layer"))
-register(ExplainMethod("gradcam++", methods.gradcam_pp, True, True, "Grad-CAM++: positive gradients weighted by closed-form alphas"))
-register(ExplainMethod("hirescam", methods.hirescam, True, True, "HiResCAM: element-wise gradient x activation, summed over channels"))
-register(ExplainMethod("gradcam-elementwise", methods.gradcam_elementwise, True, True, "Grad-CAM element-wise: ReLU(gradient x activation) summed over channels"))
-register(ExplainMethod("xgradcam", methods.xgradcam, True, True, "XGrad-CAM: activation-normalised gradient weights"))
-register(ExplainMethod("layercam", methods.layercam, True, True, "Layer-CAM: ReLU(gradient) x activation per element; good on early layers"))
-register(ExplainMethod("eigencam", methods.eigencam, False, True, "Eigen-CAM: first principal component of the activations (class-agnostic, batched SVD)"))
-register(ExplainMethod("eigengradcam", methods.eigengradcam, True, True, "EigenGrad-CAM: first principal component of gradient x activation"))
-register(ExplainMethod("random", methods.random_baseline, False, False, "Baseline: uniform random map"))
-register(ExplainMethod("sobel", methods.sobel_baseline, False, False, "Baseline: image edge magnitude (model-free)"))
+for _name, _fn, _grad, _relu, _summary in [
+    ("cam", methods.cam, False, False, "Class activation map from the classifier weights; all classes in one forward pass"),
+    ("gradcam", methods.gradcam, True, True, "Grad-CAM: gradient-weighted activations of any layer, gradients only to that layer"),
+    ("gradcam++", methods.gradcam_pp, True, True, "Grad-CAM++: positive gradients weighted by closed-form alphas"),
+    ("smooth-gradcam++", methods.smooth_gradcam_pp, True, True, "Smooth Grad-CAM++: Grad-CAM++ with gradient moments averaged over noisy inputs"),
+    ("hirescam", methods.hirescam, True, True, "HiResCAM: element-wise gradient x activation, summed over channels"),
+    ("gradcam-elementwise", methods.gradcam_elementwise, True, True, "Grad-CAM element-wise: ReLU(gradient x activation) summed over channels"),
+    ("xgradcam", methods.xgradcam, True, True, "XGrad-CAM: activation-normalised gradient weights"),
+    ("layercam", methods.layercam, True, True, "Layer-CAM: ReLU(gradient) x activation per element; good on early layers"),
+    ("finercam", methods.finercam, True, True, "Finer-CAM: Grad-CAM of the target against its most similar classes"),
+    ("scorecam", perturbation.scorecam, False, True, "Score-CAM: channels weighted by the score of the input masked by each"),
+    ("sscam", perturbation.sscam, False, True, "SS-CAM: Score-CAM with scores averaged over noisy masks"),
+    ("iscam", perturbation.iscam, False, True, "IS-CAM: Score-CAM with scores integrated from a black image to the masked one"),
+    ("ablationcam", perturbation.ablationcam, False, True, "Ablation-CAM: channels weighted by the score drop when each is ablated"),
+    ("eigencam", methods.eigencam, False, True, "Eigen-CAM: first principal component of the activations (class-agnostic, batched SVD)"),
+    ("eigengradcam", methods.eigengradcam, True, True, "EigenGrad-CAM: first principal component of gradient x activation"),
+    ("random", methods.random_baseline, False, False, "Baseline: uniform random map"),
+    ("sobel", methods.sobel_baseline, False, False, "Baseline: image edge magnitude (model-free)"),
+]:
+    register(ExplainMethod(_name, _fn, _grad, _relu, _summary))

@@ -17,6 +17,7 @@ from torch import nn
 from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from weakloc.errors import CheckpointError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
+from weakloc.models.grid import to_grid
 
 TASKS = ("single", "multi")
 
@@ -109,11 +110,8 @@ class WeaklocNet(nn.Module):
         return self.classifier.out_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, C, h, w)``."""
-        f = self.backbone.forward_features(x)
-        if f.ndim != 4:
-            raise ValueError(f"backbone {self.config.backbone!r} gives {f.ndim}-D features; a CNN feature map (B, C, h, w) is needed")
-        return f
+        """``(B, 3, H, W)`` -> ``(B, C, h, w)``; transformer tokens are laid out on their patch grid."""
+        return to_grid(self.backbone.forward_features(x), self.backbone, tuple(x.shape[-2:]))
 
     def forward_maps(self, x: torch.Tensor) -> ModelOutput:
         """Logits, class maps of every class and features from one forward pass."""

@@ -1,0 +1,137 @@
+"""Gradient-free methods that weigh each channel by what happens to the score when the input or the
+activation is perturbed: Score-CAM, SS-CAM, IS-CAM and Ablation-CAM.
+
+All work on the device in chunks of at most ``chunk`` perturbed copies. Every copy's logits come out
+of one forward, so all targets of an image share its forwards; scores are written into a
+preallocated tensor, with no per-image host synchronisation. Signature as in
+:mod:`weakloc.explain.methods`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from weakloc.explain.layers import channel_dim, forward_to_layer, logits_after_layer, to_grid
+from weakloc.explain.methods import TargetsFn, reduce_channels
+
+__all__ = ["ablationcam", "channel_masks", "iscam", "masked_scores", "scorecam", "sscam"]
+
+
+def channel_masks(act: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each channel upsampled (bilinear, corners aligned) to ``size`` and min-max scaled to [0, 1].
+
+    ``(N, h, w)`` -> ``(N, H, W)``; the scaling uses the upsampled map's own range, eps 1e-8, as
+    pytorch-grad-cam's Score-CAM does.
+    """
+    up = F.interpolate(act[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+    lo = up.amin(dim=(-2, -1), keepdim=True)
+    hi = up.amax(dim=(-2, -1), keepdim=True)
+    return (up - lo) / (hi - lo + 1e-8)
+
+
+def masked_scores(model, images: torch.Tensor, act: torch.Tensor, targets: torch.Tensor, *, chunk: int = 64,
+                  scales: tuple[float, ...] = (1.0,), noise_std: float = 0.0, num_noise: int = 1, seed: int = 0) -> torch.Tensor:
+    """Mean target logit over the inputs ``images[b] * (s * mask_c + noise)`` for every image b, channel c.
+
+    Args:
+        images: ``(B, 3, H, W)``.
+        act: ``(B, C, h, w)`` activations whose channels become the masks (:func:`channel_masks`).
+        targets: ``(B, T)``.
+        chunk: perturbed copies per forward (one reused input buffer of this many images).
+        scales: mask multipliers averaged over (IS-CAM's integration path; ``(1.0,)`` for Score-CAM).
+        noise_std, num_noise: Gaussian noise added to the masks, ``num_noise`` draws averaged (SS-CAM).
+
+    Returns:
+        ``(B, T, C)`` averaged scores.
+    """
+    b, c = act.shape[:2]
+    size = tuple(images.shape[-2:])
+    flat_act = act.flatten(0, 1)  # (B*C, h, w)
+    owner = torch.arange(b, device=images.device).repeat_interleave(c)  # image of each copy
+    tgt = targets[owner]  # (B*C, T)
+    out = torch.zeros(b * c, targets.shape[1], device=images.device, dtype=torch.float32)
+    buf = images.new_empty((min(chunk, b * c), *images.shape[1:]))
+    gen = torch.Generator(device=images.device).manual_seed(seed) if noise_std > 0 else None
+    draws = num_noise if noise_std > 0 else 1
+    with torch.no_grad():
+        for start in range(0, b * c, chunk):
+            stop = min(start + chunk, b * c)
+            n = stop - start
+            masks = channel_masks(flat_act[start:stop], size)[:, None]  # (n, 1, H, W)
+            src = images[owner[start:stop]]
+            for _ in range(draws):
+                m = masks
+                if gen is not None:
+                    m = masks + noise_std * torch.randn(masks.shape, generator=gen, device=masks.device)
+                for s in scales:
+                    x = torch.mul(src, (s * m).to(images.dtype), out=buf[:n])
+                    out[start:stop] += model(x).float().gather(1, tgt[start:stop])
+    return (out / (draws * len(scales))).view(b, c, -1).transpose(1, 2)
+
+
+def _score_family(model, images, targets_fn, layer, eigen_smooth, **kwargs):
+    with torch.no_grad():
+        raw, logits = forward_to_layer(model, images, layer)
+    act = to_grid(raw.detach(), model, tuple(images.shape[-2:]))
+    targets = targets_fn(logits.detach())
+    weights = masked_scores(model, images, act, targets, **kwargs).softmax(-1)  # (B, T, C)
+    weighted = weights[..., None, None] * act[:, None].float()
+    return reduce_channels(weighted, eigen_smooth), targets, logits.detach()
+
+
+def scorecam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+             chunk: int = 64, eigen_smooth: bool = False):
+    """Score-CAM (Wang et al., CVPRW 2020): channel weights = softmax over channels of the target logit
+    of the input masked by each upsampled, normalised channel. ``B * C`` forwards, chunked."""
+    return _score_family(model, images, targets_fn, layer, eigen_smooth, chunk=chunk)
+
+
+def sscam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+          chunk: int = 64, num_samples: int = 35, std: float = 2.0, seed: int = 0, eigen_smooth: bool = False):
+    """SS-CAM (Wang et al. 2020): Score-CAM with each mask's score averaged over ``num_samples`` draws of
+    Gaussian noise (``std``) added to the mask. ``num_samples * B * C`` forwards."""
+    return _score_family(model, images, targets_fn, layer, eigen_smooth, chunk=chunk, noise_std=std,
+                         num_noise=num_samples, seed=seed)
+
+
+def iscam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+          chunk: int = 64, num_samples: int = 10, eigen_smooth: bool = False):
+    """IS-CAM (Naidu et al. 2020): Score-CAM with each mask's score integrated along the path from the
+    black image to the masked image (masks scaled by ``i / num_samples``, ``i = 1..num_samples``)."""
+    scales = tuple((i + 1) / num_samples for i in range(num_samples))
+    return _score_family(model, images, targets_fn, layer, eigen_smooth, chunk=chunk, scales=scales)
+
+
+def ablationcam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
+                chunk: int = 256, eigen_smooth: bool = False):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): channel weight = relative drop of the target logit
+    when that channel is ablated, ``(y - y_ablated) / y``.
+
+    Only the network after the target layer runs on the ablated copies (for weakloc's default layer:
+    the head alone). An ablated channel is set to 0 when the image's activations have minimum 0 (after
+    a ReLU), else to that minimum minus 1e7, as in pytorch-grad-cam.
+    """
+    with torch.no_grad():
+        raw, logits = forward_to_layer(model, images, layer)
+        raw = raw.detach()
+        targets = targets_fn(logits)
+        base = logits.float().gather(1, targets)  # (B, T)
+        cdim = channel_dim(raw, model)
+        b, c = raw.shape[0], raw.shape[cdim]
+        lows = raw.flatten(1).amin(1)
+        fill = torch.where(lows == 0, torch.zeros_like(lows), lows - 1e7)  # (B,)
+        owner = torch.arange(b, device=raw.device).repeat_interleave(c)
+        channel = torch.arange(c, device=raw.device).repeat(b)
+        shape = [1] * raw.ndim
+        shape[cdim] = c
+        ablated = torch.empty(b * c, targets.shape[1], device=raw.device)
+        for start in range(0, b * c, chunk):
+            stop = min(start + chunk, b * c)
+            copies = raw[owner[start:stop]]
+            hit = (torch.arange(c, device=raw.device).view(shape) == channel[start:stop].view(-1, *[1] * (raw.ndim - 1)))
+            copies = torch.where(hit, fill[owner[start:stop]].view(-1, *[1] * (raw.ndim - 1)).to(raw.dtype), copies)
+            ablated[start:stop] = logits_after_layer(model, images, layer, copies).float().gather(1, targets[owner[start:stop]])
+        weights = (base[:, :, None] - ablated.view(b, c, -1).transpose(1, 2)) / base[:, :, None]  # (B, T, C)
+    act = to_grid(raw, model, tuple(images.shape[-2:]))
+    return reduce_channels(weights[..., None, None] * act[:, None].float(), eigen_smooth), targets, logits
