@@ -22,7 +22,10 @@ PEERS = {
     "gradcam-elementwise": "GradCAMElementWise",
     "xgradcam": "XGradCAM",
     "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
 }
+GRADIENT_ONLY = ["gradcam", "gradcam++", "hirescam", "gradcam-elementwise", "xgradcam", "layercam"]
 
 
 def _peer_postprocess(raw: np.ndarray, size: int) -> np.ndarray:
@@ -48,13 +51,62 @@ def resnet():
 
 @pytest.mark.parametrize("name", list(PEERS))
 def test_matches_pytorch_grad_cam_on_a_resnet(resnet, name):
-    x = torch.randn(3, 3, 96, 96)
-    targets = [0, 3, 4]
+    n = 2 if name in ("scorecam", "ablationcam") else 3  # these run one forward per channel and image
+    x = torch.randn(n, 3, 96, 96)
+    targets = [0, 3, 4][:n]
     peer_cls = getattr(gradcam_lib, PEERS[name])
     with peer_cls(model=resnet, target_layers=[resnet.backbone.layer4]) as peer:
         theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
     h = explain(resnet, x, name, target=targets, size=(3, 3))  # raw maps at the layer's own resolution
     ours = _peer_postprocess(h.raw[:, 0].double().numpy(), 96)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_finercam_matches_pytorch_grad_cam(resnet):
+    from pytorch_grad_cam import FinerCAM
+
+    x = torch.randn(3, 3, 96, 96)
+    with FinerCAM(resnet, target_layers=[resnet.backbone.layer4]) as peer:
+        theirs = peer(input_tensor=x, targets=None, alpha=0.6)  # main class = predicted, 3 closest classes
+    h = explain(resnet, x, "finercam", target="predicted", size=(3, 3), alpha=0.6)
+    ours = _peer_postprocess(h.raw[:, 0].double().numpy(), 96)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def _vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=5, **kw).eval()
+
+
+def _token_reshape(prefix: int):
+    """The reshape pytorch-grad-cam needs to be handed for a ViT (weakloc needs none)."""
+    def reshape(t):
+        t = t[:, prefix:]
+        side = int(t.shape[1] ** 0.5)
+        return t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+    return reshape
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4], ids=["vit", "vit-registers"])
+@pytest.mark.parametrize("name", GRADIENT_ONLY + ["scorecam", "ablationcam"])
+def test_matches_pytorch_grad_cam_on_a_vit(name, reg_tokens):
+    vit = _vit(reg_tokens=reg_tokens)
+    assert vit.num_prefix_tokens == 1 + reg_tokens
+    x = torch.randn(2, 3, 64, 64)
+    targets = [1, 4]
+    kwargs = {}
+    if name == "ablationcam":
+        from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
+        kwargs["ablation_layer"] = AblationLayerVit()
+    peer_cls = getattr(gradcam_lib, PEERS[name])
+    # weakloc picks blocks[-1].norm1 by itself and lays the tokens out from the model's own patch grid
+    with peer_cls(model=vit, target_layers=[vit.blocks[-1].norm1], reshape_transform=_token_reshape(1 + reg_tokens), **kwargs) as peer:
+        theirs = peer(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    h = explain(vit, x, name, target=targets, size=(4, 4))
+    ours = _peer_postprocess(h.raw[:, 0].double().numpy(), 64)
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
