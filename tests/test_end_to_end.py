@@ -85,13 +85,22 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     first = sorted(k for k in maps if k.endswith(".normalized"))[0]
     assert maps[first].shape == (2, 64, 64) and 0 <= maps[first].min() and maps[first].max() <= 1
     assert len(list((tmp_path / "exp" / "overlays").glob("*.png"))) == 2 * 24
+    few = [str(p) for p in sorted((data / "images").iterdir())[:2]]
+    r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc2"), "--method", "scorecam",
+                         "--option", "chunk=32", "--tta", "--eigen-smooth", "--threshold", "otsu"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["explain", str(model), few[0], "-o", str(tmp_path / "exp2"), "--method",
+                         "gradcam", "--layer", "backbone.layer2,backbone.layer3", "--fusion", "product", "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
     r = run.invoke(app, ["methods"])
-    assert "gradcam" in r.output and "eigencam" in r.output
+    for name in ("gradcam", "eigencam", "scorecam", "sscam", "iscam", "ablationcam", "smooth-gradcam++", "finercam"):
+        assert name in r.output
 
 
 @pytest.mark.parametrize("args, message", [
     (["train", "/no/such/place"], "no such file or directory"),
     (["localize", "/no/such/model", "x.jpg"], "no config.json"),
+    (["explain", "/no/such/model", "x.jpg", "--option", "chunk"], "expected KEY=VALUE"),
 ])
 def test_cli_errors_are_one_line_not_tracebacks(args, message, capsys, monkeypatch):
     import sys

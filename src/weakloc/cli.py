@@ -78,6 +78,49 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
                   f"GT-known Loc at {loc['GT-known_tau']:.2f}")
 
 
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def map_options(layer: str | None = None, fusion: str = "mean", tta: bool = False, eigen_smooth: bool = False,
+                dtype: str | None = None, option: list[str] | None = None) -> dict:
+    """CLI map settings as keyword arguments of :func:`weakloc.explain.explain`."""
+    import torch
+
+    from weakloc.errors import WeaklocError
+
+    opts: dict = {"fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth}
+    if layer:
+        opts["layer"] = layer
+    if dtype:
+        dtypes = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise WeaklocError(f"--dtype {dtype!r}: use fp32, fp16 or bf16")
+        opts["dtype"] = dtypes[dtype]
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise WeaklocError(f"--option {item!r}: expected KEY=VALUE, e.g. num_samples=8")
+        opts[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return opts
+
+
+LAYER_HELP = "Target layer(s), comma-separated for fusion (default: the last feature map, chosen per architecture)."
+FUSION_HELP = "How several layers' maps combine: mean | max | product."
+TTA_HELP = "Test-time augmentation smoothing (flips x scales 0.9/1/1.1)."
+EIGEN_HELP = "First principal component of the weighted activations instead of their sum."
+DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
+OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1."
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the dataset to."),
@@ -149,6 +192,12 @@ def localize(
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    fusion: str = typer.Option("mean", help=FUSION_HELP),
+    tta: bool = typer.Option(False, help=TTA_HELP),
+    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
@@ -156,10 +205,12 @@ def localize(
     from weakloc.localize.run import localize_images
     from weakloc.models import load_model
 
+    opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, method=method, target=target, threshold=threshold, keep=keep,
-                              batch_size=batch_size, progress=update)
+                              batch_size=batch_size, progress=update,
+                              explain_options=opts)
     console.print(f"{len(res['images'])} image(s), {len(res['annotations'])} box(es) -> {out / 'index.html'}")
     for s in res["skipped"]:
         console.print(f"[yellow]skipped {s['reason']}[/]")
@@ -172,7 +223,12 @@ def explain_cmd(
     out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
     method: str = typer.Option("gradcam", help="Heatmap method (see `weakloc methods`)."),
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
-    layer: Optional[str] = typer.Option(None, help="Target layer name for gradient methods (default: last feature map)."),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    fusion: str = typer.Option("mean", help=FUSION_HELP),
+    tta: bool = typer.Option(False, help=TTA_HELP),
+    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
 ):
@@ -180,9 +236,11 @@ def explain_cmd(
     from weakloc.explain.run import explain_images
     from weakloc.models import load_model
 
+    opts = map_options(None, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
     with progress_bar(f"explaining ({method})") as update:
-        res = explain_images(net, images, out, method=method, target=target, layer=layer, batch_size=batch_size, progress=update)
+        res = explain_images(net, images, out, method=method, target=target, layer=layer, batch_size=batch_size, progress=update,
+                             explain_options=opts)
     console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
     for s in res["skipped"]:
         console.print(f"[yellow]skipped {s['reason']}[/]")
@@ -200,6 +258,12 @@ def evaluate(
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
     calibrate: bool = typer.Option(False, help="Store the best IoU-50 threshold in the model for `localize`."),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    fusion: str = typer.Option("mean", help=FUSION_HELP),
+    tta: bool = typer.Option(False, help=TTA_HELP),
+    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
 ):
@@ -207,10 +271,12 @@ def evaluate(
     from weakloc.evaluate.run import evaluate_model
     from weakloc.models import load_model, save_model
 
+    opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
     with progress_bar("evaluating") as update:
         report = evaluate_model(net, data, annotations, method=method, split=split, step=step, gt_known_tau=gt_known_tau,
-                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update)
+                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update,
+                                explain_options=opts)
     print_report(report)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

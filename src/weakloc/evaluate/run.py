@@ -73,6 +73,7 @@ def evaluate_model(
     annotations: str | Path | GroundTruth,
     *,
     method: str = "cam",
+    explain_options: dict | None = None,
     split: str = "auto",
     step: float = 0.01,
     gt_known_tau: float | None = None,
@@ -94,6 +95,8 @@ def evaluate_model(
         gt_known_tau: fixed threshold of GT-known / Top-1 Loc (default: the model's calibrated
             threshold, else 0.2 as in the CAM paper).
         gt_class: explicit ``{annotation class: model class}`` names.
+        explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
+            tta, eigen_smooth, dtype, method options).
         progress: optional callable ``(done, total)``.
 
     Returns:
@@ -147,7 +150,7 @@ def evaluate_model(
             for r, i in enumerate(idx):
                 cls = [samples[s].cls for s in by_image.get(i, [])] or [0]
                 tgt[r] = torch.tensor((cls * t_max)[:t_max])
-            heat = explain(model, x, method=method, target=tgt.to(device))
+            heat = explain(model, x, method=method, target=tgt.to(device), **(explain_options or {}))
             logits = heat.logits
             col = {(r, s): by_image[idx[r]].index(s) for r, s in rows}
             maps = torch.stack([heat.normalized[r, col[(r, s)]] for r, s in rows])

@@ -17,10 +17,11 @@ from weakloc.report.overlay import blend, save_png
 
 
 def explain_images(model, images, out: str | Path, *, method: str = "gradcam", target="predicted", layer: str | None = None,
-                   batch_size: int = 16, device=None, progress=None) -> dict:
+                   batch_size: int = 16, device=None, progress=None, explain_options: dict | None = None) -> dict:
     """Write ``overlays/*.png`` (one per image and target), ``maps.safetensors`` (per image the raw and
     normalised maps ``(T, S, S)`` at the model's input size and the targets ``(T,)``), ``maps.json``
-    (file names, classes, probabilities) and ``index.html``.
+    (file names, classes, probabilities) and ``index.html``. ``explain_options`` go to
+    :func:`~weakloc.explain.explain` (fusion, tta, eigen_smooth, dtype, method options).
 
     Returns:
         the ``maps.json`` content.
@@ -41,7 +42,7 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
         index["skipped"] += [{"file": str(paths[i]), "reason": r} for i, _, r, _ in batch if _ is None]
         if good:
             x = torch.stack([b[1] for b in good]).to(device)
-            heat = explain(model, x, method=method, target=target, layer=layer)
+            heat = explain(model, x, method=method, target=target, layer=layer, **(explain_options or {}))
             probs = model.probabilities(heat.logits.float()).cpu()
             for j, (i, _, (h, w), shown) in enumerate(good):
                 key = f"{len(index['images']):05d}_{paths[i].stem}"

@@ -34,6 +34,7 @@ def localize_images(
     out: str | Path | None = None,
     *,
     method: str = "cam",
+    explain_options: dict | None = None,
     target=None,
     threshold: str | float = "auto",
     keep: str = "all",
@@ -52,6 +53,8 @@ def localize_images(
             the original size), ``detections.json`` (COCO results: boxes in original pixels, scores,
             labels, and ``masks``: the mask file of each image and class) and ``index.html`` (a gallery).
         method: heatmap method (``weakloc methods``).
+        explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
+            tta, eigen_smooth, dtype, method options).
         target: see :func:`weakloc.explain.resolve_targets`; default :func:`default_target`.
         threshold: a number, ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
             calibrated threshold if any, else 0.3).
@@ -81,7 +84,8 @@ def localize_images(
             result["skipped"].append({"file": str(paths[i]), "reason": reason})
         done += len(batch)
         if good:
-            _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device)
+            _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
+                            explain_options)
         if progress is not None:
             progress(done, len(paths))
     if result["skipped"]:
@@ -94,10 +98,11 @@ def localize_images(
     return result
 
 
-def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device):
+def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
+                    explain_options=None):
     cfg = model.config
     x = torch.stack([b[1] for b in good]).to(device)
-    heat = explain(model, x, method=method, target=target)
+    heat = explain(model, x, method=method, target=target, **(explain_options or {}))
     probs = model.probabilities(heat.logits.float())
     score = probs.gather(1, heat.targets)  # (B, T)
     if cfg.task == "multi" and heat.targets.shape[1] > 1:
