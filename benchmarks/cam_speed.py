@@ -4,7 +4,11 @@ and device, in one run, against the ceiling (forward + gradient to the layer; fo
     uv run python benchmarks/cam_speed.py                       # CPU: ResNet-50, 224 px, batch 8
     uv run python benchmarks/cam_speed.py --device cuda --batch 64
 
-Random weights (speed only). Prints a markdown table.
+    uv run python benchmarks/cam_speed.py --methods scorecam,ablationcam --backbone resnet18 --size 112 --batch 2
+
+Random weights (speed only), 1,000 classes like an ImageNet head. The ceiling is a plain forward for
+CAM and the gradient-free methods (their unavoidable first pass) and forward + gradient to the layer
+for the gradient methods; "cam-all" is the CAM of all classes. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--methods", default="gradcam,gradcam++,xgradcam,layercam,hirescam,cam,eigencam")
+    ap.add_argument("--methods", default="gradcam,gradcam++,xgradcam,layercam,hirescam,cam,cam-all,eigencam")
+    ap.add_argument("--chunk", type=int, default=64, help="Masked inputs / ablated copies per forward (Score-CAM, Ablation-CAM).")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weakloc's autocast dtype.")
     args = ap.parse_args()
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = args.device
     torch.manual_seed(0)
-    model = WeaklocNet(ModelConfig(backbone=args.backbone, classes=[f"c{i}" for i in range(20)], input_size=args.size, drop_rate=0.0)).to(dev).eval()
+    model = WeaklocNet(ModelConfig(backbone=args.backbone, classes=[f"c{i}" for i in range(1000)], input_size=args.size, drop_rate=0.0)).to(dev).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     layer = model.backbone.layer4 if hasattr(model.backbone, "layer4") else None
     rows = []
@@ -69,37 +76,54 @@ def main() -> None:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         peers["pgc"] = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM,
-                        "hirescam": pgc.HiResCAM, "eigencam": pgc.EigenCAM}
+                        "hirescam": pgc.HiResCAM, "eigencam": pgc.EigenCAM, "scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM}
     except ImportError:
         pass
     try:
         import torchcam.methods as tcm
 
-        peers["torchcam"] = {"gradcam": tcm.GradCAM, "gradcam++": tcm.GradCAMpp, "xgradcam": tcm.XGradCAM, "layercam": tcm.LayerCAM}
+        peers["torchcam"] = {"gradcam": tcm.GradCAM, "gradcam++": tcm.GradCAMpp, "xgradcam": tcm.XGradCAM, "layercam": tcm.LayerCAM,
+                             "scorecam": tcm.ScoreCAM, "cam": None}
     except ImportError:
         pass
+    with torch.no_grad():
+        pred = model(x).argmax(1).tolist()
     for name in args.methods.split(","):
-        t_ours = timed(lambda: explain(model, x, name, target="predicted"), args.repeats, dev)
+        target = "all" if name == "cam-all" else "predicted"
+        method = "cam" if name == "cam-all" else name
+        options = {"chunk": args.chunk} if method in ("scorecam", "ablationcam") else {}
+        t_ours = timed(lambda: explain(model, x, method, target=target, dtype=dtype, **options), args.repeats, dev)
         t_pgc = t_tc = None
-        if name in peers.get("pgc", {}):
-            cam = peers["pgc"][name](model=model, target_layers=[layer])
-            with torch.no_grad():
-                pred = model(x).argmax(1).tolist()
+        if method in peers.get("pgc", {}) and name != "cam-all":
+            cam = peers["pgc"][method](model=model, target_layers=[layer])
+            if method == "scorecam":
+                cam.batch_size = args.chunk
+            elif method == "ablationcam":
+                cam.batch_size = args.chunk
             t_pgc = timed(lambda: cam(input_tensor=x, targets=[ClassifierOutputTarget(p) for p in pred]), max(1, args.repeats // 2), dev)
             cam.activations_and_grads.release()
-        if name in peers.get("torchcam", {}):
-            extractor = peers["torchcam"][name](model, target_layer="backbone.layer4")
+        if method in peers.get("torchcam", {}) and name != "cam-all":
+            if method == "cam":
+                t_tc = None  # torchcam's CAM needs a Linear head; weakloc's head is a 1x1 conv (same maths)
+            else:
+                kwargs = {"batch_size": args.chunk} if method == "scorecam" else {}
+                extractor = peers["torchcam"][method](model, target_layer="backbone.layer4", **kwargs)
 
-            def run_tc():
-                scores = model(x)
-                extractor(scores.argmax(1).tolist(), scores)
+                def run_tc():
+                    if method == "scorecam":
+                        with torch.no_grad():
+                            model(x)
+                        extractor(pred)
+                    else:
+                        scores = model(x)
+                        extractor(scores.argmax(1).tolist(), scores)
 
-            t_tc = timed(run_tc, args.repeats, dev)
-            extractor.remove_hooks()
-        ceiling = t_fwd if name in ("cam", "eigencam") else t_grad
+                t_tc = timed(run_tc, args.repeats, dev)
+                extractor.remove_hooks()
+        ceiling = t_fwd if method in ("cam", "eigencam", "scorecam", "ablationcam") else t_grad
         rows.append((name, args.batch / t_ours, args.batch / t_pgc if t_pgc else None, args.batch / t_tc if t_tc else None, args.batch / ceiling))
     machine = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"{args.backbone}, {args.size} px, batch {args.batch}, fp32, {machine}, torch {torch.__version__}")
+    print(f"{args.backbone}, {args.size} px, batch {args.batch}, weakloc {args.dtype} (peers fp32), {machine}, torch {torch.__version__}")
     print("| method | weakloc img/s | pytorch-grad-cam img/s | TorchCAM img/s | ceiling img/s | vs pytorch-grad-cam | vs TorchCAM | of ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ours, pgc_, tc, ceil in rows:

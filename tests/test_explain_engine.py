@@ -207,3 +207,25 @@ def test_weakloc_model_on_a_vit_backbone_cam_equals_gradcam():
     cam = explain(model, img, "cam", target="all").normalized
     grad = explain(model, img, "gradcam", target="all", relu=False).normalized
     assert torch.allclose(cam, grad, atol=1e-4)
+
+
+def test_masked_scores_score_constant_channels_as_the_black_image(tiny_model, x):
+    from weakloc.explain.perturbation import channel_masks, masked_scores
+
+    act = torch.rand(2, 5, 8, 8)
+    act[0, 1] = 0.0
+    act[1, 3] = 2.5  # constant, not zero: also an all-zero mask
+    targets = torch.tensor([[0, 2], [1, 1]])
+    got = masked_scores(tiny_model, x, act, targets, chunk=3)
+    with torch.no_grad():
+        for i in range(2):
+            logits = tiny_model(x[i] * channel_masks(act[i], (64, 64))[:, None])  # (5, K)
+            assert torch.allclose(got[i], logits[:, targets[i]].T, atol=1e-5)
+
+
+def test_native_size_skips_upsampling(tiny_model, x):
+    h = explain(tiny_model, x, "cam", target="all", size="native")
+    assert h.raw.shape == (2, 3, 8, 8)
+    assert torch.allclose(h.raw, explain(tiny_model, x, "cam", target="all", size=(8, 8)).raw)
+    with pytest.raises(WeaklocError, match="native"):
+        explain(tiny_model, x, "gradcam", size="native", tta=True)

@@ -231,6 +231,7 @@ def deletion_insertion(
     *,
     blur_kernel: int = BLUR_KERNEL,
     blur_sigma: float = BLUR_SIGMA,
+    check_targets: bool = True,
 ) -> DeletionInsertion:
     """RISE's deletion and insertion metrics (Petsiuk et al., BMVC 2018) of every map.
 
@@ -265,6 +266,8 @@ def deletion_insertion(
         chunk: most inputs per forward pass.
         return_curves: also return the curves ``(B, T, steps + 1)``.
         blur_kernel, blur_sigma: the blur baseline's Gaussian (pixels).
+        check_targets: check that targets are in ``0..K-1`` (``K = len(model.config.classes)``);
+            one device-to-host sync. Off when the targets come from :func:`~weakloc.explain.explain`.
 
     Returns:
         :class:`DeletionInsertion`, tensors float32 on the images' device.
@@ -279,7 +282,8 @@ def deletion_insertion(
     kinds = (baseline, baseline) if isinstance(baseline, str) else tuple(baseline)
     if len(kinds) != 2 or any(k not in BASELINES for k in kinds):
         raise WeaklocError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or a (deletion, insertion) pair")
-    _check_classes(model, targets)
+    if check_targets:
+        _check_classes(model, targets)
     b, t = targets.shape
     h, w = images.shape[-2:]
     s1 = steps + 1
@@ -314,7 +318,7 @@ def deletion_insertion(
 
 
 def average_drop_increase(model, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = 128) -> DropIncrease:
+                          chunk: int = 128, *, check_targets: bool = True) -> DropIncrease:
     """Average Drop and Increase in Confidence (Chattopadhay et al., Grad-CAM++, WACV 2018), per map.
 
     The explanation image multiplies the *pixel values* (not the normalised ones) by the map,
@@ -331,13 +335,15 @@ def average_drop_increase(model, images: torch.Tensor, maps: torch.Tensor, targe
         images: ``(B, C, H, W)`` normalised model inputs.
         maps: ``(B, T, H, W)`` heatmaps in [0, 1] (e.g. ``Heatmaps.normalized``; not clamped).
         targets: ``(B, T)`` class index of each map (``(B,)`` when ``T == 1``).
+        chunk, check_targets: see :func:`deletion_insertion`.
 
     Returns:
         :class:`DropIncrease` of ``(B, T)`` tensors on the images' device.
     """
     targets = _check_inputs(images, maps, targets)
     _check_chunk(chunk)
-    _check_classes(model, targets)
+    if check_targets:
+        _check_classes(model, targets)
     b, t = targets.shape
     c = images.shape[1]
     dev = images.device
@@ -400,8 +406,9 @@ def explanation_quality(
     heat = explain(model, images, method, target=target, **explain_kwargs)
     _sync(dev)
     seconds = time.perf_counter() - t0
-    di = deletion_insertion(model, images, heat.normalized, heat.targets, steps=steps, baseline=baseline, chunk=chunk)
-    ad = average_drop_increase(model, images, heat.normalized, heat.targets, chunk=chunk)
+    di = deletion_insertion(model, images, heat.normalized, heat.targets, steps=steps, baseline=baseline, chunk=chunk,
+                            check_targets=False)
+    ad = average_drop_increase(model, images, heat.normalized, heat.targets, chunk=chunk, check_targets=False)
     return {
         "deletion": di.deletion, "insertion": di.insertion, "drop": ad.drop, "increase": ad.increase,
         "score": ad.score, "targets": heat.targets, "seconds": seconds,

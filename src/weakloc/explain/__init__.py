@@ -60,7 +60,7 @@ def _one_pass(m: ExplainMethod, model, images, targets_fn, layers, size, relu, f
     for lay in layers:
         raw, targets, logits = m.fn(model, images, targets_fn, lay, **options)
         targets_fn = _fixed(targets)  # every layer explains the same targets
-        maps.append(upsample(raw.float(), size))
+        maps.append(raw.float() if size == "native" else upsample(raw.float(), size))
     if len(maps) == 1:
         return maps[0], targets, logits
     normed = torch.stack([normalize_minmax(x, relu=relu) for x in maps])
@@ -85,7 +85,7 @@ def explain(
     method: str = "cam",
     target: TargetSpec = "predicted",
     layer: str | Sequence[str] | None = None,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | str | None = None,
     relu: bool | None = None,
     *,
     fusion: str = "mean",
@@ -104,7 +104,9 @@ def explain(
             name or index, or a per-image list.
         layer: target layer name (default: the last feature map, chosen per architecture); several
             names (a list or ``"a,b"``) give one map per layer, normalised and fused.
-        size: output ``(H, W)``; default the input's size. Upsampling is bicubic.
+        size: output ``(H, W)``; default the input's size. Upsampling is bicubic. ``"native"``
+            keeps each layer's own resolution (one layer only), e.g. for all-class CAMs of a
+            1,000-class model, which would not fit in memory at the input's size.
         relu: clamp negatives before normalising (default: the method's convention).
         fusion: how several layers' maps combine: ``mean``, ``max`` or ``product``.
         tta: test-time augmentation smoothing -- the mean of the normalised maps of the input
@@ -134,6 +136,8 @@ def explain(
     classes = getattr(getattr(model, "config", None), "classes", None)
     size = size or tuple(images.shape[-2:])
     layers = _layers(layer)
+    if size == "native" and (len(layers) > 1 or tta):
+        raise WeaklocError('size="native" keeps a layer\'s own resolution: it cannot fuse several layers or average TTA views')
     autocast = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         raw, targets, logits = _one_pass(m, model, images, lambda lg: resolve_targets(target, lg, classes or [str(i) for i in range(lg.shape[1])]),

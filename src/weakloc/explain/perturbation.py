@@ -22,12 +22,15 @@ def channel_masks(act: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Each channel upsampled (bilinear, corners aligned) to ``size`` and min-max scaled to [0, 1].
 
     ``(N, h, w)`` -> ``(N, H, W)``; the scaling uses the upsampled map's own range, eps 1e-8, as
-    pytorch-grad-cam's Score-CAM does.
+    pytorch-grad-cam's Score-CAM does. A constant channel gives an all-zero mask (interpolation
+    rounding would otherwise turn its 1e-7 ripples into a mask of arbitrary values).
     """
     up = F.interpolate(act[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
     lo = up.amin(dim=(-2, -1), keepdim=True)
     hi = up.amax(dim=(-2, -1), keepdim=True)
-    return (up - lo) / (hi - lo + 1e-8)
+    flat = act.flatten(1)
+    constant = (flat.amax(1) == flat.amin(1))[:, None, None]
+    return torch.where(constant, torch.zeros_like(up), (up - lo) / (hi - lo + 1e-8))
 
 
 def masked_scores(model, images: torch.Tensor, act: torch.Tensor, targets: torch.Tensor, *, chunk: int = 64,
@@ -51,22 +54,33 @@ def masked_scores(model, images: torch.Tensor, act: torch.Tensor, targets: torch
     owner = torch.arange(b, device=images.device).repeat_interleave(c)  # image of each copy
     tgt = targets[owner]  # (B*C, T)
     out = torch.zeros(b * c, targets.shape[1], device=images.device, dtype=torch.float32)
-    buf = images.new_empty((min(chunk, b * c), *images.shape[1:]))
     gen = torch.Generator(device=images.device).manual_seed(seed) if noise_std > 0 else None
     draws = num_noise if noise_std > 0 else 1
+    # A constant channel (often all zero after a ReLU) normalises to an all-zero mask: every such copy
+    # is the black image, scored once. Finding them costs one host sync per batch, not per image.
+    if noise_std > 0:
+        todo = torch.arange(b * c, device=images.device)
+    else:
+        flat = flat_act.flatten(1)
+        constant = flat.amax(1) == flat.amin(1)
+        todo = (~constant).nonzero()[:, 0]
+        with torch.no_grad():
+            black = model(torch.zeros_like(images[:1])).float()[0]  # (K,)
+        out[constant] = black[tgt[constant]] * (draws * len(scales))
+    buf = images.new_empty((max(1, min(chunk, len(todo))), *images.shape[1:]))
     with torch.no_grad():
-        for start in range(0, b * c, chunk):
-            stop = min(start + chunk, b * c)
-            n = stop - start
-            masks = channel_masks(flat_act[start:stop], size)[:, None]  # (n, 1, H, W)
-            src = images[owner[start:stop]]
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            n = len(idx)
+            masks = channel_masks(flat_act[idx], size)[:, None]  # (n, 1, H, W)
+            src = images[owner[idx]]
             for _ in range(draws):
                 m = masks
                 if gen is not None:
                     m = masks + noise_std * torch.randn(masks.shape, generator=gen, device=masks.device)
                 for s in scales:
                     x = torch.mul(src, (s * m).to(images.dtype), out=buf[:n])
-                    out[start:stop] += model(x).float().gather(1, tgt[start:stop])
+                    out[idx] += model(x).float().gather(1, tgt[idx])
     return (out / (draws * len(scales))).view(b, c, -1).transpose(1, 2)
 
 
