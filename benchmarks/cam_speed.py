@@ -8,7 +8,7 @@ and device, in one run, against the ceiling (forward + gradient to the layer; fo
 
 Random weights (speed only), 1,000 classes like an ImageNet head. The ceiling is a plain forward for
 CAM and the gradient-free methods (their unavoidable first pass) and forward + gradient to the layer
-for the gradient methods; "cam-all" is the CAM of all classes. Prints a markdown table.
+for the gradient methods; "cam-all" is the CAM of all classes at the feature map's resolution. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def main() -> None:
         target = "all" if name == "cam-all" else "predicted"
         method = "cam" if name == "cam-all" else name
         options = {"chunk": args.chunk} if method in ("scorecam", "ablationcam") else {}
+        if name == "cam-all":
+            options["size"] = "native"  # 1,000 maps per image at the feature map's resolution
         t_ours = timed(lambda: explain(model, x, method, target=target, dtype=dtype, **options), args.repeats, dev)
         t_pgc = t_tc = None
         if method in peers.get("pgc", {}) and name != "cam-all":
