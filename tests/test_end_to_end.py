@@ -92,6 +92,12 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     r = run.invoke(app, ["explain", str(model), few[0], "-o", str(tmp_path / "exp2"), "--method",
                          "gradcam", "--layer", "backbone.layer2,backbone.layer3", "--fusion", "product", "--dtype", "bf16"])
     assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["explain-eval", str(model), str(data), "--split", "all", "--limit", "6", "--steps", "8",
+                         "--methods", "cam,gradcam,random", "-o", str(tmp_path / "faith.json")])
+    assert r.exit_code == 0, r.output
+    assert "deletion AUC" in r.output and "random" in r.output
+    rows = json.loads((tmp_path / "faith.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["cam", "gradcam", "random"] and all(0 <= row["insertion_auc"] <= 1 for row in rows)
     r = run.invoke(app, ["methods"])
     for name in ("gradcam", "eigencam", "scorecam", "sscam", "iscam", "ablationcam", "smooth-gradcam++", "finercam"):
         assert name in r.output

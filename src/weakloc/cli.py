@@ -1,4 +1,4 @@
-"""The ``weakloc`` command line: synth, train, localize, evaluate, methods, demo."""
+"""The ``weakloc`` command line: synth, train, localize, explain, evaluate, explain-eval, methods, demo."""
 
 from __future__ import annotations
 
@@ -287,6 +287,45 @@ def evaluate(
         net.config.localization = {"threshold": tau, "method": method, "calibrated_on": report["localization_samples"]}
         save_model(net.cpu(), model)
         console.print(f"calibrated threshold {tau:.2f} stored in {model}")
+
+
+@app.command("explain-eval")
+def explain_eval_cmd(
+    model: Path = typer.Argument(..., help="Model folder."),
+    data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): its images are used."),
+    methods: str = typer.Option("cam,gradcam,gradcam++,layercam,eigencam,random", help="Comma-separated method names."),
+    split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
+    limit: int = typer.Option(64, help="At most this many images."),
+    target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
+    steps: int = typer.Option(50, help="Deletion / insertion steps."),
+    baseline: str = typer.Option("blur", help="What removed pixels become: blur | zero | mean | black."),
+    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
+    tta: bool = typer.Option(False, help=TTA_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
+    batch_size: int = typer.Option(16),
+    device: Optional[str] = typer.Option(None),
+):
+    """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
+    from weakloc.evaluate.explain_eval import explain_eval
+    from weakloc.models import load_model
+
+    opts = map_options(layer, "mean", tta, False, dtype, None)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    net = load_model(model, _device(device))
+    with console.status(f"explaining and scoring {len(names)} method(s)"):
+        report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
+                              batch_size=batch_size, **opts)
+    table = Table("method", "deletion AUC ↓", "insertion AUC ↑", "average drop % ↓", "increase in conf. % ↑", "ms / image",
+                  title=f"Explanation quality: {report['images']} {report['split']} image(s), {steps} steps, {baseline} baseline")
+    for r in report["rows"]:
+        table.add_row(r["method"], f"{r['deletion_auc']:.3f}", f"{r['insertion_auc']:.3f}", f"{r['average_drop_pct']:.1f}",
+                      f"{r['increase_in_confidence_pct']:.1f}", f"{r['ms_per_image']:.1f}")
+    console.print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        console.print(f"table written to {out}")
 
 
 @app.command()

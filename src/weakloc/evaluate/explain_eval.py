@@ -1,0 +1,48 @@
+"""``explain_eval``: faithfulness of several heatmap methods on a labelled split, as one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
+from weakloc.data.labels import LabeledImages, load_labels, select_split
+from weakloc.evaluate.faithfulness import compare_methods
+from weakloc.explain import get_method
+
+
+def explain_eval(model, data: str | Path | LabeledImages, methods: list[str], *, split: str = "auto", limit: int | None = 64,
+                 target="predicted", steps: int = 50, baseline: str = "blur", batch_size: int = 16, chunk: int = 128,
+                 device=None, **explain_kwargs) -> dict:
+    """Deletion / insertion AUC, Average Drop and Increase in Confidence and time per image of each method.
+
+    Args:
+        data: labels (CSV / folder / :class:`LabeledImages`); the labels themselves are not used,
+            only the images of ``split`` (``auto``: test, else val, else all), the first ``limit``.
+        methods: registry names; unknown ones fail before any work.
+        steps, baseline, chunk: see :func:`~weakloc.evaluate.faithfulness.deletion_insertion`.
+        **explain_kwargs: passed to :func:`~weakloc.explain.explain` (layer, tta, dtype, options).
+
+    Returns:
+        ``{"split", "images", "steps", "baseline", "rows": [one dict per method]}``.
+    """
+    for name in methods:
+        get_method(name)
+    device = torch.device(device or next(model.parameters()).device)
+    model = model.to(device).eval()
+    cfg = model.config
+    labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
+    if split == "auto":
+        present = set(labeled.splits or [])
+        split = "test" if "test" in present else "val" if "val" in present else "all"
+    if split != "all":
+        labeled = select_split(labeled, split)
+    dataset = ImageDataset.from_labels(labeled, eval_transform(cfg.input_size, cfg.mean, cfg.std))
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_bad)
+    rows = compare_methods(model, loader, methods, target=target, steps=steps, device=device, baseline=baseline,
+                           chunk=chunk, **explain_kwargs)
+    return {"split": split, "images": len(dataset), "steps": steps, "baseline": baseline, "rows": rows}
