@@ -28,6 +28,8 @@ def test_cam_raw_is_classifier_weights_times_features(tiny_model):
 def test_maps_shapes_device_and_range(tiny_model):
     x = torch.randn(3, 3, 64, 64)
     for name in METHODS:
+        if name in ("attention", "rollout", "grad-rollout"):  # need an attention head / a transformer: tests of their own
+            continue
         h = explain(tiny_model, x, name, target="top2")
         assert h.raw.shape == h.normalized.shape == (3, 2, 64, 64)
         assert h.normalized.min() >= 0 and h.normalized.max() <= 1 and not torch.isnan(h.normalized).any()
@@ -78,7 +80,7 @@ def test_constant_and_nan_maps_normalise_to_zeros():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(WeaklocError, match="unknown explanation method 'nope'; known: ablationcam, cam, "):
+    with pytest.raises(WeaklocError, match="unknown explanation method 'nope'; known: ablationcam, attention, cam, "):
         from weakloc.explain import get_method
         get_method("nope")
 

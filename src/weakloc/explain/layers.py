@@ -101,10 +101,14 @@ def forward_to_layer(model: nn.Module, images: torch.Tensor, layer: str | None, 
     """
     layer = layer if layer is not None else default_layer(model)
     if layer is None:
-        feats = model.features(images)
-        act = feats if keep_graph else feats.detach().requires_grad_(True)
-        logits = model.classifier(model.dropout(act)).mean(dim=(2, 3))
-        return act, logits
+        store: dict = {}
+
+        def as_leaf(f):
+            store["act"] = f if keep_graph else f.detach().requires_grad_(True)
+            return store["act"]
+
+        logits = model.forward_maps(images, on_features=as_leaf).logits
+        return store["act"], logits
     module = find_layer(model, layer)
     if keep_graph:
         store: dict = {}
@@ -130,7 +134,7 @@ def logits_after_layer(model: nn.Module, images: torch.Tensor, layer: str | None
     """
     layer = layer if layer is not None else default_layer(model)
     if layer is None:
-        return model.classifier(activation).mean(dim=(2, 3))
+        return model.head_logits(activation)
     with capture_activation(find_layer(model, layer), replace=activation):
         try:
             return model(images[:1])

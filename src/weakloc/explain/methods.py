@@ -17,12 +17,13 @@ from torch import nn
 
 from weakloc.errors import WeaklocError
 from weakloc.explain.layers import capture_activation, find_layer, forward_to_layer, is_weakloc_net, to_grid
+from weakloc.explain.maps import normalize_minmax, upsample
 
 TargetsFn = Callable[[torch.Tensor], torch.Tensor]
 #: ``(logits (B, K), targets (B, T)) -> scores (B, T)``: what a gradient method differentiates.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["activations_and_gradients", "cam", "capture_activation", "eigencam", "eigengradcam", "find_layer", "finer_score",
+__all__ = ["activations_and_gradients", "attention_maps", "cam", "capture_activation", "eigencam", "eigengradcam", "find_layer", "finer_score",
            "frozen_parameters", "gradcam", "gradcam_elementwise", "gradcam_pp", "hirescam", "layercam", "principal_projection",
            "random_baseline", "smooth_gradcam_pp", "sobel_baseline", "target_logits", "xgradcam"]
 
@@ -195,8 +196,12 @@ def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer:
     return reduce_channels(_gradcam_pp_weights(a, g1, g2, g3) * a, eigen_smooth), targets, logits
 
 
-def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, differentiable: bool = False):
+def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, differentiable: bool = False,
+        positive_weights: bool = False):
     """Class activation maps from the classifier weights (Zhou et al. 2016): one forward, all classes.
+
+    With ``positive_weights`` the classifier's negative weights are truncated to 0 first (Bae et al.
+    2020: negative evidence from other parts of the object otherwise carves holes in the map).
 
     Returns:
         maps ``(B, T, h, w)``, targets ``(B, T)``, logits ``(B, K)``.
@@ -208,12 +213,40 @@ def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = 
                            "use gradcam, which equals CAM for a global-average-pooling + linear head")
     with (torch.enable_grad() if differentiable else torch.no_grad()):
         out = model.forward_maps(images)
-        maps = out.class_maps
-        if model.classifier.bias is not None:  # CAM is sum_c w_kc f_c, without the bias (Zhou et al.)
-            maps = maps - model.classifier.bias[None, :, None, None]
+        if positive_weights:
+            maps = torch.nn.functional.conv2d(out.features, model.classifier.weight.clamp_min(0))
+        else:
+            maps = out.class_maps
+            if model.classifier.bias is not None:  # CAM is sum_c w_kc f_c, without the bias (Zhou et al.)
+                maps = maps - model.classifier.bias[None, :, None, None]
     targets = targets_fn(out.logits.detach())
     idx = targets[:, :, None, None].expand(-1, -1, *maps.shape[-2:])
     return maps.gather(1, idx), targets, out.logits
+
+
+def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, stage: int | None = None):
+    """The attention head's own maps (class-agnostic): one forward pass.
+
+    Args:
+        stage: which attended stage (index into the model's ``attention_stages``); default: the
+            mean of all stages' maps, each scaled to [0, 1] and resized to the finest grid.
+    """
+    if layer is not None:
+        raise WeaklocError("attention maps come from the attention head; they take no layer")
+    if getattr(model, "attention_head", None) is None:
+        raise WeaklocError("this model has no attention head (train with --head attention)")
+    with torch.no_grad():
+        out = model.forward_maps(images)
+    maps = list(out.attention)
+    if stage is not None:
+        if not -len(maps) <= stage < len(maps):
+            raise WeaklocError(f"attention stage {stage} out of range 0..{len(maps) - 1}")
+        fused = maps[stage]
+    else:
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        fused = torch.stack([normalize_minmax(upsample(m, tuple(size), "bilinear")) for m in maps]).mean(0)
+    targets = targets_fn(out.logits)
+    return fused[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, out.logits
 
 
 def principal_projection(x: torch.Tensor) -> torch.Tensor:

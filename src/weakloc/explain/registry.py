@@ -64,6 +64,7 @@ for _name, _fn, _grad, _relu, _summary in [
     ("ablationcam", perturbation.ablationcam, False, True, "Ablation-CAM: channels weighted by the score drop when each is ablated"),
     ("eigencam", methods.eigencam, False, True, "Eigen-CAM: first principal component of the activations (class-agnostic, batched SVD)"),
     ("eigengradcam", methods.eigengradcam, True, True, "EigenGrad-CAM: first principal component of gradient x activation"),
+    ("attention", methods.attention_maps, False, False, "The trainable attention head's own maps (models trained with --head attention)"),
     ("random", methods.random_baseline, False, False, "Baseline: uniform random map"),
     ("sobel", methods.sobel_baseline, False, False, "Baseline: image edge magnitude (model-free)"),
 ]:

@@ -27,8 +27,12 @@ OFFLINE_IMAGENET = ("tf_efficientnet_lite0", "efficientnet_lite0")
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
-def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int | None = None) -> nn.Module:
-    """A timm model whose ``forward_features`` gives ``(B, C, h, w)``; ``num_features`` is C.
+def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int | None = None,
+                    input_size: int | None = None) -> nn.Module:
+    """A timm model whose ``forward_features`` gives a feature map or tokens; ``num_features`` is C.
+
+    Transformers (models whose constructor takes ``img_size``) are built for ``input_size``, with
+    their position embeddings resampled by timm when pretrained weights load.
 
     Raises:
         WeaklocError: unknown backbone, unsupported ``output_stride``, or weights that cannot be had.
@@ -38,7 +42,12 @@ def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int 
         kwargs["output_stride"] = output_stride
     use_hub = pretrained == "imagenet" and name not in OFFLINE_IMAGENET
     try:
-        model = timm.create_model(name, pretrained=use_hub, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=use_hub, **kwargs, **({"img_size": input_size} if input_size else {}))
+        except TypeError as e:  # a CNN: no img_size argument
+            if "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, pretrained=use_hub, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             raise WeaklocError(f"unknown backbone {name!r}: see timm.list_models()") from None

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from weakloc.errors import CheckpointError
+from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 from weakloc.models.grid import to_grid
+from weakloc.models.heads import CBAM, HEADS, AttentionHead, insert_cbam, thresholded_average_pool
 
 TASKS = ("single", "multi")
 
@@ -34,7 +35,16 @@ class ModelConfig:
         mean, std: input normalisation (None: the backbone's own, from timm's pretrained config).
         output_stride: timm ``output_stride`` (16 or 8 dilate the last stages; None = native 32).
         drop_rate: channel dropout before the classifier during training.
+        head: ``cam`` (1x1 classifier + global average pooling), ``attention`` (trainable attention
+            on ``attention_stages``, see :class:`~weakloc.models.heads.AttentionHead`) or ``tap``
+            (thresholded average pooling at ``tap_threshold``).
+        attention_stages: ``feature_info`` indices of the stages the attention head attends.
+        attention_norm: ``softmax`` or ``sigmoid`` attention.
+        cbam_stages: ``feature_info`` indices of stages followed by a CBAM block.
+        tap_threshold: TAP's fraction of each channel's maximum.
         positive_class: the "yes" class of a two-class task, else None.
+        decision_threshold: probability above which the positive class is predicted (chosen on
+            validation for yes/no tasks; None: the arg-max).
         localization: settings calibrated for ``localize`` (e.g. ``{"threshold": 0.35}``).
     """
 
@@ -47,7 +57,12 @@ class ModelConfig:
     output_stride: int | None = None
     drop_rate: float = 0.2
     head: str = "cam"
+    attention_stages: list[int] = field(default_factory=lambda: [-3, -2])
+    attention_norm: str = "softmax"
+    cbam_stages: list[int] = field(default_factory=list)
+    tap_threshold: float = 0.1
     positive_class: int | None = None
+    decision_threshold: float | None = None
     localization: dict = field(default_factory=dict)
     format_version: int = 1
 
@@ -76,14 +91,16 @@ class ModelOutput(NamedTuple):
 
     Attributes:
         logits: ``(B, K)``.
-        class_maps: ``(B, K, h, w)`` CAM of every class (classifier applied at each position; their
-            spatial mean plus nothing else is ``logits``).
+        class_maps: ``(B, K, h, w)`` CAM of every class (the classifier applied at each position; for
+            the ``cam`` head their spatial mean is ``logits``).
         features: ``(B, C, h, w)`` the backbone's last feature map.
+        attention: the attention head's maps ``[(B, h_s, w_s)]`` (empty for other heads).
     """
 
     logits: torch.Tensor
     class_maps: torch.Tensor
     features: torch.Tensor
+    attention: tuple = ()
 
 
 class WeaklocNet(nn.Module):
@@ -98,12 +115,27 @@ class WeaklocNet(nn.Module):
         super().__init__()
         if config.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
+        if config.head not in HEADS:
+            raise WeaklocError(f"unknown head {config.head!r}: use one of {', '.join(HEADS)}")
         self.config = config
-        self.backbone = create_backbone(config.backbone, pretrained, config.output_stride)
+        self.backbone = create_backbone(config.backbone, pretrained, config.output_stride, config.input_size)
         if config.mean is None or config.std is None:
             config.mean, config.std = input_normalization(self.backbone)
+        if config.cbam_stages:
+            insert_cbam(self.backbone, list(config.cbam_stages))
         self.dropout = nn.Dropout2d(config.drop_rate)  # whole channels: same as dropout on pooled features
         self.classifier = nn.Conv2d(self.backbone.num_features, len(config.classes), kernel_size=1)
+        self.attention_head = None
+        if config.head == "attention":
+            info = self.backbone.feature_info
+            dicts = info if isinstance(info, list) else info.get_dicts()
+            n = len(dicts)
+            stages = sorted({s % n for s in config.attention_stages if -n <= s < n})
+            if len(stages) != len(config.attention_stages) or not stages:
+                raise WeaklocError(f"attention stages {config.attention_stages} must be distinct indices in -{n}..{n - 1}")
+            self._attention_indices = stages
+            self.attention_head = AttentionHead([dicts[s]["num_chs"] for s in stages], self.backbone.num_features,
+                                                len(config.classes), normalize=config.attention_norm)
 
     @property
     def num_classes(self) -> int:
@@ -113,11 +145,41 @@ class WeaklocNet(nn.Module):
         """``(B, 3, H, W)`` -> ``(B, C, h, w)``; transformer tokens are laid out on their patch grid."""
         return to_grid(self.backbone.forward_features(x), self.backbone, tuple(x.shape[-2:]))
 
-    def forward_maps(self, x: torch.Tensor) -> ModelOutput:
-        """Logits, class maps of every class and features from one forward pass."""
-        f = self.features(x)
-        maps = self.classifier(self.dropout(f))
-        return ModelOutput(maps.mean(dim=(2, 3)), maps, f)
+    def forward_maps(self, x: torch.Tensor, on_features=None) -> ModelOutput:
+        """Logits, class maps of every class, features and attention maps from one forward pass.
+
+        ``on_features`` (optional) may replace the last feature map before the head reads it
+        (the explanation engine makes it a leaf there).
+        """
+        local: list[torch.Tensor] = []
+        if self.attention_head is not None:
+            final, local = self.backbone.forward_intermediates(x, indices=self._attention_indices)
+            f = to_grid(final, self.backbone, tuple(x.shape[-2:]))
+        else:
+            f = self.features(x)
+        if on_features is not None:
+            f = on_features(f)
+        fd = self.dropout(f)
+        maps = self.classifier(fd)
+        attention: tuple = ()
+        if self.config.head == "tap":
+            logits = self.classifier(thresholded_average_pool(fd, self.config.tap_threshold)[:, :, None, None])[:, :, 0, 0]
+        else:
+            logits = maps.mean(dim=(2, 3))
+        if self.attention_head is not None:
+            local_logits, attn = self.attention_head(local, f)
+            logits = logits + local_logits
+            attention = tuple(attn)
+        return ModelOutput(logits, maps, f, attention)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from a last feature map alone ``(N, C, h, w) -> (N, K)`` (not for the attention head,
+        whose logits also read earlier stages)."""
+        if self.attention_head is not None:
+            raise WeaklocError("the attention head also reads earlier stages; name a target layer instead")
+        if self.config.head == "tap":
+            return self.classifier(thresholded_average_pool(features, self.config.tap_threshold)[:, :, None, None])[:, :, 0, 0]
+        return self.classifier(features).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> logits ``(B, K)``."""
@@ -127,8 +189,20 @@ class WeaklocNet(nn.Module):
         """Softmax (single-label) or sigmoid (multi-label) of ``(B, K)`` logits."""
         return logits.softmax(-1) if self.config.task == "single" else logits.sigmoid()
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters that start untrained: classifier, attention head, CBAM blocks (head learning rate,
+        trained from the first epoch)."""
+        cbam = [p for m in self.backbone.modules() if isinstance(m, CBAM) for p in m.parameters()]
+        head = list(self.classifier.parameters()) + (list(self.attention_head.parameters()) if self.attention_head is not None else [])
+        return head + cbam
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The backbone's own parameters (without inserted blocks), earliest layers first."""
+        new = {id(p) for p in self.new_parameters()}
+        return [p for p in self.backbone.parameters() if id(p) not in new]
+
     def backbone_groups(self, n: int = 3) -> list[list[nn.Parameter]]:
         """Backbone parameters in ``n`` consecutive groups, earliest layers first (for layer-wise LRs)."""
-        params = [p for p in self.backbone.parameters()]
+        params = self.pretrained_parameters()
         size = -(-len(params) // n)
         return [params[i:i + size] for i in range(0, len(params), size)]

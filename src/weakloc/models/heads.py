@@ -1,0 +1,127 @@
+"""Heads and blocks that make a CNN show where it looks: trainable attention (Jetley et al. 2018,
+Yan et al. 2019), CBAM (Woo et al. 2018) and thresholded average pooling (Bae et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weakloc.errors import WeaklocError
+
+HEADS = ("cam", "attention", "tap")
+
+
+def thresholded_average_pool(features: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Thresholded average pooling (TAP, Bae, Noh & Kim, ECCV 2020).
+
+    Each channel is averaged only over the positions where it exceeds ``threshold`` times its own
+    maximum, so weak background activation does not dilute it (and the CAM can spread over the
+    whole object instead of its most discriminative part).
+
+    Args:
+        features: ``(B, C, h, w)``.
+
+    Returns:
+        ``(B, C)``; a channel with no position above the cut pools to 0.
+    """
+    flat = features.flatten(2)
+    cut = threshold * flat.amax(-1, keepdim=True)
+    keep = (flat > cut).to(flat.dtype)
+    return (flat * keep).sum(-1) / keep.sum(-1).clamp_min(1.0)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., ECCV 2018): channel, then spatial attention.
+
+    Args:
+        channels: input channels.
+        reduction: channel-MLP bottleneck ratio.
+        kernel_size: spatial attention convolution size.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.channel_mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def spatial_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> (spatial attention ``(B, 1, h, w)`` in (0, 1), channel-attended input)."""
+        x = x * torch.sigmoid(self.channel_mlp(x.mean((2, 3), keepdim=True)) + self.channel_mlp(x.amax((2, 3), keepdim=True)))
+        return torch.sigmoid(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1))), x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn, x = self.spatial_attention(x)
+        return x * attn
+
+
+def insert_cbam(backbone: nn.Module, stages: list[int]) -> list[str]:
+    """Put a :class:`CBAM` after each chosen stage (indices into ``backbone.feature_info``).
+
+    The stage module ``m`` becomes ``nn.Sequential(m, CBAM(channels))``; call this after loading
+    pretrained weights (the stage's own keys gain a ``.0``).
+
+    Returns:
+        the names of the modules that were wrapped.
+    """
+    info = backbone.feature_info
+    dicts = info if isinstance(info, list) else info.get_dicts()
+    names = []
+    for s in stages:
+        if not -len(dicts) <= s < len(dicts):
+            raise WeaklocError(f"CBAM stage {s} out of range: the backbone has stages 0..{len(dicts) - 1}")
+        name, channels = dicts[s]["module"], dicts[s]["num_chs"]
+        module = backbone.get_submodule(name)
+        backbone.set_submodule(name, nn.Sequential(module, CBAM(channels)))
+        names.append(name)
+    return names
+
+
+class AttentionHead(nn.Module):
+    """Trainable attention on intermediate stages ("Learn to Pay Attention", Jetley et al., ICLR 2018,
+    in the form of Yan et al., IPMI 2019).
+
+    For each local feature map ``L_s`` the compatibility with the global feature map ``G`` is
+    ``c_s = u_s(ReLU(P_s L_s + up(Q G)))`` (1x1 projections to ``dim`` channels; ``G``'s projection
+    is upsampled to ``L_s``'s grid when they differ), normalised over positions by a softmax (the
+    attention sums to 1) or a sigmoid. The attention-pooled local features are ``sum a_s L_s``
+    (softmax) or ``mean a_s L_s`` (sigmoid); the classifier reads them concatenated with the global
+    average of ``G`` -- here split as a 1x1 classifier on ``G`` (which keeps CAM) plus
+    :attr:`local_classifier` on the pooled local features.
+
+    Args:
+        local_channels: channels of each attended stage.
+        global_channels: channels of ``G``.
+        num_classes: classes.
+        dim: projection width.
+        normalize: ``softmax`` or ``sigmoid``.
+    """
+
+    def __init__(self, local_channels: list[int], global_channels: int, num_classes: int, dim: int = 256,
+                 normalize: str = "softmax"):
+        super().__init__()
+        if normalize not in ("softmax", "sigmoid"):
+            raise WeaklocError(f"attention normalisation must be softmax or sigmoid, got {normalize!r}")
+        self.normalize = normalize
+        self.local_proj = nn.ModuleList(nn.Conv2d(c, dim, 1, bias=False) for c in local_channels)
+        self.global_proj = nn.Conv2d(global_channels, dim, 1, bias=False)
+        self.score = nn.ModuleList(nn.Conv2d(dim, 1, 1) for _ in local_channels)
+        self.local_classifier = nn.Linear(sum(local_channels), num_classes, bias=False)
+
+    def forward(self, local_maps: list[torch.Tensor], global_map: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Local features ``[(B, C_s, h_s, w_s)]`` and ``G (B, C, h, w)`` -> the local branch's logits
+        ``(B, K)`` and the attention maps ``[(B, h_s, w_s)]``."""
+        g = self.global_proj(global_map)
+        pooled, maps = [], []
+        for local, proj, score in zip(local_maps, self.local_proj, self.score):
+            gu = g if g.shape[-2:] == local.shape[-2:] else F.interpolate(g, size=local.shape[-2:], mode="bilinear", align_corners=False)
+            c = score(F.relu(proj(local) + gu))[:, 0]  # (B, h, w)
+            if self.normalize == "softmax":
+                a = c.flatten(1).softmax(-1).view_as(c)
+                pooled.append((a[:, None] * local).sum((2, 3)))
+            else:
+                a = torch.sigmoid(c)
+                pooled.append((a[:, None] * local).mean((2, 3)))
+            maps.append(a)
+        return self.local_classifier(torch.cat(pooled, 1)), maps
