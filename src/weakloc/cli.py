@@ -78,6 +78,15 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
                   f"GT-known Loc at {loc['GT-known_tau']:.2f}")
 
 
+def _int_list(text: str | None, flag: str) -> list[int]:
+    from weakloc.errors import WeaklocError
+
+    try:
+        return [int(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise WeaklocError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2,3") from None
+
+
 def _parse_value(text: str):
     low = text.lower()
     if low in ("true", "false"):
@@ -167,6 +176,14 @@ def train(
     devices: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.ckpt."),
+    head: str = typer.Option("cam", help="cam (GAP + linear as a 1x1 classifier) | attention (trainable attention) | tap (thresholded average pooling)."),
+    attention_stages: str = typer.Option("-3,-2", help="Stages (feature_info indices) the attention head attends."),
+    attention_norm: str = typer.Option("softmax", help="softmax | sigmoid attention."),
+    cbam: Optional[str] = typer.Option(None, help="Insert CBAM after these stages, e.g. 2,3."),
+    tap_threshold: float = typer.Option(0.1, help="TAP head: fraction of each channel's maximum."),
+    loss: str = typer.Option("ce", help="ce | focal"),
+    focal_gamma: float = typer.Option(2.0),
+    balanced: bool = typer.Option(False, help="Class-balanced sampling (rare positives)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.train import fine_tune
@@ -175,7 +192,10 @@ def train(
     result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
                        image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
                        batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, seed=seed, precision=precision,
-                       accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume)
+                       accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
+                       head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
+                       cbam_stages=_int_list(cbam, "--cbam"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
+                       balanced=balanced)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
     if m["skipped_images"]:

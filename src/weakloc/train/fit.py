@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val
@@ -24,7 +24,7 @@ from weakloc.errors import WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE
 from weakloc.models.checkpoint import load_model, save_model
 from weakloc.models.classifier import ModelConfig, WeaklocNet
-from weakloc.train.module import ClassifierModule, FreezeBackbone, OptimConfig
+from weakloc.train.module import ClassifierModule, FreezeBackbone, OptimConfig, choose_decision_threshold
 
 
 @dataclass
@@ -59,6 +59,35 @@ def _progress_bar():
         return TQDMProgressBar()
 
 
+def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSampler:
+    """Sample images with weight 1 / (images of their class); a multi-label image takes its rarest
+    label's weight. As many draws per epoch as images, with replacement."""
+    t = labeled.targets
+    if labeled.task == "single":
+        counts = torch.bincount(t, minlength=len(labeled.classes)).clamp_min(1).float()
+        weights = 1.0 / counts[t]
+    else:
+        counts = t.sum(0).clamp_min(1)
+        per = torch.where(t > 0, 1.0 / counts, torch.zeros_like(t))
+        weights = torch.where(per.amax(1) > 0, per.amax(1), torch.full((len(t),), 1.0 / len(t)))
+    return WeightedRandomSampler(weights.double(), num_samples=len(labeled), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
+
+
+def validation_threshold(model: WeaklocNet, loader: DataLoader, positive: int) -> float | None:
+    """The positive-class probability cut with the best F1 on ``loader``'s images (CPU model)."""
+    probs, targets = [], []
+    with torch.no_grad():
+        for batch in loader:
+            if batch["image"] is None:
+                continue
+            probs.append(model.probabilities(model(batch["image"]))[:, positive])
+            targets.append(batch["target"] == positive)
+    if not probs:
+        return None
+    return choose_decision_threshold(torch.cat(probs), torch.cat(targets))
+
+
 def fine_tune(
     data: str | Path | LabeledImages,
     out: str | Path = "runs/weakloc",
@@ -85,6 +114,14 @@ def fine_tune(
     crop_scale: tuple[float, float] = (0.35, 1.0),
     monitor: str = "val_loss",
     limit_batches: float | int | None = None,
+    head: str = "cam",
+    attention_stages: list[int] | None = None,
+    attention_norm: str = "softmax",
+    cbam_stages: list[int] | None = None,
+    tap_threshold: float = 0.1,
+    loss: str = "ce",
+    focal_gamma: float = 2.0,
+    balanced: bool = False,
 ) -> TrainResult:
     """Fine-tune a pretrained timm backbone on image-level labels.
 
@@ -99,6 +136,14 @@ def fine_tune(
         out: output folder: ``model/`` (best checkpoint), ``checkpoints/``, ``logs/``, ``metrics.json``.
         resume: continue from ``out/checkpoints/last.ckpt`` after an interruption.
         limit_batches: cap batches per epoch (for smoke tests).
+        head, attention_stages, attention_norm, cbam_stages, tap_threshold: the model's head and
+            attention blocks (see :class:`~weakloc.models.ModelConfig`).
+        loss, focal_gamma: ``ce`` or ``focal`` (see :class:`~weakloc.train.module.OptimConfig`).
+        balanced: draw training images with probability inversely proportional to their class's
+            frequency (rare positives seen as often as negatives).
+
+    For a yes/no task the decision threshold that maximises the positive class's F1 on the
+    validation images is stored in the checkpoint (``decision_threshold``).
 
     Returns:
         :class:`TrainResult` with the best model.
@@ -112,21 +157,28 @@ def fine_tune(
         train_set, val_set = split_train_val(labeled, val_fraction, seed)
     if len(labeled.classes) < 2 and labeled.task == "single":
         raise WeaklocError(f"single-label training needs at least 2 classes, found {labeled.classes}")
+    if loss not in ("ce", "focal"):
+        raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
         freeze_epochs = max(0, epochs - 1)
     pl.seed_everything(seed, workers=True, verbose=False)
     config = ModelConfig(
         backbone=backbone, classes=list(labeled.classes), task=labeled.task, input_size=image_size,
-        output_stride=output_stride, positive_class=labeled.positive_index,
+        output_stride=output_stride, positive_class=labeled.positive_index, head=head,
+        attention_stages=list(attention_stages) if attention_stages else [-3, -2], attention_norm=attention_norm,
+        cbam_stages=list(cbam_stages or []), tap_threshold=tap_threshold,
     )
     model = WeaklocNet(config, pretrained=pretrained)
     workers = default_workers() if num_workers is None else num_workers
     loader_kw = {"num_workers": workers, "collate_fn": collate_skip_bad, "persistent_workers": workers > 0}
+    sampler = balanced_sampler(train_set, seed) if balanced else None
     train_loader = DataLoader(ImageDataset.from_labels(train_set, train_transform(image_size, config.mean, config.std, crop_scale)),
-                              batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, **loader_kw)
+                              batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_set) > batch_size,
+                              **loader_kw)
     val_loader = DataLoader(ImageDataset.from_labels(val_set, eval_transform(image_size, config.mean, config.std)),
                             batch_size=batch_size, shuffle=False, **loader_kw)
-    optim = OptimConfig(lr=lr, weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule)
+    optim = OptimConfig(lr=lr, weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
+                        loss=loss, focal_gamma=focal_gamma)
     module = ClassifierModule(model, optim)
     mode = "min" if monitor == "val_loss" else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
@@ -159,6 +211,8 @@ def fine_tune(
     state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     best = module.model.cpu().eval()
+    if config.positive_class is not None:
+        best.config.decision_threshold = validation_threshold(best, val_loader, config.positive_class)
     model_dir = save_model(best, out / "model")
     best_epoch = min(history, key=lambda h: h.get(monitor, float("inf"))) if mode == "min" and history else (
         max(history, key=lambda h: h.get(monitor, float("-inf"))) if history else {})

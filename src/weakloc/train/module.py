@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics.functional as TMF
+from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.models.classifier import WeaklocNet
 
@@ -27,6 +28,10 @@ class OptimConfig:
         epochs: total epochs, warm-up included.
         schedule: ``onecycle`` (warm-up then cosine, restarted for each phase) or ``cosine``.
         label_smoothing: for single-label cross entropy.
+        loss: ``ce`` (cross entropy; binary cross entropy for multi-label) or ``focal`` (Lin et al.
+            2017: the loss of well-classified examples scaled down by ``(1 - p_t) ** focal_gamma``,
+            for rare positives).
+        focal_gamma: focusing parameter of the focal loss.
     """
 
     lr: float = 2e-3
@@ -36,6 +41,8 @@ class OptimConfig:
     epochs: int = 5
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
+    loss: str = "ce"
+    focal_gamma: float = 2.0
 
 
 def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
@@ -60,9 +67,7 @@ class ClassifierModule(pl.LightningModule):
 
     # --- loss and steps -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.model.config.task == "single":
-            return F.cross_entropy(logits, target, label_smoothing=self.optim.label_smoothing)
-        return F.binary_cross_entropy_with_logits(logits, target.float())
+        return classification_loss(logits, target, self.model.config.task, self.optim)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.skipped += batch["skipped"]
@@ -102,7 +107,7 @@ class ClassifierModule(pl.LightningModule):
         groups = self.model.backbone_groups(3)
         mults = torch.logspace(math.log10(o.backbone_lr[0]), math.log10(o.backbone_lr[1]), len(groups)).tolist()
         param_groups = [{"params": g, "lr": o.lr * m} for g, m in zip(groups, mults)]
-        param_groups.append({"params": list(self.model.classifier.parameters()), "lr": o.lr})
+        param_groups.append({"params": self.model.new_parameters(), "lr": o.lr})
         opt = torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         frozen = min(total, round(total * o.freeze_epochs / max(1, o.epochs))) if o.freeze_epochs else 0
@@ -119,6 +124,49 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, task: str, optim: OptimConfig) -> torch.Tensor:
+    """Cross entropy (single-label), binary cross entropy (multi-label), or their focal forms.
+
+    Args:
+        logits: ``(B, K)``; target: ``(B,)`` indices or ``(B, K)`` multi-hot.
+    """
+    if optim.loss not in ("ce", "focal"):
+        raise ValueError(f"unknown loss {optim.loss!r}: use ce or focal")
+    if task == "single":
+        if optim.loss == "ce":
+            return F.cross_entropy(logits, target, label_smoothing=optim.label_smoothing)
+        ce = F.cross_entropy(logits.float(), target, reduction="none")
+        return ((1 - torch.exp(-ce)).pow(optim.focal_gamma) * ce).mean()
+    if optim.loss == "ce":
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+    return sigmoid_focal_loss(logits.float(), target.float(), alpha=-1, gamma=optim.focal_gamma, reduction="mean")
+
+
+def choose_decision_threshold(positive_probs: torch.Tensor, is_positive: torch.Tensor) -> float | None:
+    """The probability cut that maximises F1 of the positive class on validation data.
+
+    Args:
+        positive_probs: ``(N,)``; is_positive: ``(N,)`` bool.
+
+    Returns:
+        the cut (predict positive when ``p >= cut``; midway between neighbouring scores), or None
+        without both classes.
+    """
+    pos = is_positive.bool()
+    if pos.all() or not pos.any():
+        return None
+    order = positive_probs.argsort(descending=True)
+    p, y = positive_probs[order], pos[order].float()
+    tp = y.cumsum(0)
+    fp = (1 - y).cumsum(0)
+    f1 = 2 * tp / (tp + fp + pos.sum())
+    distinct = torch.cat([p[1:] < p[:-1], torch.tensor([True])])  # cut only between different scores
+    f1 = torch.where(distinct, f1, torch.full_like(f1, -1))
+    i = int(f1.argmax())
+    below = p[i + 1] if i + 1 < len(p) else torch.tensor(0.0)
+    return float((p[i] + below) / 2)
+
+
 class FreezeBackbone(pl.Callback):
     """Backbone parameters frozen for the first ``epochs`` epochs (BatchNorm statistics still adapt)."""
 
@@ -127,12 +175,12 @@ class FreezeBackbone(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
         trainable = trainer.current_epoch >= self.epochs
-        for p in pl_module.model.backbone.parameters():
+        for p in pl_module.model.pretrained_parameters():
             p.requires_grad_(trainable)
 
 
 def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, task: str, positive: int | None = None) -> dict[str, float]:
-    """Accuracy, and ROC-AUC (yes/no) or mAP (multi-label), computed with torchmetrics.
+    """Accuracy, and ROC-AUC and PR-AUC (yes/no) or mAP (multi-label), computed with torchmetrics.
 
     Args:
         probs: ``(N, K)`` probabilities.
@@ -144,7 +192,9 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, task: str
     if task == "single":
         out["acc"] = float(TMF.accuracy(probs, targets, task="multiclass", num_classes=k))
         if k == 2 and positive is not None and targets.unique().numel() == 2:
-            out["auroc"] = float(TMF.auroc(probs[:, positive], (targets == positive).long(), task="binary"))
+            is_pos = (targets == positive).long()
+            out["auroc"] = float(TMF.auroc(probs[:, positive], is_pos, task="binary"))
+            out["prauc"] = float(TMF.average_precision(probs[:, positive], is_pos, task="binary"))
     else:
         t = targets.long()
         out["acc"] = float(TMF.accuracy(probs, t, task="multilabel", num_labels=k, average="micro"))

@@ -1,0 +1,83 @@
+"""Imbalanced yes/no data: focal loss, class-balanced sampling, PR-AUC, the decision threshold; and
+training the new heads end to end."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakloc.data.labels import LabeledImages
+from weakloc.errors import WeaklocError
+from weakloc.explain import explain
+from weakloc.train import fine_tune
+from weakloc.train.fit import balanced_sampler
+from weakloc.train.module import OptimConfig, choose_decision_threshold, classification_loss, classification_metrics
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_down_weights_easy_examples():
+    logits = torch.tensor([[4.0, -4.0], [0.2, 0.1]])
+    target = torch.tensor([0, 1])
+    ce = F.cross_entropy(logits, target, reduction="none")
+    assert torch.allclose(classification_loss(logits, target, "single", OptimConfig(loss="focal", focal_gamma=0.0)), ce.mean())
+    p = logits.softmax(-1)[torch.arange(2), target]
+    expected = ((1 - p) ** 2 * ce).mean()
+    assert torch.allclose(classification_loss(logits, target, "single", OptimConfig(loss="focal")), expected)
+    multi = classification_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "multi", OptimConfig(loss="focal", focal_gamma=0.0))
+    assert torch.allclose(multi, F.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]])))
+
+
+def test_balanced_sampler_weights_inverse_class_frequency():
+    labeled = LabeledImages(paths=[f"{i}.png" for i in range(10)], targets=torch.tensor([0] * 8 + [1] * 2), classes=["no", "yes"], task="single")
+    s = balanced_sampler(labeled)
+    assert torch.allclose(s.weights[:8], torch.full((8,), 1 / 8, dtype=torch.float64))
+    assert torch.allclose(s.weights[8:], torch.full((2,), 1 / 2, dtype=torch.float64))
+    drawn = torch.tensor(list(balanced_sampler(LabeledImages(labeled.paths * 50, labeled.targets.repeat(50), labeled.classes, "single"))))
+    assert 0.4 < (drawn % 10 >= 8).float().mean() < 0.6  # positives are about half the draws
+
+
+def test_decision_threshold_maximises_f1():
+    probs = torch.tensor([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+    pos = torch.tensor([True, True, False, True, False, False])
+    # cuts: top1 F1 .5, top2 .8, top3 .667, top4 .857 (tp 3, fp 1), top5 .75 -> cut between 0.4 and 0.3
+    assert choose_decision_threshold(probs, pos) == pytest.approx(0.35)
+    assert choose_decision_threshold(probs, torch.ones(6, dtype=torch.bool)) is None
+
+
+def test_binary_metrics_include_pr_auc():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    m = classification_metrics(probs, torch.tensor([0, 1, 1, 0]), "single", positive=1)
+    assert set(m) == {"acc", "auroc", "prauc"} and 0 <= m["prauc"] <= 1
+
+
+@pytest.fixture(scope="module")
+def synth_binary(tmp_path_factory):
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("synth_binary"), SyntheticConfig(n_images=32, size=64, mode="binary", val_fraction=0.25, seed=2))
+
+
+def test_attention_head_cbam_focal_balanced_train_end_to_end(synth_binary, tmp_path):
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=2,
+                    batch_size=8, progress=False, head="attention", attention_stages=[1, 2], cbam_stages=[3], loss="focal", balanced=True)
+    cfg = res.model.config
+    assert cfg.head == "attention" and cfg.cbam_stages == [3] and cfg.positive_class is not None
+    assert cfg.decision_threshold is None or 0 < cfg.decision_threshold < 1
+    assert "val_prauc" in res.metrics or "val_auroc" not in res.metrics
+    x = torch.randn(2, 3, 64, 64)
+    h = explain(res.model, x, "attention")
+    assert h.normalized.shape == (2, 1, 64, 64)
+    with pytest.raises(WeaklocError, match="unknown loss"):
+        fine_tune(synth_binary, tmp_path / "x", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, loss="hinge")
+
+
+def test_tap_head_trains_from_the_cli(synth_binary, tmp_path):
+    from typer.testing import CliRunner
+
+    from weakloc.cli import app
+
+    r = CliRunner().invoke(app, ["train", str(synth_binary), "-o", str(tmp_path / "tap"), "--backbone", "test_resnet", "--pretrained", "none",
+                                 "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8", "--head", "tap",
+                                 "--tap-threshold", "0.2", "--cbam", "2", "--balanced"])
+    assert r.exit_code == 0, r.output
+    import json
+    cfg = json.loads((tmp_path / "tap" / "model" / "config.json").read_text())
+    assert cfg["head"] == "tap" and cfg["tap_threshold"] == 0.2 and cfg["cbam_stages"] == [2]
