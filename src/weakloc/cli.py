@@ -184,18 +184,30 @@ def train(
     loss: str = typer.Option("ce", help="ce | focal"),
     focal_gamma: float = typer.Option(2.0),
     balanced: bool = typer.Option(False, help="Class-balanced sampling (rare positives)."),
+    counts: bool = typer.Option(False, help="DATA holds per-class counts (a counts CSV path,<class>,..., or a folder with counts.csv)."),
+    counts_from: Optional[Path] = typer.Option(None, help="Count the objects of these COCO/VOC annotations for DATA's images."),
+    counting: Optional[str] = typer.Option(None, help="Counting head: density (default with counts) | count | both."),
+    count_loss: str = typer.Option("poisson", help="poisson | huber"),
+    count_weight: float = typer.Option(1.0),
+    density_l1: float = typer.Option(0.01),
+    density_tv: float = typer.Option(0.01),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.train import fine_tune
 
     _quiet_lightning()
+    if counts or counts_from:
+        from weakloc.data.counts import load_count_labels
+
+        data = load_count_labels(data, annotations=counts_from)
     result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
                        image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
                        batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, seed=seed, precision=precision,
                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
                        head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
                        cbam_stages=_int_list(cbam, "--cbam"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
-                       balanced=balanced)
+                       balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
+                       density_l1=density_l1, density_tv=density_tv)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
     if m["skipped_images"]:

@@ -59,7 +59,9 @@ class ImageDataset(Dataset):
 
     @classmethod
     def from_labels(cls, data: LabeledImages, transform: v2.Transform) -> "ImageDataset":
-        return cls(data.paths, data.targets, transform)
+        """Targets are the labels' ``targets``; with counting labels, ``[presence (K), counts (K)]``."""
+        targets = data.targets if data.counts is None else torch.cat([data.targets.float(), data.counts.float()], 1)
+        return cls(data.paths, targets, transform)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -34,6 +34,8 @@ class LabeledImages:
         classes: class names, index order.
         task: ``"single"`` (one class per image, softmax) or ``"multi"`` (any subset, sigmoid).
         splits: optional per-image split name (``train``/``val``/``test``) given by the source.
+        counts: optional ``(N, K)`` float32 number of objects of each class (counting labels; the
+            targets are then the presence ``counts > 0`` and the task is ``"multi"``).
     """
 
     paths: list[Path]
@@ -41,6 +43,7 @@ class LabeledImages:
     classes: list[str]
     task: str
     splits: list[str] | None = field(default=None)
+    counts: torch.Tensor | None = field(default=None)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,6 +57,7 @@ class LabeledImages:
             classes=list(self.classes),
             task=self.task,
             splits=None if self.splits is None else [self.splits[i] for i in indices],
+            counts=None if self.counts is None else self.counts[idx],
         )
 
     @property

@@ -18,7 +18,7 @@ from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 from weakloc.models.grid import to_grid
-from weakloc.models.heads import CBAM, HEADS, AttentionHead, insert_cbam, thresholded_average_pool
+from weakloc.models.heads import CBAM, HEADS, AttentionHead, CountingHead, insert_cbam, thresholded_average_pool
 
 TASKS = ("single", "multi")
 
@@ -43,6 +43,8 @@ class ModelConfig:
         cbam_stages: ``feature_info`` indices of stages followed by a CBAM block.
         tap_threshold: TAP's fraction of each channel's maximum.
         positive_class: the "yes" class of a two-class task, else None.
+        counting: a counting head beside the classifier: ``density``, ``count`` or ``both``
+            (see :class:`~weakloc.models.heads.CountingHead`), or None.
         decision_threshold: probability above which the positive class is predicted (chosen on
             validation for yes/no tasks; None: the arg-max).
         localization: settings calibrated for ``localize`` (e.g. ``{"threshold": 0.35}``).
@@ -63,6 +65,7 @@ class ModelConfig:
     tap_threshold: float = 0.1
     positive_class: int | None = None
     decision_threshold: float | None = None
+    counting: str | None = None
     localization: dict = field(default_factory=dict)
     format_version: int = 1
 
@@ -95,12 +98,18 @@ class ModelOutput(NamedTuple):
             the ``cam`` head their spatial mean is ``logits``).
         features: ``(B, C, h, w)`` the backbone's last feature map.
         attention: the attention head's maps ``[(B, h_s, w_s)]`` (empty for other heads).
+        counts: ``(B, K)`` predicted counts (models with a counting head), else None.
+        density: ``(B, K, h, w)`` density maps summing to ``counts`` (density heads), else None.
+        head_counts: ``(B, K)`` the pooled count head's own prediction (``count``/``both``), else None.
     """
 
     logits: torch.Tensor
     class_maps: torch.Tensor
     features: torch.Tensor
     attention: tuple = ()
+    counts: torch.Tensor | None = None
+    density: torch.Tensor | None = None
+    head_counts: torch.Tensor | None = None
 
 
 class WeaklocNet(nn.Module):
@@ -125,6 +134,7 @@ class WeaklocNet(nn.Module):
             insert_cbam(self.backbone, list(config.cbam_stages))
         self.dropout = nn.Dropout2d(config.drop_rate)  # whole channels: same as dropout on pooled features
         self.classifier = nn.Conv2d(self.backbone.num_features, len(config.classes), kernel_size=1)
+        self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting) if config.counting else None
         self.attention_head = None
         if config.head == "attention":
             info = self.backbone.feature_info
@@ -170,7 +180,10 @@ class WeaklocNet(nn.Module):
             local_logits, attn = self.attention_head(local, f)
             logits = logits + local_logits
             attention = tuple(attn)
-        return ModelOutput(logits, maps, f, attention)
+        counts = density = head_counts = None
+        if self.counting_head is not None:
+            counts, density, head_counts = self.counting_head(f)
+        return ModelOutput(logits, maps, f, attention, counts, density, head_counts)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from a last feature map alone ``(N, C, h, w) -> (N, K)`` (not for the attention head,
@@ -193,7 +206,10 @@ class WeaklocNet(nn.Module):
         """Parameters that start untrained: classifier, attention head, CBAM blocks (head learning rate,
         trained from the first epoch)."""
         cbam = [p for m in self.backbone.modules() if isinstance(m, CBAM) for p in m.parameters()]
-        head = list(self.classifier.parameters()) + (list(self.attention_head.parameters()) if self.attention_head is not None else [])
+        head = list(self.classifier.parameters())
+        for extra in (self.attention_head, self.counting_head):
+            if extra is not None:
+                head += list(extra.parameters())
         return head + cbam
 
     def pretrained_parameters(self) -> list[nn.Parameter]:

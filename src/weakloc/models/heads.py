@@ -125,3 +125,37 @@ class AttentionHead(nn.Module):
                 pooled.append((a[:, None] * local).mean((2, 3)))
             maps.append(a)
         return self.local_classifier(torch.cat(pooled, 1)), maps
+
+
+COUNTING = ("density", "count", "both")
+
+
+class CountingHead(nn.Module):
+    """Per-class counts beside the classifier.
+
+    ``density``: a 1x1 convolution and a softplus give a non-negative map per class whose sum over
+    positions is the predicted count (the instances are its peaks). ``count``: a linear layer and a
+    softplus on the pooled features. ``both``: both, the density's sum being the prediction.
+
+    Args:
+        channels: feature channels; num_classes: classes; kind: one of :data:`COUNTING`.
+    """
+
+    def __init__(self, channels: int, num_classes: int, kind: str = "density"):
+        super().__init__()
+        if kind not in COUNTING:
+            raise WeaklocError(f"unknown counting head {kind!r}: use one of {', '.join(COUNTING)}")
+        self.kind = kind
+        self.density = nn.Conv2d(channels, num_classes, 1) if kind in ("density", "both") else None
+        self.count = nn.Linear(channels, num_classes) if kind in ("count", "both") else None
+        for layer in (self.density, self.count):
+            if layer is not None:
+                nn.init.constant_(layer.bias, -4.5)  # softplus = 0.011: about one object per 100 positions
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(B, C, h, w)`` -> counts ``(B, K)``, density ``(B, K, h, w)`` or None, the count head's own
+        counts ``(B, K)`` or None."""
+        density = F.softplus(self.density(features)) if self.density is not None else None
+        head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
+        counts = density.sum((2, 3)) if density is not None else head
+        return counts, density, head

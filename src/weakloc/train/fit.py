@@ -122,6 +122,11 @@ def fine_tune(
     loss: str = "ce",
     focal_gamma: float = 2.0,
     balanced: bool = False,
+    counting: str | None = None,
+    count_loss: str = "poisson",
+    count_weight: float = 1.0,
+    density_l1: float = 0.01,
+    density_tv: float = 0.01,
 ) -> TrainResult:
     """Fine-tune a pretrained timm backbone on image-level labels.
 
@@ -139,6 +144,11 @@ def fine_tune(
         head, attention_stages, attention_norm, cbam_stages, tap_threshold: the model's head and
             attention blocks (see :class:`~weakloc.models.ModelConfig`).
         loss, focal_gamma: ``ce`` or ``focal`` (see :class:`~weakloc.train.module.OptimConfig`).
+        counting: ``density``, ``count`` or ``both`` to train a counting head; ``data`` must then
+            carry counts (:func:`weakloc.data.counts.load_count_labels`); default: ``density`` when
+            it does.
+        count_loss, count_weight, density_l1, density_tv: the counting loss (see
+            :class:`~weakloc.train.module.OptimConfig`).
         balanced: draw training images with probability inversely proportional to their class's
             frequency (rare positives seen as often as negatives).
 
@@ -157,6 +167,10 @@ def fine_tune(
         train_set, val_set = split_train_val(labeled, val_fraction, seed)
     if len(labeled.classes) < 2 and labeled.task == "single":
         raise WeaklocError(f"single-label training needs at least 2 classes, found {labeled.classes}")
+    if labeled.counts is not None and counting is None:
+        counting = "density"
+    if counting is not None and labeled.counts is None:
+        raise WeaklocError("a counting head needs counting labels: a counts CSV (path,<class>,...) or --counts-from ANNOTATIONS")
     if loss not in ("ce", "focal"):
         raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
@@ -166,7 +180,7 @@ def fine_tune(
         backbone=backbone, classes=list(labeled.classes), task=labeled.task, input_size=image_size,
         output_stride=output_stride, positive_class=labeled.positive_index, head=head,
         attention_stages=list(attention_stages) if attention_stages else [-3, -2], attention_norm=attention_norm,
-        cbam_stages=list(cbam_stages or []), tap_threshold=tap_threshold,
+        cbam_stages=list(cbam_stages or []), tap_threshold=tap_threshold, counting=counting,
     )
     model = WeaklocNet(config, pretrained=pretrained)
     workers = default_workers() if num_workers is None else num_workers
@@ -178,7 +192,8 @@ def fine_tune(
     val_loader = DataLoader(ImageDataset.from_labels(val_set, eval_transform(image_size, config.mean, config.std)),
                             batch_size=batch_size, shuffle=False, **loader_kw)
     optim = OptimConfig(lr=lr, weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
-                        loss=loss, focal_gamma=focal_gamma)
+                        loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
+                        density_l1=density_l1, density_tv=density_tv)
     module = ClassifierModule(model, optim)
     mode = "min" if monitor == "val_loss" else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)

@@ -32,6 +32,9 @@ class OptimConfig:
             2017: the loss of well-classified examples scaled down by ``(1 - p_t) ** focal_gamma``,
             for rare positives).
         focal_gamma: focusing parameter of the focal loss.
+        count_loss: ``poisson`` (Poisson negative log-likelihood) or ``huber`` on the counts.
+        count_weight: weight of the count loss (added to the presence classification loss).
+        density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
     """
 
     lr: float = 2e-3
@@ -43,6 +46,10 @@ class OptimConfig:
     label_smoothing: float = 0.0
     loss: str = "ce"
     focal_gamma: float = 2.0
+    count_loss: str = "poisson"
+    count_weight: float = 1.0
+    density_l1: float = 0.01
+    density_tv: float = 0.01
 
 
 def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
@@ -64,27 +71,40 @@ class ClassifierModule(pl.LightningModule):
         self.skipped = 0
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        self._count_errors: list[torch.Tensor] = []
 
     # --- loss and steps -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return classification_loss(logits, target, self.model.config.task, self.optim)
 
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, logits and the classification targets of a batch (counting targets split off)."""
+        out = self.model.forward_maps(batch["image"])
+        target = batch["target"]
+        if self.model.counting_head is None:
+            return self.loss(out.logits, target), out.logits, target
+        k = self.model.num_classes
+        presence, counts = target[:, :k], target[:, k:]
+        loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.optim)
+        self._count_errors.append((out.counts.detach() - counts).abs())
+        return loss, out.logits, presence
+
     def training_step(self, batch: dict, batch_idx: int):
         self.skipped += batch["skipped"]
         if batch["image"] is None:
             return None
-        logits = self.model(batch["image"])
-        loss = self.loss(logits, batch["target"])
+        loss, logits, _ = self._step(batch)
+        self._count_errors.clear()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
         if batch["image"] is None:
             return
-        logits = self.model(batch["image"])
-        self.log("val_loss", self.loss(logits, batch["target"]), prog_bar=True, batch_size=len(logits))
+        loss, logits, target = self._step(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(logits))
         self._val_probs.append(self.model.probabilities(logits.float()).detach())
-        self._val_targets.append(batch["target"].detach())
+        self._val_targets.append(target.detach())
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_probs:
@@ -95,6 +115,9 @@ class ClassifierModule(pl.LightningModule):
         self._val_targets.clear()
         for name, value in classification_metrics(probs, targets, self.model.config.task, self.model.config.positive_class).items():
             self.log(f"val_{name}", value, prog_bar=name in ("acc", "auroc", "map"))
+        if self._count_errors:
+            self.log("val_count_mae", torch.cat(self._count_errors).mean(0).mean(), prog_bar=True)
+            self._count_errors.clear()
 
     def on_train_epoch_end(self) -> None:
         if self.skipped:
@@ -140,6 +163,37 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, task: str, o
     if optim.loss == "ce":
         return F.binary_cross_entropy_with_logits(logits, target.float())
     return sigmoid_focal_loss(logits.float(), target.float(), alpha=-1, gamma=optim.focal_gamma, reduction="mean")
+
+
+def total_variation(maps: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring positions of ``(..., h, w)`` maps."""
+    dx = (maps[..., :, 1:] - maps[..., :, :-1]).abs().mean() if maps.shape[-1] > 1 else maps.new_zeros(())
+    dy = (maps[..., 1:, :] - maps[..., :-1, :]).abs().mean() if maps.shape[-2] > 1 else maps.new_zeros(())
+    return dx + dy
+
+
+def counting_loss(out, counts: torch.Tensor, optim: OptimConfig) -> torch.Tensor:
+    """Count loss on the predicted counts (and the count head's, for ``both``) plus the density maps'
+    L1 sparsity and total variation, with :class:`OptimConfig`'s weights.
+
+    Args:
+        out: a :class:`~weakloc.models.ModelOutput` with ``counts``; counts: ``(B, K)`` targets.
+    """
+    if optim.count_loss not in ("poisson", "huber"):
+        raise ValueError(f"unknown count loss {optim.count_loss!r}: use poisson or huber")
+
+    def one(pred: torch.Tensor) -> torch.Tensor:
+        pred = pred.float()
+        if optim.count_loss == "poisson":
+            return F.poisson_nll_loss(pred, counts.float(), log_input=False, full=False, eps=1e-6)
+        return F.huber_loss(pred, counts.float())
+
+    loss = optim.count_weight * one(out.counts)
+    if out.head_counts is not None and out.density is not None:
+        loss = loss + optim.count_weight * one(out.head_counts)
+    if out.density is not None:
+        loss = loss + optim.density_l1 * out.density.float().abs().mean() + optim.density_tv * total_variation(out.density.float())
+    return loss
 
 
 def choose_decision_threshold(positive_probs: torch.Tensor, is_positive: torch.Tensor) -> float | None:

@@ -1,0 +1,174 @@
+"""Counting metrics (wsol-protocol section 5) and instance localization from counts (section 6)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.counts import load_count_labels
+from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
+from weakloc.data.labels import LabeledImages, select_split
+from weakloc.errors import WeaklocError
+from weakloc.explain.maps import upsample
+from weakloc.localize.instances import instances
+
+
+_PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
+
+
+def count_metrics(pred: torch.Tensor, gt: torch.Tensor, classes: list[str]) -> dict:
+    """MAE and RMSE per class and their means; mRMSE, mRMSE-nz, m-relRMSE, m-relRMSE-nz (Cholakkal et al.).
+
+    Args:
+        pred, gt: ``(N, K)`` predicted and true counts.
+
+    Returns:
+        ``{"per_class": {class: {"MAE", "RMSE"}}, "MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE",
+        "m-relRMSE-nz"}``; a class with no image where it is present is left out of the ``-nz`` means.
+    """
+    if pred.shape != gt.shape:
+        raise WeaklocError(f"predicted counts {tuple(pred.shape)} and true counts {tuple(gt.shape)} differ in shape")
+    p, c = pred.double(), gt.double()
+    err2 = (p - c) ** 2
+    mae = (p - c).abs().mean(0)
+    rmse = err2.mean(0).sqrt()
+    rel = (err2 / (c + 1)).mean(0).sqrt()
+    nz = c > 0
+    nz_rmse, nz_rel = [], []
+    for k in range(c.shape[1]):
+        if nz[:, k].any():
+            nz_rmse.append(err2[nz[:, k], k].mean().sqrt())
+            nz_rel.append((err2[nz[:, k], k] / (c[nz[:, k], k] + 1)).mean().sqrt())
+    mean = lambda xs: float(torch.stack(xs).mean()) if xs else float("nan")  # noqa: E731
+    return {
+        "per_class": {name: {"MAE": float(mae[k]), "RMSE": float(rmse[k])} for k, name in enumerate(classes)},
+        "MAE": float(mae.mean()), "RMSE": float(rmse.mean()), "mRMSE": float(rmse.mean()), "mRMSE-nz": mean(nz_rmse),
+        "m-relRMSE": float(rel.mean()), "m-relRMSE-nz": mean(nz_rel),
+    }
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of ``(N, 4)`` and ``(M, 4)`` continuous boxes -> ``(N, M)``."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
+
+
+def match_instances(pred_points: torch.Tensor, pred_scores: torch.Tensor, gt_boxes: torch.Tensor,
+                    pred_boxes: torch.Tensor | None = None, iou: float = 0.5) -> tuple[int, int, int]:
+    """Greedy one-to-one matching by descending score: a point matches an unmatched GT box that
+    contains it (or, with ``pred_boxes``, a box matches an unmatched GT box with IoU >= ``iou``).
+
+    Args:
+        pred_points: ``(P, 2)``; pred_scores: ``(P,)``; gt_boxes: ``(G, 4)``; pred_boxes: ``(P, 4)``.
+
+    Returns:
+        ``(true positives, false positives, false negatives)``.
+    """
+    if len(pred_points) == 0 or len(gt_boxes) == 0:
+        return 0, len(pred_points), len(gt_boxes)
+    if pred_boxes is None:
+        x, y = pred_points[:, 0:1], pred_points[:, 1:2]
+        ok = (x >= gt_boxes[None, :, 0]) & (x <= gt_boxes[None, :, 2]) & (y >= gt_boxes[None, :, 1]) & (y <= gt_boxes[None, :, 3])
+        quality = ok.float()
+    else:
+        quality = _iou(pred_boxes, gt_boxes)
+        ok = quality >= iou
+    used = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    tp = 0
+    for i in pred_scores.argsort(descending=True).tolist():
+        cand = ok[i] & ~used
+        if cand.any():
+            j = int(torch.where(cand, quality[i], torch.full_like(quality[i], -1.0)).argmax())
+            used[j] = True
+            tp += 1
+    return tp, len(pred_points) - tp, len(gt_boxes) - tp
+
+
+def prf(tp: int, fp: int, fn: int) -> dict:
+    """Precision, recall and F1 (0 when undefined)."""
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "F1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "fp": fp, "fn": fn}
+
+
+def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
+                    train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int = 3,
+                    progress=None) -> dict:
+    """Counting metrics with the mean-count baseline, and instance points/boxes against GT boxes.
+
+    Args:
+        model: a :class:`~weakloc.models.WeaklocNet` with a counting head.
+        data: counting labels (:func:`~weakloc.data.counts.load_count_labels` source or labels).
+        annotations: boxes for instance precision/recall/F1 (optional).
+        split: ``auto`` -- test, else val, else all.
+        train_counts: ``(N, K)`` training counts for the baseline (default: the ``train`` split of
+            ``data`` when it has one, else ``data`` itself).
+
+    Returns:
+        ``{"split", "images", "counting", "baseline", "points", "boxes"}``.
+    """
+    if getattr(model, "counting_head", None) is None:
+        raise WeaklocError("this model has no counting head (train it with counts: weakloc train DATA --counts)")
+    device = torch.device(device or next(model.parameters()).device)
+    model = model.to(device).eval()
+    cfg = model.config
+    labeled = data if isinstance(data, LabeledImages) else load_count_labels(data, classes=cfg.classes)
+    if labeled.counts is None:
+        raise WeaklocError("the labels hold no counts")
+    if train_counts is None:
+        has_train = labeled.splits is not None and "train" in labeled.splits
+        train_counts = select_split(labeled, "train").counts if has_train else labeled.counts
+    if split == "auto":
+        present = set(labeled.splits or [])
+        split = "test" if "test" in present else "val" if "val" in present else "all"
+    if split != "all":
+        labeled = select_split(labeled, split)
+    gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
+    size = cfg.input_size
+    loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
+                        shuffle=False, collate_fn=collate_skip_bad)
+    k = len(cfg.classes)
+    preds, truths = [], []
+    point_stats = {c: [0, 0, 0] for c in cfg.classes}
+    box_stats = {c: [0, 0, 0] for c in cfg.classes}
+    done = 0
+    for batch in loader:
+        done += batch["skipped"] + (0 if batch["index"] is None else len(batch["index"]))
+        if batch["image"] is None:
+            continue
+        with torch.no_grad():
+            out = model.forward_maps(batch["image"].to(device))
+        preds.append(out.counts.float().cpu())
+        truths.append(batch["target"][:, k:].float())
+        if gt is not None:
+            maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
+            found = instances(upsample(maps.float(), (size, size)), out.counts.float(), kernel=max(3, size // 16 | 1))
+            found = type(found)(*(t.cpu() for t in found))
+            for j, i in enumerate(batch["index"].tolist()):
+                ann = gt.find(labeled.paths[i])
+                if ann is None:
+                    continue
+                scale = torch.tensor([size / ann.width, size / ann.height] * 2)
+                for c_idx, cname in enumerate(cfg.classes):
+                    g = ann.boxes_of(cname) * scale
+                    v = found.valid[j, c_idx]
+                    for stats, boxes in ((point_stats, None), (box_stats, found.boxes[j, c_idx][v] + _PIXEL_EXTENT)):
+                        r = match_instances(found.points[j, c_idx][v], found.scores[j, c_idx][v], g, boxes)
+                        stats[cname] = [a + b for a, b in zip(stats[cname], r)]
+        if progress is not None:
+            progress(done, len(labeled))
+    if not preds:
+        raise WeaklocError("no image could be read")
+    pred, truth = torch.cat(preds), torch.cat(truths)
+    baseline = train_counts.float().mean(0, keepdim=True).expand_as(truth)
+    report = {"split": split, "images": len(pred), "counting": count_metrics(pred, truth, cfg.classes),
+              "baseline": count_metrics(baseline, truth, cfg.classes), "points": None, "boxes": None}
+    if gt is not None:
+        for key, stats in (("points", point_stats), ("boxes", box_stats)):
+            per = {c: prf(*v) for c, v in stats.items()}
+            report[key] = {"per_class": per, "F1": sum(p["F1"] for p in per.values()) / len(per)}
+    return report

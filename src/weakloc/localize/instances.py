@@ -1,0 +1,85 @@
+"""Instances from density maps (or CAMs): peaks, one box per peak, batched on the device."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Instances(NamedTuple):
+    """Up to ``N`` instances per image and class.
+
+    Attributes:
+        points: ``(B, K, N, 2)`` peak positions ``x, y`` in map pixels.
+        scores: ``(B, K, N)`` map value at each peak.
+        boxes: ``(B, K, N, 4)`` ``x0, y0, x1, y1`` (inclusive pixel extents) of each instance's region.
+        valid: ``(B, K, N)`` bool: the first ``round(count)`` peaks of each map.
+    """
+
+    points: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    valid: torch.Tensor
+
+
+def find_peaks(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, max_instances: int | None = None):
+    """Local maxima by max-pool non-maximum suppression, the top ``round(count)`` kept per map.
+
+    Args:
+        maps: ``(B, K, H, W)``.
+        counts: ``(B, K)`` predicted counts (rounded to the number of peaks kept).
+        kernel: odd window of the suppression (a peak is the maximum of its window).
+        max_instances: cap on peaks per map (default: the largest rounded count in the batch;
+            finding it is the one host synchronisation).
+
+    Returns:
+        points ``(B, K, N, 2)`` as ``x, y``, scores ``(B, K, N)``, valid ``(B, K, N)``.
+    """
+    b, k, h, w = maps.shape
+    keep_n = counts.round().clamp_min(0).long()
+    n = max_instances if max_instances is not None else int(keep_n.max()) if keep_n.numel() else 0
+    n = max(1, min(n, h * w))
+    pooled = F.max_pool2d(maps.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0].view_as(maps)
+    candidates = torch.where((maps == pooled) & (maps > 0), maps, torch.full_like(maps, -float("inf")))
+    scores, idx = candidates.flatten(2).topk(n, dim=-1)  # (B, K, N)
+    points = torch.stack([idx % w, idx // w], -1).float()
+    valid = (torch.arange(n, device=maps.device) < keep_n[..., None]) & torch.isfinite(scores)
+    return points, torch.where(valid, scores, torch.zeros_like(scores)), valid
+
+
+def instance_boxes(maps: torch.Tensor, points: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+                   fraction: float = 0.5) -> torch.Tensor:
+    """One box per peak: the extent of the pixels that are nearest to that peak (among the map's valid
+    peaks) and at least ``fraction`` of its value.
+
+    Args:
+        maps: ``(B, K, H, W)``; points, scores, valid: from :func:`find_peaks`.
+
+    Returns:
+        ``(B, K, N, 4)`` boxes ``x0, y0, x1, y1`` (zeros where not valid).
+    """
+    b, k, h, w = maps.shape
+    ys = torch.arange(h, device=maps.device, dtype=torch.float32)
+    xs = torch.arange(w, device=maps.device, dtype=torch.float32)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
+    d2 = (gx[None, None, None] - points[..., 0, None, None]) ** 2 + (gy[None, None, None] - points[..., 1, None, None]) ** 2
+    d2 = torch.where(valid[..., None, None], d2, torch.full_like(d2, float("inf")))  # (B, K, N, H, W)
+    owner = d2.argmin(2)  # (B, K, H, W)
+    n = points.shape[2]
+    mine = owner[:, :, None] == torch.arange(n, device=maps.device)[None, None, :, None, None]
+    region = mine & (maps[:, :, None] >= fraction * scores[..., None, None]) & valid[..., None, None]
+    big = float(max(h, w))
+    x0 = torch.where(region, gx, big).flatten(3).amin(-1)
+    y0 = torch.where(region, gy, big).flatten(3).amin(-1)
+    x1 = torch.where(region, gx, -1.0).flatten(3).amax(-1)
+    y1 = torch.where(region, gy, -1.0).flatten(3).amax(-1)
+    boxes = torch.stack([x0, y0, x1, y1], -1)
+    return torch.where(valid[..., None] & (x1 >= 0)[..., None], boxes, torch.zeros_like(boxes))
+
+
+def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fraction: float = 0.5) -> Instances:
+    """Peaks (:func:`find_peaks`) and their boxes (:func:`instance_boxes`) of ``(B, K, H, W)`` maps."""
+    points, scores, valid = find_peaks(maps, counts, kernel)
+    return Instances(points, scores, instance_boxes(maps, points, scores, valid, fraction), valid)

@@ -1,0 +1,115 @@
+"""Counting: labels and their errors, metrics on hand-checked cases, peaks, loss terms, end to end."""
+
+import math
+
+import pytest
+import torch
+
+from weakloc.data.counts import load_count_labels, read_counts_csv
+from weakloc.errors import LabelError
+from weakloc.evaluate.counting import count_metrics, match_instances, prf
+from weakloc.localize.instances import find_peaks, instance_boxes, instances
+from weakloc.train.module import OptimConfig, counting_loss, total_variation
+
+
+def _csv(tmp_path, text):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    p = tmp_path / "counts.csv"
+    p.write_text(text)
+    return p
+
+
+def test_counts_csv_and_its_errors(tmp_path):
+    lab = read_counts_csv(_csv(tmp_path, "path,rbc,wbc,split\na.png,3,0,train\nb.png,0,2,val\n"))
+    assert lab.classes == ["rbc", "wbc"] and lab.task == "multi"
+    assert lab.counts.tolist() == [[3, 0], [0, 2]] and lab.targets.tolist() == [[1, 0], [0, 1]]
+    assert lab.subset([1]).counts.tolist() == [[0, 2]]
+    for cell, message in [("-1", "negative"), ("1.5", "not a whole number"), ("nan", "is nan"), ("x", "not a number")]:
+        with pytest.raises(LabelError, match=f"row 2: count of 'rbc' .*{message}|row 2: count of 'rbc' is {message}"):
+            read_counts_csv(_csv(tmp_path, f"path,rbc\na.png,{cell}\n"))
+    with pytest.raises(LabelError, match=r"unknown class column\(s\) \['dog'\]"):
+        read_counts_csv(_csv(tmp_path, "path,rbc,dog\na.png,1,1\n"), classes=["rbc", "wbc"])
+    with pytest.raises(LabelError, match="header"):
+        read_counts_csv(_csv(tmp_path, "a.png,1\n"))
+
+
+def test_counts_from_annotations_equal_the_synthetic_counts(tmp_path):
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=12, size=64, mode="multi", max_instances=3, seed=4))
+    assert torch.equal(load_count_labels(d).counts, load_count_labels(d, annotations=d / "annotations.json").counts)
+
+
+def test_count_metrics_on_a_hand_checked_case():
+    gt = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    pred = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
+    m = count_metrics(pred, gt, ["a", "b"])
+    # class a: errors 1, -2 -> MAE 1.5, RMSE sqrt(2.5); rel sqrt((1/1 + 4/4)/2) = 1; nz: only image 2: 2, rel sqrt(4/4)=1
+    # class b: errors 0, 1 -> MAE .5, RMSE sqrt(.5); rel sqrt((0 + 1/1)/2); nz: image 1: 0
+    assert m["per_class"]["a"] == pytest.approx({"MAE": 1.5, "RMSE": math.sqrt(2.5)})
+    assert m["mRMSE"] == pytest.approx((math.sqrt(2.5) + math.sqrt(0.5)) / 2)
+    assert m["mRMSE-nz"] == pytest.approx((2.0 + 0.0) / 2)
+    assert m["m-relRMSE"] == pytest.approx((1.0 + math.sqrt(0.5)) / 2)
+    assert m["m-relRMSE-nz"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["MAE"] == pytest.approx(1.0)
+
+
+def test_point_and_box_matching_is_one_to_one():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    pts = torch.tensor([[5.0, 5.0], [6.0, 6.0], [25.0, 25.0], [50.0, 50.0]])
+    assert match_instances(pts, torch.tensor([0.9, 0.8, 0.7, 0.6]), gt) == (2, 2, 0)  # two points in one box count once
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 26.0, 30.0]])  # IoU 1 and 0.6
+    assert match_instances(pts[:2], torch.tensor([0.5, 0.4]), gt, boxes, iou=0.5) == (2, 0, 0)
+    assert match_instances(pts[:2], torch.tensor([0.5, 0.4]), gt, boxes, iou=0.7) == (1, 1, 1)
+    assert prf(2, 2, 0) == pytest.approx({"precision": 0.5, "recall": 1.0, "F1": 2 / 3, "tp": 2, "fp": 2, "fn": 0})
+
+
+def test_peaks_are_local_maxima_top_count_and_boxes_surround_them():
+    m = torch.zeros(1, 2, 12, 12)
+    m[0, 0, 2, 3] = 1.0
+    m[0, 0, 2, 4] = 0.6  # neighbour of a peak: suppressed
+    m[0, 0, 8, 9] = 0.8
+    m[0, 0, 8, 8] = 0.5
+    m[0, 0, 10, 1] = 0.3
+    counts = torch.tensor([[2.2, 0.4]])
+    pts, scores, valid = find_peaks(m, counts, kernel=3, max_instances=3)
+    assert valid.tolist() == [[[True, True, False], [False, False, False]]]
+    assert pts[0, 0, :2].tolist() == [[3.0, 2.0], [9.0, 8.0]] and scores[0, 0, :2].tolist() == pytest.approx([1.0, 0.8])
+    boxes = instance_boxes(m, pts, scores, valid, fraction=0.5)
+    assert boxes[0, 0, 0].tolist() == [3.0, 2.0, 4.0, 2.0]  # the peak and its 0.6 neighbour
+    assert boxes[0, 0, 1].tolist() == [8.0, 8.0, 9.0, 8.0]
+    assert boxes[0, 1].abs().sum() == 0
+    found = instances(m, counts)
+    assert found.valid.sum() == 2
+
+
+def test_counting_loss_terms():
+    from weakloc.models import ModelOutput
+
+    density = torch.zeros(1, 1, 2, 2)
+    density[0, 0, 0, 0] = 2.0
+    out = ModelOutput(torch.zeros(1, 1), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), (), density.sum((2, 3)), density, None)
+    assert total_variation(density) == pytest.approx(2 * 2 / 2)  # |dx| mean 1, |dy| mean 1
+    only_count = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_l1=0, density_tv=0))
+    assert only_count == pytest.approx(2 - 2 * math.log(2), abs=1e-5)  # Poisson NLL: pred - target * log(pred)
+    full = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_l1=0.5, density_tv=0.25))
+    assert full == pytest.approx(float(only_count) + 0.5 * 0.5 + 0.25 * 2, abs=1e-5)
+    huber = counting_loss(out, torch.tensor([[4.0]]), OptimConfig(count_loss="huber", density_l1=0, density_tv=0))
+    assert huber == pytest.approx(1.5)
+
+
+def test_count_training_and_evaluation_end_to_end(tmp_path):
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.evaluate.counting import evaluate_counts
+    from weakloc.train import fine_tune
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=32, size=64, mode="multi", max_instances=3, seed=5, val_fraction=0.25))
+    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, output_stride=8,
+                    epochs=2, batch_size=8, progress=False, counting="both")
+    assert res.model.config.counting == "both" and "val_count_mae" in res.metrics
+    rep = evaluate_counts(res.model, d, d / "annotations.json")
+    assert rep["split"] == "val" and rep["images"] == sum(s == "val" for s in load_count_labels(d).splits)
+    for key in ("MAE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz"):
+        assert rep["counting"][key] >= 0 and rep["baseline"][key] >= 0
+    assert 0 <= rep["points"]["F1"] <= 1 and set(rep["boxes"]["per_class"]) == {"triangle", "square", "star"}
