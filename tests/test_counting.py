@@ -113,3 +113,37 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
     for key in ("MAE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz"):
         assert rep["counting"][key] >= 0 and rep["baseline"][key] >= 0
     assert 0 <= rep["points"]["F1"] <= 1 and set(rep["boxes"]["per_class"]) == {"triangle", "square", "star"}
+
+
+def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from weakloc import cli
+    from weakloc.cli import app
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+
+    monkeypatch.setattr(cli.console, "width", 200)
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=24, size=64, mode="multi", max_instances=3, seed=6))
+    run = CliRunner()
+    r = run.invoke(app, ["train", str(d), "--counts", "-o", str(tmp_path / "run"), "--backbone", "test_resnet", "--pretrained", "none",
+                         "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    model = tmp_path / "run" / "model"
+    r = run.invoke(app, ["evaluate", str(model), str(d), "-a", str(d / "annotations.json"), "--split", "all", "-o", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "mean-count baseline" in r.output and "m-relRMSE-nz" in r.output
+    assert "counting" in json.loads((tmp_path / "r.json").read_text())
+    few = [str(p) for p in sorted((d / "images").iterdir())[:3]]
+    r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc")])
+    assert r.exit_code == 0, r.output
+    det = json.loads((tmp_path / "loc" / "detections.json").read_text())
+    assert set(det["images"][0]["counts"]) == {"triangle", "square", "star"}
+    assert all("point" in a and "instance" in a for a in det["annotations"])
+    assert len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 3
+    # counts derived from annotations for a labels source
+    r = run.invoke(app, ["train", str(d / "labels.csv"), "--counts-from", str(d / "annotations.json"), "-o", str(tmp_path / "run2"),
+                         "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+                         "--counting", "count"])
+    assert r.exit_code == 0, r.output

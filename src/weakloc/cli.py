@@ -78,6 +78,22 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
                   f"GT-known Loc at {loc['GT-known_tau']:.2f}")
 
 
+def print_counting(rep: dict) -> None:
+    """Counting metrics beside the mean-count baseline, and instance precision/recall/F1."""
+    table = Table("", "MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz",
+                  title=f"Counting: split {rep['split']}, {rep['images']} image(s)")
+    for name, m in (("model", rep["counting"]), ("mean-count baseline", rep["baseline"])):
+        table.add_row(name, *[f"{m[k]:.3f}" for k in ("MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz")])
+    console.print(table)
+    per = Table("class", "MAE", "baseline MAE", "point P/R/F1", "box@0.5 P/R/F1", title="Per class")
+    for c, m in rep["counting"]["per_class"].items():
+        pts = rep["points"]["per_class"][c] if rep["points"] else None
+        bxs = rep["boxes"]["per_class"][c] if rep["boxes"] else None
+        fmt = lambda d: f"{d['precision']:.2f}/{d['recall']:.2f}/{d['F1']:.2f}" if d else "-"  # noqa: E731
+        per.add_row(c, f"{m['MAE']:.3f}", f"{rep['baseline']['per_class'][c]['MAE']:.3f}", fmt(pts), fmt(bxs))
+    console.print(per)
+
+
 def _int_list(text: str | None, flag: str) -> list[int]:
     from weakloc.errors import WeaklocError
 
@@ -305,11 +321,27 @@ def evaluate(
 
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
+    counting = None
+    if net.counting_head is not None:
+        from weakloc.data.counts import load_count_labels
+        from weakloc.evaluate.counting import evaluate_counts
+
+        from weakloc.errors import LabelError
+
+        try:  # a counts CSV (or a folder holding counts.csv) ...
+            data = load_count_labels(data, classes=net.config.classes)
+        except LabelError:  # ... else count the annotated objects of DATA's images
+            data = load_count_labels(data, annotations=annotations, classes=net.config.classes)
+        with progress_bar("counting") as update:
+            counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, progress=update)
     with progress_bar("evaluating") as update:
         report = evaluate_model(net, data, annotations, method=method, split=split, step=step, gt_known_tau=gt_known_tau,
                                 gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update,
                                 explain_options=opts)
     print_report(report)
+    if counting is not None:
+        print_counting(counting)
+        report["counting"] = counting
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

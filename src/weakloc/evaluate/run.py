@@ -3,6 +3,8 @@ trained model on annotated images, with the centre baseline evaluated beside it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,8 @@ def evaluate_model(
     model = model.to(device).eval()
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
+    if labeled.counts is not None:  # counting labels: presence is the classification target here
+        labeled = dataclasses.replace(labeled, counts=None)
     if labeled.task != cfg.task:
         raise WeaklocError(f"labels are {labeled.task}-label but the model is {cfg.task}-label")
     if split == "auto":

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.utils import draw_keypoints
 
 from weakloc.data.dataset import PredictDataset, collate_list
 from weakloc.data.images import list_images
-from weakloc.explain import explain, upsample
+from weakloc.explain import explain, normalize_minmax, upsample
+from weakloc.localize.instances import instances
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
 from weakloc.report.html import gallery_cards, write_page
@@ -98,8 +100,57 @@ def localize_images(
     return result
 
 
+def _count_batch(model, good, paths, result, cards, out, device) -> None:
+    """Counting models: counts, and numbered instances from the density (or CAM) peaks."""
+    cfg = model.config
+    size = cfg.input_size
+    x = torch.stack([b[1] for b in good]).to(device)
+    with torch.no_grad():
+        o = model.forward_maps(x)
+    maps = upsample((o.density if o.density is not None else o.class_maps.clamp_min(0)).float(), (size, size))
+    found = instances(maps, o.counts.float(), kernel=max(3, size // 16 | 1))
+    pts, scores, boxes, valid = (t.cpu() for t in found)
+    counts = o.counts.float().cpu()
+    probs = model.probabilities(o.logits.float()).cpu()
+    heat = normalize_minmax(maps.sum(1))  # (B, S, S): all classes' density
+    for j, (i, _, (oh, ow), shown) in enumerate(good):
+        image_id = len(result["images"]) + 1
+        result["images"].append({"id": image_id, "file_name": str(paths[i]), "width": ow, "height": oh,
+                                 "counts": {c: round(float(counts[j, k]), 2) for k, c in enumerate(cfg.classes)},
+                                 "probabilities": [round(float(p), 4) for p in probs[j]]})
+        sx, sy = ow / size, oh / size
+        dh, dw = shown.shape[-2:]
+        drawn, labels, points = [], [], []
+        for k, cname in enumerate(cfg.classes):
+            for n in torch.nonzero(valid[j, k])[:, 0].tolist():
+                x0, y0, x1, y1 = boxes[j, k, n].tolist()
+                px, py = pts[j, k, n].tolist()
+                result["annotations"].append({
+                    "id": len(result["annotations"]) + 1, "image_id": image_id, "category_id": k + 1, "label": cname,
+                    "instance": n + 1, "point": [round((px + 0.5) * sx, 1), round((py + 0.5) * sy, 1)],
+                    "bbox": [round(x0 * sx, 1), round(y0 * sy, 1), round((x1 - x0 + 1) * sx, 1), round((y1 - y0 + 1) * sy, 1)],
+                    "score": round(float(scores[j, k, n]), 5),
+                })
+                drawn.append([x0 * dw / size, y0 * dh / size, (x1 + 1) * dw / size, (y1 + 1) * dh / size])
+                points.append([(px + 0.5) * dw / size, (py + 0.5) * dh / size])
+                labels.append(f"{cname} {n + 1}")
+        if out is None:
+            continue
+        disp = upsample(heat[j][None], (dh, dw), mode="bilinear").clamp(0, 1)
+        picture = blend(shown[None].to(device), disp)[0].cpu()
+        summary = " · ".join(f"{c} {float(counts[j, k]):.1f}" for k, c in enumerate(cfg.classes))
+        banner = torch.tensor([[0.0, 0.0, dw - 1.0, 0.0]])  # a flat box carries the counts as its caption
+        picture = draw_detections(picture, torch.cat([banner, torch.tensor(drawn).view(-1, 4)]), [summary] + labels)
+        if points:
+            picture = draw_keypoints(picture, torch.tensor(points)[None], colors="white", radius=3)
+        png = save_png(picture, out / "overlays" / f"{image_id:05d}_{Path(paths[i]).stem}.png")
+        cards.append({"image": png, "title": Path(paths[i]).name, "lines": [summary, f"{len(labels)} instance(s)"]})
+
+
 def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
                     explain_options=None):
+    if getattr(model, "counting_head", None) is not None:
+        return _count_batch(model, good, paths, result, cards, out, device)
     cfg = model.config
     x = torch.stack([b[1] for b in good]).to(device)
     heat = explain(model, x, method=method, target=target, **(explain_options or {}))
