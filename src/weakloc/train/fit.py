@@ -195,7 +195,7 @@ def fine_tune(
                         loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
                         density_l1=density_l1, density_tv=density_tv)
     module = ClassifierModule(model, optim)
-    mode = "min" if monitor == "val_loss" else "max"
+    mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
     history: list[dict] = []
 
