@@ -9,7 +9,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -144,6 +144,12 @@ TTA_HELP = "Test-time augmentation smoothing (flips x scales 0.9/1/1.1)."
 EIGEN_HELP = "First principal component of the weighted activations instead of their sum."
 DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
 OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1."
+LayerOpt = Annotated[Optional[str], typer.Option(help=LAYER_HELP)]
+FusionOpt = Annotated[str, typer.Option(help=FUSION_HELP)]
+TtaOpt = Annotated[bool, typer.Option(help=TTA_HELP)]
+EigenOpt = Annotated[bool, typer.Option(help=EIGEN_HELP)]
+DtypeOpt = Annotated[Optional[str], typer.Option(help=DTYPE_HELP)]
+OptionOpt = Annotated[Optional[list[str]], typer.Option(help=OPTION_HELP)]
 
 
 @app.command()
@@ -240,12 +246,12 @@ def localize(
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
-    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
-    fusion: str = typer.Option("mean", help=FUSION_HELP),
-    tta: bool = typer.Option(False, help=TTA_HELP),
-    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
+    layer: LayerOpt = None,
+    fusion: FusionOpt = "mean",
+    tta: TtaOpt = False,
+    eigen_smooth: EigenOpt = False,
+    dtype: DtypeOpt = None,
+    option: OptionOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
@@ -271,12 +277,12 @@ def explain_cmd(
     out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
     method: str = typer.Option("gradcam", help="Heatmap method (see `weakloc methods`)."),
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
-    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
-    fusion: str = typer.Option("mean", help=FUSION_HELP),
-    tta: bool = typer.Option(False, help=TTA_HELP),
-    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
+    layer: LayerOpt = None,
+    fusion: FusionOpt = "mean",
+    tta: TtaOpt = False,
+    eigen_smooth: EigenOpt = False,
+    dtype: DtypeOpt = None,
+    option: OptionOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
 ):
@@ -306,12 +312,12 @@ def evaluate(
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
     calibrate: bool = typer.Option(False, help="Store the best IoU-50 threshold in the model for `localize`."),
-    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
-    fusion: str = typer.Option("mean", help=FUSION_HELP),
-    tta: bool = typer.Option(False, help=TTA_HELP),
-    eigen_smooth: bool = typer.Option(False, help=EIGEN_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    option: Optional[list[str]] = typer.Option(None, help=OPTION_HELP),
+    layer: LayerOpt = None,
+    fusion: FusionOpt = "mean",
+    tta: TtaOpt = False,
+    eigen_smooth: EigenOpt = False,
+    dtype: DtypeOpt = None,
+    option: OptionOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
 ):
@@ -363,9 +369,9 @@ def explain_eval_cmd(
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
     steps: int = typer.Option(50, help="Deletion / insertion steps."),
     baseline: str = typer.Option("blur", help="What removed pixels become: blur | zero | mean | black."),
-    layer: Optional[str] = typer.Option(None, help=LAYER_HELP),
-    tta: bool = typer.Option(False, help=TTA_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    layer: LayerOpt = None,
+    tta: TtaOpt = False,
+    dtype: DtypeOpt = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from weakloc.errors import WeaklocError
-from weakloc.explain.maps import centre_gaussian, normalize_minmax, normalize_percentile, upsample
+from weakloc.explain.maps import centre_gaussian, normalize_minmax, normalize_percentile, reduce_maps, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
 
@@ -64,15 +64,9 @@ def _one_pass(m: ExplainMethod, model, images, targets_fn, layers, size, relu, f
     if len(maps) == 1:
         return maps[0], targets, logits
     normed = torch.stack([normalize_minmax(x, relu=relu) for x in maps])
-    if fusion == "mean":
-        fused = normed.mean(0)
-    elif fusion == "max":
-        fused = normed.amax(0)
-    elif fusion == "product":
-        fused = normed.prod(0)
-    else:
+    if fusion not in ("mean", "max", "product"):
         raise WeaklocError(f"unknown fusion {fusion!r}: use mean, max or product")
-    return fused, targets, logits
+    return reduce_maps(normed, fusion), targets, logits
 
 
 def _fixed(targets: torch.Tensor):

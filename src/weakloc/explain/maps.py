@@ -56,3 +56,15 @@ def centre_gaussian(size: tuple[int, int], sigma: float = 0.25, device=None) -> 
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w - 0.5
     g = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma**2))
     return normalize_minmax(g)
+
+
+def reduce_maps(x: torch.Tensor, how: str, dim: int = 0) -> torch.Tensor:
+    """Combine maps along ``dim`` by ``mean``, ``max``, ``min`` or ``product`` (layer fusion, head fusion).
+
+    Raises:
+        ValueError: another ``how``.
+    """
+    ops = {"mean": lambda t: t.mean(dim), "max": lambda t: t.amax(dim), "min": lambda t: t.amin(dim), "product": lambda t: t.prod(dim)}
+    if how not in ops:
+        raise ValueError(how)
+    return ops[how](x)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from weakloc.errors import WeaklocError
+from weakloc.explain.maps import reduce_maps
 from weakloc.explain.methods import TargetsFn, frozen_parameters
 from weakloc.models.grid import _patch_grid, backbone_of
 
@@ -74,12 +75,8 @@ def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean",
         a = attn.float()
         if gradients is not None:
             fused = (a * gradients[i].float()).mean(1).clamp_min(0)
-        elif head_fusion == "mean":
-            fused = a.mean(1)
-        elif head_fusion == "max":
-            fused = a.amax(1)
-        elif head_fusion == "min":
-            fused = a.amin(1)
+        elif head_fusion in ("mean", "max", "min"):
+            fused = reduce_maps(a, head_fusion, dim=1)
         else:
             raise WeaklocError(f"unknown head fusion {head_fusion!r}: use mean, max or min")
         if discard_ratio > 0:
