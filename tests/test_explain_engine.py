@@ -229,3 +229,24 @@ def test_native_size_skips_upsampling(tiny_model, x):
     assert torch.allclose(h.raw, explain(tiny_model, x, "cam", target="all", size=(8, 8)).raw)
     with pytest.raises(WeaklocError, match="native"):
         explain(tiny_model, x, "gradcam", size="native", tta=True)
+
+
+def test_wsol_normalisations_on_a_hand_case():
+    from weakloc.explain.maps import normalize_maps
+
+    m = torch.arange(10.0).view(1, 2, 5)  # 0..9
+    assert torch.allclose(normalize_maps(m, "minmax"), m / 9)
+    q90 = torch.quantile(torch.arange(10.0), 0.9)  # 8.1
+    assert torch.allclose(normalize_maps(m, "pas"), (m / q90).clamp(max=1))
+    q40 = torch.quantile(torch.arange(10.0), 0.4)  # 3.6
+    assert torch.allclose(normalize_maps(m, "ivr:0.4"), (m - q40).clamp_min(0) / (9 - q40))
+    assert torch.equal(normalize_maps(torch.full((1, 2, 2), 3.0), "ivr"), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError):
+        normalize_maps(m, "zscore")
+
+
+def test_explain_takes_a_normalisation(tiny_model, x):
+    h = explain(tiny_model, x, "cam", normalization="ivr:0.5")
+    assert h.normalized.amax() <= 1 and (h.normalized == 0).float().mean() >= 0.45
+    with pytest.raises(WeaklocError, match="unknown normalisation"):
+        explain(tiny_model, x, "cam", normalization="zscore")

@@ -123,6 +123,10 @@ def map_options(layer: str | None = None, fusion: str = "mean", tta: bool = Fals
     from weakloc.errors import WeaklocError
 
     opts: dict = {"fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth}
+    for item in list(option or []):  # --option normalization=ivr:0.4 is an explain() argument, not a method option
+        if item.startswith("normalization="):
+            opts["normalization"] = item.split("=", 1)[1]
+            option = [o for o in option if o != item]
     if layer:
         opts["layer"] = layer
     if dtype:
@@ -143,7 +147,8 @@ FUSION_HELP = "How several layers' maps combine: mean | max | product."
 TTA_HELP = "Test-time augmentation smoothing (flips x scales 0.9/1/1.1)."
 EIGEN_HELP = "First principal component of the weighted activations instead of their sum."
 DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
-OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1."
+OPTION_HELP = ("Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1; "
+               "normalization=minmax|max|pas:0.9|ivr:0.4 chooses the map normalisation.")
 LayerOpt = Annotated[Optional[str], typer.Option(help=LAYER_HELP)]
 FusionOpt = Annotated[str, typer.Option(help=FUSION_HELP)]
 TtaOpt = Annotated[bool, typer.Option(help=TTA_HELP)]

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from weakloc.errors import WeaklocError
-from weakloc.explain.maps import centre_gaussian, normalize_minmax, normalize_percentile, reduce_maps, upsample
+from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, normalize_percentile, reduce_maps, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
 
@@ -87,6 +87,7 @@ def explain(
     eigen_smooth: bool = False,
     dtype: torch.dtype | None = None,
     differentiable: bool = False,
+    normalization: str = "minmax",
     **options,
 ) -> Heatmaps:
     """Heatmaps of ``method`` for a batch of normalised images ``(B, 3, H, W)``.
@@ -112,6 +113,8 @@ def explain(
             back in float32.
         differentiable: keep the autograd graph (CAM and gradient methods), so the maps can be
             part of a training loss.
+        normalization: how ``normalized`` is made: ``minmax``, ``max``, ``pas[:Q]`` (Bae et al.
+            2020) or ``ivr[:Q]`` (Kim et al. 2021); see :func:`normalize_maps`.
         **options: method-specific settings, e.g. ``num_samples``, ``std``, ``chunk``, ``alpha``.
 
     Returns:
@@ -146,10 +149,14 @@ def explain(
                 acc = acc + normalize_minmax(r.flip(-1) if flip else r, relu=relu)
             raw = acc / (len(views) + 1)
     raw = raw.float()
-    return Heatmaps(raw, normalize_minmax(raw, relu=relu), targets, logits.float())
+    try:
+        normalized = normalize_maps(raw, normalization, relu=relu)
+    except ValueError as e:
+        raise WeaklocError(str(e)) from None
+    return Heatmaps(raw, normalized, targets, logits.float())
 
 
 __all__ = [
-    "METHODS", "ExplainMethod", "Heatmaps", "centre_gaussian", "explain", "get_method", "normalize_minmax",
+    "METHODS", "ExplainMethod", "Heatmaps", "centre_gaussian", "explain", "get_method", "normalize_maps", "normalize_minmax",
     "normalize_percentile", "register", "resolve_targets", "upsample",
 ]

@@ -68,3 +68,36 @@ def reduce_maps(x: torch.Tensor, how: str, dim: int = 0) -> torch.Tensor:
     if how not in ops:
         raise ValueError(how)
     return ops[how](x)
+
+
+def normalize_maps(maps: torch.Tensor, how: str = "minmax", relu: bool = False) -> torch.Tensor:
+    """Normalise each ``(h, w)`` map of ``(..., h, w)`` to [0, 1] by one of the WSOL schemes.
+
+    - ``minmax``: (x - min) / (max - min).
+    - ``max``: ReLU(x) / max.
+    - ``pas[:Q]`` (Bae, Noh & Kim, ECCV 2020, percentile-based): (x - min) divided by the Q-quantile
+      (default 0.9) of (x - min), clipped to 1 -- a few hot pixels no longer squash the rest.
+    - ``ivr[:Q]`` (Kim et al., ICCV 2021): the Q-quantile (default 0.4) is subtracted, negatives
+      clipped, then divided by the maximum -- the low-activation mass no longer lifts the background.
+
+    A constant or non-finite map gives zeros (never NaN).
+    """
+    name, _, q = how.partition(":")
+    if name == "minmax":
+        return normalize_minmax(maps, relu=relu)
+    x = maps.float().clamp_min(0) if relu else maps.float()
+    flat = x.flatten(-2)
+    bad = ~torch.isfinite(flat).all(-1, keepdim=True) | (flat.amax(-1, keepdim=True) == flat.amin(-1, keepdim=True))
+    flat = torch.where(bad, torch.zeros_like(flat), flat)
+    if name == "max":
+        out = flat.clamp_min(0) / flat.amax(-1, keepdim=True).clamp_min(1e-12)
+    elif name == "pas":
+        shifted = flat - flat.amin(-1, keepdim=True)
+        top = torch.quantile(shifted, float(q or 0.9), dim=-1, keepdim=True)
+        out = (shifted / top.clamp_min(1e-12)).clamp(max=1)
+    elif name == "ivr":
+        shifted = (flat - torch.quantile(flat, float(q or 0.4), dim=-1, keepdim=True)).clamp_min(0)
+        out = shifted / shifted.amax(-1, keepdim=True).clamp_min(1e-12)
+    else:
+        raise ValueError(f"unknown normalisation {how!r}: use minmax, max, pas[:Q] or ivr[:Q]")
+    return torch.where(bad, torch.zeros_like(out), out).reshape(x.shape)
