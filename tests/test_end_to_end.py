@@ -132,3 +132,23 @@ def test_demo_small(tmp_path):
     assert "MaxBoxAccV2" in ev["centre_baseline"]
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "centre baseline" in html and "<img" in html
+
+
+def test_calibrate_from_a_few_boxes(trained, synth_single, tmp_path):
+    from weakloc.evaluate.calibrate import calibrate, few_box_subset
+    from weakloc.data.annotations import read_annotations
+    from weakloc.data.labels import load_labels
+    from weakloc.models import load_model
+
+    labels = load_labels(synth_single)
+    gt = read_annotations(synth_single / "annotations.json")
+    idx = few_box_subset(labels, gt, trained.model.config.classes, per_class=2, seed=0)
+    assert 3 <= len(idx) <= 6 and idx == few_box_subset(labels, gt, trained.model.config.classes, per_class=2, seed=0)
+    model = load_model(trained.model_dir)
+    res = calibrate(model, synth_single, gt, per_class=2, methods=("cam", "gradcam++"))
+    assert res["method"] in ("cam", "gradcam++") and 0 <= res["threshold"] <= 1
+    assert model.config.localization["method"] == res["method"] and model.config.localization["per_class"] == 2
+    r = CliRunner().invoke(app, ["calibrate", str(trained.model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
+                                 "--per-class", "2", "--methods", "cam,layercam"])
+    assert r.exit_code == 0, r.output
+    assert "threshold" in r.output and load_model(trained.model_dir).config.localization["per_class"] == 2

@@ -247,7 +247,7 @@ def localize(
     model: Path = typer.Argument(..., help="Model folder (model.safetensors + config.json)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
-    method: str = typer.Option("cam", help="Heatmap method (see `weakloc methods`)."),
+    method: Optional[str] = typer.Option(None, help="Heatmap method (see `weakloc methods`; default: the calibrated one, else cam)."),
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
@@ -362,6 +362,30 @@ def evaluate(
         net.config.localization = {"threshold": tau, "method": method, "calibrated_on": report["localization_samples"]}
         save_model(net.cpu(), model)
         console.print(f"calibrated threshold {tau:.2f} stored in {model}")
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Argument(..., help="Model folder (updated in place)."),
+    data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON or Pascal VOC XML folder."),
+    per_class: int = typer.Option(5, help="Annotated images per class to calibrate on."),
+    methods: str = typer.Option("cam", help="Candidate map methods, comma-separated; the best is stored."),
+    split: str = typer.Option("train", help="Split the few annotated images come from."),
+    seed: int = typer.Option(0),
+    gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
+    device: Optional[str] = typer.Option(None),
+):
+    """Choose the box threshold (and map method) from K annotated images per class; `localize` then uses it."""
+    from weakloc.evaluate.calibrate import calibrate as run_calibration
+    from weakloc.models import load_model, save_model
+
+    net = load_model(model, _device(device))
+    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                          split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
+    save_model(net.cpu(), model)
+    console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f} "
+                  f"(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res["per_method"].items()) + f") stored in {model}")
 
 
 @app.command("explain-eval")

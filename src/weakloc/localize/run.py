@@ -35,7 +35,7 @@ def localize_images(
     images: list[str | Path] | str | Path,
     out: str | Path | None = None,
     *,
-    method: str = "cam",
+    method: str | None = None,
     explain_options: dict | None = None,
     target=None,
     threshold: str | float = "auto",
@@ -54,7 +54,7 @@ def localize_images(
         out: when given, writes ``overlays/*.png``, ``masks/*.png`` (binary masks of each shown class at
             the original size), ``detections.json`` (COCO results: boxes in original pixels, scores,
             labels, and ``masks``: the mask file of each image and class) and ``index.html`` (a gallery).
-        method: heatmap method (``weakloc methods``).
+        method: heatmap method (``weakloc methods``); default: the calibrated one, else ``cam``.
         explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
             tta, eigen_smooth, dtype, method options).
         target: see :func:`weakloc.explain.resolve_targets`; default :func:`default_target`.
@@ -72,6 +72,7 @@ def localize_images(
     cfg = model.config
     paths = list_images(images)
     calibrated = cfg.localization.get("threshold")
+    method = method or cfg.localization.get("method", "cam")
     if threshold == "auto":
         threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
     target = default_target(model) if target is None else target

@@ -1,0 +1,62 @@
+"""Calibration from a few boxes: the localization threshold (and optionally the map method) chosen on
+K annotated images per class and stored in the model, so ``localize`` uses it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.labels import LabeledImages, load_labels, select_split
+from weakloc.errors import WeaklocError
+from weakloc.evaluate.run import class_mapping, evaluate_model
+
+
+def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], per_class: int, seed: int = 0,
+                   gt_class: dict[str, str] | None = None) -> list[int]:
+    """Indices of up to ``per_class`` images per model class that have boxes of that class (seeded draw)."""
+    mapping = class_mapping(classes, gt.classes, gt_class)
+    by_class: dict[int, list[int]] = {}
+    for i, path in enumerate(labeled.paths):
+        ann = gt.find(path)
+        if ann is None:
+            continue
+        for g, k in mapping.items():
+            if len(ann.boxes_of(g)):
+                by_class.setdefault(k, []).append(i)
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for k in sorted(by_class):
+        pool = sorted(set(by_class[k]))
+        rng.shuffle(pool)
+        chosen.update(pool[:per_class])
+    return sorted(chosen)
+
+
+def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
+              methods: tuple[str, ...] = ("cam",), split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None,
+              explain_options: dict | None = None) -> dict:
+    """Choose the box threshold (the best IoU-50 threshold) and the best of ``methods`` (by MaxBoxAccV2) on
+    ``per_class`` annotated images per class of ``split``, and store them in ``model.config.localization``.
+
+    Returns:
+        ``{"method", "threshold", "images", "per_method": {method: MaxBoxAccV2}}``.
+    """
+    if per_class < 1:
+        raise WeaklocError("--per-class must be at least 1")
+    cfg = model.config
+    labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
+    if labeled.splits is not None and split in labeled.splits:
+        labeled = select_split(labeled, split)
+    gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
+    idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)
+    if not idx:
+        raise WeaklocError(f"no {split} image has a box of a model class to calibrate on")
+    subset = labeled.subset(idx)
+    reports = {m: evaluate_model(model, subset, gt, method=m, split="all", gt_class=gt_class, explain_options=explain_options)
+               for m in methods}
+    best = max(reports, key=lambda m: reports[m]["localization"]["MaxBoxAccV2"])
+    tau = reports[best]["localization"]["IoU50_tau"]
+    cfg.localization = {"threshold": tau, "method": best, "calibrated_on": len(idx), "per_class": per_class}
+    return {"method": best, "threshold": tau, "images": len(idx),
+            "per_method": {m: r["localization"]["MaxBoxAccV2"] for m, r in reports.items()}}
