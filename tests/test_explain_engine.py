@@ -250,3 +250,22 @@ def test_explain_takes_a_normalisation(tiny_model, x):
     assert h.normalized.amax() <= 1 and (h.normalized == 0).float().mean() >= 0.45
     with pytest.raises(WeaklocError, match="unknown normalisation"):
         explain(tiny_model, x, "cam", normalization="zscore")
+
+
+def test_ablationcam_inside_a_residual_block_treats_each_image_alone():
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=4).eval()
+    imgs = torch.randn(3, 3, 64, 64)
+    batch = explain(net, imgs, "ablationcam", layer="layer4.1.act1", target=[0, 1, 2], size=(2, 2)).raw
+    for i in range(3):
+        alone = explain(net, imgs[i:i + 1], "ablationcam", layer="layer4.1.act1", target=[i], size=(2, 2)).raw
+        assert torch.allclose(batch[i], alone[0], rtol=1e-4, atol=1e-4)
+    half = explain(net, imgs, "ablationcam", layer="layer4.1.act1", target=[0, 1, 2], dtype=torch.bfloat16)
+    assert torch.isfinite(half.raw).all() and half.raw.abs().amax() > 0  # the 1e7 ablation value stays in fp32
+
+
+def test_gradient_layer_followed_by_in_place_ops():
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=4).eval()
+    h = explain(net, torch.randn(2, 3, 64, 64), "gradcam", layer="layer4.1.bn2")  # the block adds its shortcut in place
+    assert torch.isfinite(h.raw).all()

@@ -46,7 +46,10 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
         raise WeaklocError("--per-class must be at least 1")
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
-    if labeled.splits is not None and split in labeled.splits:
+    if labeled.splits is not None:
+        if split not in labeled.splits:
+            raise WeaklocError(f"the data has no {split!r} split (it has {sorted(set(labeled.splits))}); calibrating on "
+                               f"other images could leak evaluation images")
         labeled = select_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
     idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)

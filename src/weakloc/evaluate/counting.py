@@ -157,7 +157,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
                     g = ann.boxes_of(cname) * scale
                     v = found.valid[j, c_idx]
                     for stats, boxes in ((point_stats, None), (box_stats, found.boxes[j, c_idx][v] + _PIXEL_EXTENT)):
-                        r = match_instances(found.points[j, c_idx][v], found.scores[j, c_idx][v], g, boxes)
+                        r = match_instances(found.points[j, c_idx][v] + 0.5, found.scores[j, c_idx][v], g, boxes)  # pixel centres
                         stats[cname] = [a + b for a, b in zip(stats[cname], r)]
         if progress is not None:
             progress(done, len(labeled))
@@ -170,5 +170,6 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     if gt is not None:
         for key, stats in (("points", point_stats), ("boxes", box_stats)):
             per = {c: prf(*v) for c, v in stats.items()}
-            report[key] = {"per_class": per, "F1": sum(p["F1"] for p in per.values()) / len(per)}
+            scored = [p["F1"] for c, p in per.items() if sum(stats[c])]  # a class with no instance either way is left out
+            report[key] = {"per_class": per, "F1": sum(scored) / len(scored) if scored else 0.0}
     return report

@@ -77,7 +77,7 @@ def capture_activation(module: nn.Module, replace=None) -> Iterator[dict]:
             return replace
         leaf = out.detach().requires_grad_(True)
         store["act"] = leaf
-        return leaf
+        return leaf.clone()  # the later layers may work in place; the leaf itself must stay untouched
 
     handle = module.register_forward_hook(hook)
     try:
@@ -127,7 +127,9 @@ def logits_after_layer(model: nn.Module, images: torch.Tensor, layer: str | None
     """Logits of the network from ``layer`` on, fed ``activation`` (any batch size N) in its raw layout.
 
     For weakloc's default layer this is the head alone. For an inner layer the layers before it run
-    on one image only and their output is replaced, so the cost is the network after the layer.
+    on ``images[:1]`` and their output is replaced, so the cost is the network after the layer; all
+    of ``activation`` must come from that one image (skip connections around the layer carry its
+    earlier tensors).
 
     Returns:
         ``(N, K)``.
@@ -139,5 +141,7 @@ def logits_after_layer(model: nn.Module, images: torch.Tensor, layer: str | None
         try:
             return model(images[:1])
         except RuntimeError as e:
-            raise WeaklocError(f"the layers after {layer!r} also read earlier tensors (skip connections around it); "
-                               f"choose a whole stage or block as the target layer ({e})") from None
+            if "size of tensor" not in str(e) and "shape" not in str(e):
+                raise
+            raise WeaklocError(f"the layers after {layer!r} read earlier tensors of another shape (a skip connection around "
+                               f"it); choose a whole stage or block as the target layer ({e})") from None

@@ -126,15 +126,12 @@ def reduce_channels(weighted: torch.Tensor, eigen_smooth: bool = False) -> torch
     return principal_projection(weighted.flatten(0, 1)).reshape(b, t, *weighted.shape[-2:])
 
 
-def _gradient_method(weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str, score_fn: ScoreFn | None = None):
+def _gradient_method(weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], doc: str):
     """A method whose map sums ``weigh(activation (B,1,C,h,w), gradients (B,T,C,h,w)) -> (B,T,C,h,w)`` over channels."""
 
     def method(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
-               eigen_smooth: bool = False, differentiable: bool = False, **score_options):
-        score = score_fn(**score_options) if score_fn is not None else target_logits
-        if score_fn is None and score_options:
-            raise WeaklocError(f"unknown option(s) {sorted(score_options)}")
-        act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer, score, differentiable)
+               eigen_smooth: bool = False, differentiable: bool = False):
+        act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer, target_logits, differentiable)
         return reduce_channels(weigh(act[:, None].float(), grads.float()), eigen_smooth), targets, logits
 
     method.__doc__ = doc
@@ -168,8 +165,12 @@ gradcam_elementwise = _gradient_method(lambda a, g: (g * a).clamp_min(0),
                                        "Grad-CAM element-wise: ReLU of gradient x activation per element, summed over channels.")
 xgradcam = _gradient_method(_xgradcam, "XGrad-CAM (Fu et al. 2020): weights = sum(g * A) / sum(A) per channel.")
 layercam = _gradient_method(lambda a, g: g.clamp_min(0) * a, "Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation per element.")
-finercam = _gradient_method(_gradcam, """Finer-CAM (Zhang et al., CVPR 2025): Grad-CAM of the target's logit minus those of the
-``n_compare`` (3) most similar classes, weighted by their probabilities and ``alpha`` (1.0).""", score_fn=finer_score)
+def finercam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, alpha: float = 1.0,
+             n_compare: int = 3, eigen_smooth: bool = False, differentiable: bool = False):
+    """Finer-CAM (Zhang et al., CVPR 2025): Grad-CAM of the target's logit minus those of the
+    ``n_compare`` most similar classes, weighted by their probabilities and ``alpha`` (see :func:`finer_score`)."""
+    act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer, finer_score(alpha, n_compare), differentiable)
+    return reduce_channels(_gradcam(act[:, None].float(), grads.float()), eigen_smooth), targets, logits
 
 
 def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
@@ -178,13 +179,17 @@ def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer:
 
     The first, second and third powers of the gradient are averaged over ``num_samples`` copies of
     the input with Gaussian noise of standard deviation ``std`` (in normalised-input units, seeded);
-    the alphas use the clean input's activations. One forward and backward per sample, batched.
+    the alphas use the clean input's activations (one forward, no backward). Then one forward and
+    backward per noise sample, for the whole batch at once.
     """
-    act, grads, targets, logits = activations_and_gradients(model, images, targets_fn, layer)
+    with torch.no_grad():
+        raw, logits = forward_to_layer(model, images, layer)
+    act = to_grid(raw.detach(), model, tuple(images.shape[-2:]))
+    logits = logits.detach()
+    targets = targets_fn(logits)
     fixed = lambda _logits: targets  # noqa: E731 -- the noisy copies explain the clean image's targets
     gen = torch.Generator(device=images.device).manual_seed(seed)
-    g1 = torch.zeros_like(grads, dtype=torch.float32)
-    g2, g3 = torch.zeros_like(g1), torch.zeros_like(g1)
+    g1 = g2 = g3 = 0.0
     for _ in range(num_samples):
         noisy = images + std * torch.randn(images.shape, generator=gen, device=images.device, dtype=images.dtype)
         _, g, _, _ = activations_and_gradients(model, noisy, fixed, layer)

@@ -9,6 +9,8 @@ preallocated tensor, with no per-image host synchronisation. Signature as in
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -111,9 +113,10 @@ def sscam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None 
 
 def iscam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
           chunk: int = 64, num_samples: int = 10, eigen_smooth: bool = False):
-    """IS-CAM (Naidu et al. 2020): Score-CAM with each mask's score integrated along the path from the
-    black image to the masked image (masks scaled by ``i / num_samples``, ``i = 1..num_samples``)."""
-    scales = tuple((i + 1) / num_samples for i in range(num_samples))
+    """IS-CAM (Naidu et al. 2020): Score-CAM with each mask's score integrated along a path from the
+    black image: the mask is scaled by the running sums ``M_i = sum_{j<=i} j / N`` (0.1, 0.3, ... 5.5
+    for N = 10), as the paper's equation and TorchCAM have it."""
+    scales = tuple(itertools.accumulate((i + 1) / num_samples for i in range(num_samples)))
     return _score_family(model, images, targets_fn, layer, eigen_smooth, chunk=chunk, scales=scales)
 
 
@@ -123,7 +126,8 @@ def ablationcam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str |
     when that channel is ablated, ``(y - y_ablated) / y``.
 
     Only the network after the target layer runs on the ablated copies (for weakloc's default layer:
-    the head alone). An ablated channel is set to 0 when the image's activations have minimum 0 (after
+    the head alone, all images at once; for an inner layer, image by image, the layers before it on
+    that one image). An ablated channel is set to 0 when the image's activations have minimum 0 (after
     a ReLU), else to that minimum minus 1e7, as in pytorch-grad-cam.
     """
     with torch.no_grad():
@@ -135,17 +139,32 @@ def ablationcam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str |
         b, c = raw.shape[0], raw.shape[cdim]
         lows = raw.flatten(1).amin(1)
         fill = torch.where(lows == 0, torch.zeros_like(lows), lows - 1e7)  # (B,)
-        owner = torch.arange(b, device=raw.device).repeat_interleave(c)
-        channel = torch.arange(c, device=raw.device).repeat(b)
-        shape = [1] * raw.ndim
-        shape[cdim] = c
-        ablated = torch.empty(b * c, targets.shape[1], device=raw.device)
-        for start in range(0, b * c, chunk):
-            stop = min(start + chunk, b * c)
-            copies = raw[owner[start:stop]]
-            hit = (torch.arange(c, device=raw.device).view(shape) == channel[start:stop].view(-1, *[1] * (raw.ndim - 1)))
-            copies = torch.where(hit, fill[owner[start:stop]].view(-1, *[1] * (raw.ndim - 1)).to(raw.dtype), copies)
-            ablated[start:stop] = logits_after_layer(model, images, layer, copies).float().gather(1, targets[owner[start:stop]])
+        onehot_shape = [1] * raw.ndim
+        onehot_shape[cdim] = c
+        channels = torch.arange(c, device=raw.device).view(onehot_shape)
+        ablated = torch.empty(b, c, targets.shape[1], device=raw.device)
+        # The copies of one image go through the rest of the network together, so anything the later
+        # layers read from before the target layer (a skip connection) is that image's own. In float32:
+        # the ablation value (min - 1e7) does not exist in fp16.
+        head_only = layer is None
+        groups = [(None, torch.arange(b * c, device=raw.device))] if head_only else [(i, None) for i in range(b)]
+        with torch.autocast(raw.device.type, enabled=False):
+            for image, flat in groups:
+                total = b * c if head_only else c
+                for start in range(0, total, chunk):
+                    stop = min(start + chunk, total)
+                    if head_only:
+                        owner, chan = flat[start:stop] // c, flat[start:stop] % c
+                    else:
+                        owner = torch.full((stop - start,), image, device=raw.device, dtype=torch.long)
+                        chan = torch.arange(start, stop, device=raw.device)
+                    copies = raw[owner].float()
+                    hit = channels == chan.view(-1, *[1] * (raw.ndim - 1))
+                    copies = torch.where(hit, fill[owner].view(-1, *[1] * (raw.ndim - 1)).float(), copies)
+                    src = images if head_only else images[image:image + 1].float()
+                    scores = logits_after_layer(model, src, layer, copies).float().gather(1, targets[owner])
+                    ablated.view(b * c, -1)[owner * c + chan] = scores
+        ablated = ablated.flatten(0, 1)
         weights = (base[:, :, None] - ablated.view(b, c, -1).transpose(1, 2)) / base[:, :, None]  # (B, T, C)
     act = to_grid(raw, model, tuple(images.shape[-2:]))
     return reduce_channels(weights[..., None, None] * act[:, None].float(), eigen_smooth), targets, logits

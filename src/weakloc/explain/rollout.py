@@ -69,6 +69,9 @@ def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean",
         ``(B, N, N)``: how much each output token draws on each input token.
     """
     b, _, n, _ = attentions[0].shape
+    if any(a.ndim != 4 or a.shape[0] != b or a.shape[-2:] != (n, n) for a in attentions):
+        raise WeaklocError("rollout needs global self-attention of the same tokens in every layer (a ViT/DeiT); "
+                           f"got {[tuple(a.shape) for a in attentions[:3]]}... (windowed attention such as Swin's cannot be rolled out)")
     eye = torch.eye(n, device=attentions[0].device, dtype=torch.float32)
     result = eye.expand(b, n, n)
     for i, attn in enumerate(attentions):

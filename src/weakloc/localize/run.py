@@ -169,7 +169,7 @@ def _localize_batch(model, good, paths, result, cards, out, method, target, thre
     tau = thresholds_for(flat, threshold, calibrated)
     masks = binarize(flat, tau)
     dets = region_boxes(masks, flat, keep=keep, min_area=min_area)
-    present_cpu, score_cpu, targets_cpu = present.cpu(), score.cpu(), heat.targets.cpu()
+    present_cpu, score_cpu, targets_cpu, probs = present.cpu(), score.cpu(), heat.targets.cpu(), probs.cpu()
     for j, (i, _, (oh, ow), shown) in enumerate(good):
         image_id = len(result["images"]) + 1
         result["images"].append({"id": image_id, "file_name": str(paths[i]), "width": ow, "height": oh,
@@ -197,7 +197,7 @@ def _localize_batch(model, good, paths, result, cards, out, method, target, thre
         if out is None:
             continue
         # overlay the first shown target's map (the predicted / positive class)
-        k_show = int(present[j].float().argmax()) if present[j].any() else 0
+        k_show = int(present_cpu[j].float().argmax()) if present_cpu[j].any() else 0
         heat_disp = upsample(heat.normalized[j, k_show][None], tuple(shown.shape[-2:]), mode="bilinear").clamp(0, 1)
         over = blend(shown[None].to(device), heat_disp)[0]
         boxes_all = torch.cat(drawn_boxes) if drawn_boxes else torch.zeros(0, 4)

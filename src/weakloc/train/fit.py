@@ -61,7 +61,7 @@ def _progress_bar():
 
 def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSampler:
     """Sample images with weight 1 / (images of their class); a multi-label image takes its rarest
-    label's weight. As many draws per epoch as images, with replacement."""
+    label's weight, and images without any label count as one more class. As many draws per epoch as images, with replacement."""
     t = labeled.targets
     if labeled.task == "single":
         counts = torch.bincount(t, minlength=len(labeled.classes)).clamp_min(1).float()
@@ -69,7 +69,8 @@ def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSam
     else:
         counts = t.sum(0).clamp_min(1)
         per = torch.where(t > 0, 1.0 / counts, torch.zeros_like(t))
-        weights = torch.where(per.amax(1) > 0, per.amax(1), torch.full((len(t),), 1.0 / len(t)))
+        empty = per.amax(1) == 0  # images with no label form a group of their own
+        weights = torch.where(empty, torch.full((len(t),), 1.0 / max(1, int(empty.sum()))), per.amax(1))
     return WeightedRandomSampler(weights.double(), num_samples=len(labeled), replacement=True,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -162,7 +163,16 @@ def fine_tune(
     labeled = data if isinstance(data, LabeledImages) else load_labels(data)
     if val_data is not None:
         train_set = labeled
-        val_set = val_data if isinstance(val_data, LabeledImages) else load_labels(val_data, classes=labeled.classes)
+        if isinstance(val_data, LabeledImages):
+            val_set = val_data
+        elif labeled.counts is not None:
+            from weakloc.data.counts import load_count_labels
+
+            val_set = load_count_labels(val_data, classes=labeled.classes)
+        else:
+            val_set = load_labels(val_data, classes=labeled.classes)
+        if (labeled.counts is None) != (val_set.counts is None):
+            raise WeaklocError("training and validation labels must both have counts, or neither")
     else:
         train_set, val_set = split_train_val(labeled, val_fraction, seed)
     if len(labeled.classes) < 2 and labeled.task == "single":
