@@ -81,3 +81,36 @@ def test_tap_head_trains_from_the_cli(synth_binary, tmp_path):
     import json
     cfg = json.loads((tmp_path / "tap" / "model" / "config.json").read_text())
     assert cfg["head"] == "tap" and cfg["tap_threshold"] == 0.2 and cfg["cbam_stages"] == [2]
+
+
+def test_hide_and_seek_hides_whole_patches():
+    from weakloc.train.augment import hide_patches
+
+    x = torch.ones(64, 3, 16, 16)
+    out = hide_patches(x, grid=4, prob=0.5, generator=torch.Generator().manual_seed(0))
+    patches = out[:, 0].unfold(1, 4, 4).unfold(2, 4, 4)  # (B, 4, 4, 4, 4)
+    per_patch = patches.flatten(3).float()
+    assert ((per_patch == 0).all(-1) | (per_patch == 1).all(-1)).all()  # each patch all hidden or all kept
+    assert 0.4 < (per_patch[..., 0] == 0).float().mean() < 0.6
+    assert torch.equal(hide_patches(x, prob=0.0), x)
+
+
+def test_cutmix_mixes_labels_by_pasted_area():
+    from weakloc.train.augment import cutmix
+
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((3, 20, 20), float(i)) for i in range(4)])
+    y = torch.tensor([0, 1, 2, 0])
+    mixed, soft = cutmix(x, y, 3, "single", alpha=1.0)
+    assert torch.allclose(soft.sum(1), torch.ones(4))
+    for i in range(4):
+        own = (mixed[i, 0] == i).float().mean()
+        assert soft[i, y[i]] >= own - 1e-6  # the kept area's share (more when the partner has the same class)
+    multi, msoft = cutmix(x, torch.eye(3)[y], 3, "multi", alpha=1.0)
+    assert msoft.shape == (4, 3) and (msoft <= 1).all()
+
+
+def test_fine_tune_with_hide_and_seek_and_cutmix(synth_binary, tmp_path):
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=1,
+                    batch_size=8, progress=False, hide_prob=0.5, cutmix_alpha=1.0)
+    assert res.history and all(v == v for v in res.history[-1].values())  # no NaN

@@ -218,6 +218,8 @@ def train(
     count_weight: float = typer.Option(1.0),
     density_l1: float = typer.Option(0.01),
     density_tv: float = typer.Option(0.01),
+    hide_and_seek: float = typer.Option(0.0, help="Hide-and-Seek: probability of hiding each of 4x4 patches (0: off)."),
+    cutmix: float = typer.Option(0.0, help="CutMix Beta alpha (0: off)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.train import fine_tune
@@ -234,7 +236,7 @@ def train(
                        head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
                        cbam_stages=_int_list(cbam, "--cbam"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
                        balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
-                       density_l1=density_l1, density_tv=density_tv)
+                       density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
     if m["skipped_images"]:

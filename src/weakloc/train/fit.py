@@ -128,6 +128,9 @@ def fine_tune(
     count_weight: float = 1.0,
     density_l1: float = 0.01,
     density_tv: float = 0.01,
+    hide_prob: float = 0.0,
+    hide_grid: int = 4,
+    cutmix_alpha: float = 0.0,
 ) -> TrainResult:
     """Fine-tune a pretrained timm backbone on image-level labels.
 
@@ -150,6 +153,8 @@ def fine_tune(
             it does.
         count_loss, count_weight, density_l1, density_tv: the counting loss (see
             :class:`~weakloc.train.module.OptimConfig`).
+        hide_prob, hide_grid: Hide-and-Seek (hide each of ``hide_grid``² patches with this probability).
+        cutmix_alpha: CutMix with Beta(alpha, alpha) areas (0: off; not with counts).
         balanced: draw training images with probability inversely proportional to their class's
             frequency (rare positives seen as often as negatives).
 
@@ -181,6 +186,8 @@ def fine_tune(
         counting = "density"
     if counting is not None and labeled.counts is None:
         raise WeaklocError("a counting head needs counting labels: a counts CSV (path,<class>,...) or --counts-from ANNOTATIONS")
+    if cutmix_alpha and labeled.counts is not None:
+        raise WeaklocError("CutMix changes how many objects an image holds: it cannot be used with counting labels")
     if loss not in ("ce", "focal"):
         raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
@@ -203,7 +210,8 @@ def fine_tune(
                             batch_size=batch_size, shuffle=False, **loader_kw)
     optim = OptimConfig(lr=lr, weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
                         loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
-                        density_l1=density_l1, density_tv=density_tv)
+                        density_l1=density_l1, density_tv=density_tv, hide_prob=hide_prob, hide_grid=hide_grid,
+                        cutmix_alpha=cutmix_alpha)
     module = ClassifierModule(model, optim)
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)

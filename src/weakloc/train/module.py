@@ -13,6 +13,7 @@ import torchmetrics.functional as TMF
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.models.classifier import WeaklocNet
+from weakloc.train.augment import cutmix, hide_patches
 
 
 @dataclass
@@ -35,6 +36,8 @@ class OptimConfig:
         count_loss: ``poisson`` (Poisson negative log-likelihood) or ``huber`` on the counts.
         count_weight: weight of the count loss (added to the presence classification loss).
         density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
+        hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
+        cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
     """
 
     lr: float = 2e-3
@@ -50,6 +53,9 @@ class OptimConfig:
     count_weight: float = 1.0
     density_l1: float = 0.01
     density_tv: float = 0.01
+    hide_prob: float = 0.0
+    hide_grid: int = 4
+    cutmix_alpha: float = 0.0
 
 
 def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
@@ -89,10 +95,23 @@ class ClassifierModule(pl.LightningModule):
         self._count_errors.append((out.counts.detach() - counts).abs())
         return loss, out.logits, presence
 
+    def _augment(self, batch: dict) -> dict:
+        o = self.optim
+        if not (o.hide_prob or o.cutmix_alpha):
+            return batch
+        batch = dict(batch)
+        if o.hide_prob:
+            batch["image"] = hide_patches(batch["image"], o.hide_grid, o.hide_prob)
+        if o.cutmix_alpha:
+            batch["image"], batch["target"] = cutmix(batch["image"], batch["target"], self.model.num_classes, self.model.config.task,
+                                                     o.cutmix_alpha)
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int):
         self.skipped += batch["skipped"]
         if batch["image"] is None:
             return None
+        batch = self._augment(batch)
         loss, logits, _ = self._step(batch)
         self._count_errors.clear()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
@@ -156,7 +175,7 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, task: str, o
     if optim.loss not in ("ce", "focal"):
         raise ValueError(f"unknown loss {optim.loss!r}: use ce or focal")
     if task == "single":
-        if optim.loss == "ce":
+        if optim.loss == "ce" or target.is_floating_point():  # soft targets (CutMix): plain cross entropy
             return F.cross_entropy(logits, target, label_smoothing=optim.label_smoothing)
         ce = F.cross_entropy(logits.float(), target, reduction="none")
         return ((1 - torch.exp(-ce)).pow(optim.focal_gamma) * ce).mean()
