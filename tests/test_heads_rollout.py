@@ -149,7 +149,7 @@ def test_cbam_after_chosen_stages_round_trips(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     again = load_model(save_model(model, tmp_path / "m"))
     assert torch.equal(again(x), model(x))
-    with pytest.raises(WeaklocError, match="CBAM stage 9 out of range"):
+    with pytest.raises(WeaklocError, match="stage 9 out of range"):
         _weakloc(cbam_stages=[9])
 
 
@@ -164,3 +164,20 @@ def test_weakloc_vit_trains_a_step_and_rolls_out():
     h = explain(model, x, "rollout", discard_ratio=0.5)
     assert h.raw.shape == (2, 1, 32, 32) and torch.isfinite(h.raw).all()
     assert explain(model, x, "gradcam").raw.shape == (2, 1, 32, 32)
+
+
+def test_adl_erases_the_peak_in_training_and_is_identity_in_eval():
+    from weakloc.models.heads import ADL
+
+    x = torch.ones(4, 2, 4, 4)
+    x[:, :, 1, 1] = 10.0  # the most discriminative position
+    adl = ADL(drop_rate=1.0, drop_threshold=0.8).train()
+    out = adl(x)
+    assert (out[:, :, 1, 1] == 0).all() and (out[:, :, 0, 0] == 1).all()
+    adl.drop_rate = 0.0
+    assert torch.allclose(adl(x), x * torch.sigmoid(x.mean(1, keepdim=True)))
+    assert torch.equal(adl.eval()(x), x)
+    model = _weakloc(adl_stages=[-2])
+    assert sum(isinstance(m, ADL) for m in model.modules()) == 1
+    img = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model(img), model(img))  # eval: deterministic

@@ -207,6 +207,7 @@ def train(
     attention_stages: str = typer.Option("-3,-2", help="Stages (feature_info indices) the attention head attends."),
     attention_norm: str = typer.Option("softmax", help="softmax | sigmoid attention."),
     cbam: Optional[str] = typer.Option(None, help="Insert CBAM after these stages, e.g. 2,3."),
+    adl: Optional[str] = typer.Option(None, help="Insert attention-based dropout (ADL) after these stages, e.g. -2,-1."),
     tap_threshold: float = typer.Option(0.1, help="TAP head: fraction of each channel's maximum."),
     loss: str = typer.Option("ce", help="ce | focal"),
     focal_gamma: float = typer.Option(2.0),
@@ -234,7 +235,7 @@ def train(
                        batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, seed=seed, precision=precision,
                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
                        head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
-                       cbam_stages=_int_list(cbam, "--cbam"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
+                       cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
                        balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
                        density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix)
     m = result.metrics

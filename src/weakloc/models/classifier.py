@@ -18,7 +18,7 @@ from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 from weakloc.models.grid import to_grid
-from weakloc.models.heads import CBAM, HEADS, AttentionHead, CountingHead, insert_cbam, thresholded_average_pool
+from weakloc.models.heads import CBAM, HEADS, AttentionHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
 
 TASKS = ("single", "multi")
 
@@ -41,6 +41,8 @@ class ModelConfig:
         attention_stages: ``feature_info`` indices of the stages the attention head attends.
         attention_norm: ``softmax`` or ``sigmoid`` attention.
         cbam_stages: ``feature_info`` indices of stages followed by a CBAM block.
+        adl_stages: ``feature_info`` indices of stages followed by an attention-based dropout layer
+            (training only; erases the most discriminative region so evidence spreads).
         tap_threshold: TAP's fraction of each channel's maximum.
         positive_class: the "yes" class of a two-class task, else None.
         counting: a counting head beside the classifier: ``density``, ``count`` or ``both``
@@ -62,6 +64,7 @@ class ModelConfig:
     attention_stages: list[int] = field(default_factory=lambda: [-3, -2])
     attention_norm: str = "softmax"
     cbam_stages: list[int] = field(default_factory=list)
+    adl_stages: list[int] = field(default_factory=list)
     tap_threshold: float = 0.1
     positive_class: int | None = None
     decision_threshold: float | None = None
@@ -132,6 +135,8 @@ class WeaklocNet(nn.Module):
             config.mean, config.std = input_normalization(self.backbone)
         if config.cbam_stages:
             insert_cbam(self.backbone, list(config.cbam_stages))
+        if config.adl_stages:
+            insert_adl(self.backbone, list(config.adl_stages))
         self.dropout = nn.Dropout2d(config.drop_rate)  # whole channels: same as dropout on pooled features
         self.classifier = nn.Conv2d(self.backbone.num_features, len(config.classes), kernel_size=1)
         self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting) if config.counting else None

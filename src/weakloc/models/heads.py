@@ -1,5 +1,6 @@
 """Heads and blocks that make a CNN show where it looks: trainable attention (Jetley et al. 2018,
-Yan et al. 2019), CBAM (Woo et al. 2018) and thresholded average pooling (Bae et al. 2020)."""
+Yan et al. 2019), CBAM (Woo et al. 2018), ADL (Choe & Shim 2019), thresholded average pooling
+(Bae et al. 2020) and counting heads."""
 
 from __future__ import annotations
 
@@ -56,11 +57,36 @@ class CBAM(nn.Module):
         return x * attn
 
 
-def insert_cbam(backbone: nn.Module, stages: list[int]) -> list[str]:
-    """Put a :class:`CBAM` after each chosen stage (indices into ``backbone.feature_info``).
+class ADL(nn.Module):
+    """Attention-based Dropout Layer (Choe & Shim, CVPR 2019); identity at evaluation.
 
-    The stage module ``m`` becomes ``nn.Sequential(m, CBAM(channels))``; call this after loading
-    pretrained weights (the stage's own keys gain a ``.0``).
+    During training the self-attention map (the channel mean) either hides the most discriminative
+    region -- positions above ``drop_threshold`` × its maximum are zeroed, with probability
+    ``drop_rate`` -- or, otherwise, weights positions by its sigmoid (highlighting the object).
+    No parameters.
+    """
+
+    def __init__(self, drop_rate: float = 0.75, drop_threshold: float = 0.8):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.drop_threshold = drop_threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        attn = x.mean(1, keepdim=True)
+        peak = attn.flatten(1).amax(1).view(-1, 1, 1, 1)
+        drop_mask = (attn < self.drop_threshold * peak).to(x.dtype)
+        importance = torch.sigmoid(attn)
+        use_drop = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.drop_rate).to(x.dtype)
+        return x * (use_drop * drop_mask + (1 - use_drop) * importance)
+
+
+def insert_after_stages(backbone: nn.Module, stages: list[int], make_block) -> list[str]:
+    """Put ``make_block(channels)`` after each chosen stage (indices into ``backbone.feature_info``).
+
+    The stage module ``m`` becomes ``nn.Sequential(m, block)``; call this after loading pretrained
+    weights (the stage's own keys gain a ``.0``).
 
     Returns:
         the names of the modules that were wrapped.
@@ -70,12 +96,21 @@ def insert_cbam(backbone: nn.Module, stages: list[int]) -> list[str]:
     names = []
     for s in stages:
         if not -len(dicts) <= s < len(dicts):
-            raise WeaklocError(f"CBAM stage {s} out of range: the backbone has stages 0..{len(dicts) - 1}")
+            raise WeaklocError(f"stage {s} out of range: the backbone has stages 0..{len(dicts) - 1}")
         name, channels = dicts[s]["module"], dicts[s]["num_chs"]
-        module = backbone.get_submodule(name)
-        backbone.set_submodule(name, nn.Sequential(module, CBAM(channels)))
+        backbone.set_submodule(name, nn.Sequential(backbone.get_submodule(name), make_block(channels)))
         names.append(name)
     return names
+
+
+def insert_cbam(backbone: nn.Module, stages: list[int]) -> list[str]:
+    """A :class:`CBAM` after each chosen stage (see :func:`insert_after_stages`)."""
+    return insert_after_stages(backbone, stages, CBAM)
+
+
+def insert_adl(backbone: nn.Module, stages: list[int], drop_rate: float = 0.75, drop_threshold: float = 0.8) -> list[str]:
+    """An :class:`ADL` after each chosen stage (see :func:`insert_after_stages`)."""
+    return insert_after_stages(backbone, stages, lambda _c: ADL(drop_rate, drop_threshold))
 
 
 class AttentionHead(nn.Module):

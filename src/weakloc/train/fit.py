@@ -119,6 +119,7 @@ def fine_tune(
     attention_stages: list[int] | None = None,
     attention_norm: str = "softmax",
     cbam_stages: list[int] | None = None,
+    adl_stages: list[int] | None = None,
     tap_threshold: float = 0.1,
     loss: str = "ce",
     focal_gamma: float = 2.0,
@@ -145,8 +146,8 @@ def fine_tune(
         out: output folder: ``model/`` (best checkpoint), ``checkpoints/``, ``logs/``, ``metrics.json``.
         resume: continue from ``out/checkpoints/last.ckpt`` after an interruption.
         limit_batches: cap batches per epoch (for smoke tests).
-        head, attention_stages, attention_norm, cbam_stages, tap_threshold: the model's head and
-            attention blocks (see :class:`~weakloc.models.ModelConfig`).
+        head, attention_stages, attention_norm, cbam_stages, adl_stages, tap_threshold: the model's
+            head and attention / dropout blocks (see :class:`~weakloc.models.ModelConfig`).
         loss, focal_gamma: ``ce`` or ``focal`` (see :class:`~weakloc.train.module.OptimConfig`).
         counting: ``density``, ``count`` or ``both`` to train a counting head; ``data`` must then
             carry counts (:func:`weakloc.data.counts.load_count_labels`); default: ``density`` when
@@ -197,7 +198,7 @@ def fine_tune(
         backbone=backbone, classes=list(labeled.classes), task=labeled.task, input_size=image_size,
         output_stride=output_stride, positive_class=labeled.positive_index, head=head,
         attention_stages=list(attention_stages) if attention_stages else [-3, -2], attention_norm=attention_norm,
-        cbam_stages=list(cbam_stages or []), tap_threshold=tap_threshold, counting=counting,
+        cbam_stages=list(cbam_stages or []), adl_stages=list(adl_stages or []), tap_threshold=tap_threshold, counting=counting,
     )
     model = WeaklocNet(config, pretrained=pretrained)
     workers = default_workers() if num_workers is None else num_workers
