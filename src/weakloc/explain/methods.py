@@ -23,7 +23,7 @@ TargetsFn = Callable[[torch.Tensor], torch.Tensor]
 #: ``(logits (B, K), targets (B, T)) -> scores (B, T)``: what a gradient method differentiates.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["activations_and_gradients", "attention_maps", "cam", "capture_activation", "eigencam", "eigengradcam", "find_layer", "finer_score",
+__all__ = ["activations_and_gradients", "attention_maps", "cam", "capture_activation", "eigencam", "eigengradcam", "find_layer", "finer_score", "finercam",
            "frozen_parameters", "gradcam", "gradcam_elementwise", "gradcam_pp", "hirescam", "layercam", "principal_projection",
            "random_baseline", "smooth_gradcam_pp", "sobel_baseline", "target_logits", "xgradcam"]
 

@@ -17,7 +17,7 @@ from weakloc.localize.instances import instances
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
 from weakloc.report.html import gallery_cards, write_page
-from weakloc.report.overlay import blend, draw_detections, fit_size, save_png
+from weakloc.report.overlay import blend, draw_detections, save_png
 
 DEFAULT_THRESHOLD = 0.3
 
