@@ -257,3 +257,12 @@ def select_split(data: LabeledImages, split: str) -> LabeledImages:
     if not keep:
         raise LabelError(f"no images in split {split!r} (splits present: {sorted(set(data.splits))})")
     return data.subset(keep)
+
+
+def resolve_split(data: LabeledImages, split: str = "auto") -> tuple[LabeledImages, str]:
+    """The images evaluation should use: ``auto`` means test, else val, else all (when the source
+    names no splits, every image). Returns the selected images and the split's name."""
+    if split == "auto":
+        present = set(data.splits or [])
+        split = "test" if "test" in present else "val" if "val" in present else "all"
+    return (data if split == "all" else select_split(data, split)), split

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from weakloc.data.annotations import GroundTruth, read_annotations
 from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
-from weakloc.data.labels import LabeledImages, select_split
+from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
 from weakloc.explain.maps import upsample
 from weakloc.localize.instances import instances
@@ -122,11 +122,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     if train_counts is None:
         has_train = labeled.splits is not None and "train" in labeled.splits
         train_counts = select_split(labeled, "train").counts if has_train else labeled.counts
-    if split == "auto":
-        present = set(labeled.splits or [])
-        split = "test" if "test" in present else "val" if "val" in present else "all"
-    if split != "all":
-        labeled = select_split(labeled, split)
+    labeled, split = resolve_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
     size = cfg.input_size
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,

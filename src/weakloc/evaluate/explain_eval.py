@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
-from weakloc.data.labels import LabeledImages, load_labels, select_split
+from weakloc.data.labels import LabeledImages, load_labels, resolve_split
 from weakloc.evaluate.faithfulness import compare_methods
 from weakloc.explain import get_method
 
@@ -34,11 +34,7 @@ def explain_eval(model, data: str | Path | LabeledImages, methods: list[str], *,
     model = model.to(device).eval()
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
-    if split == "auto":
-        present = set(labeled.splits or [])
-        split = "test" if "test" in present else "val" if "val" in present else "all"
-    if split != "all":
-        labeled = select_split(labeled, split)
+    labeled, split = resolve_split(labeled, split)
     dataset = ImageDataset.from_labels(labeled, eval_transform(cfg.input_size, cfg.mean, cfg.std))
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))

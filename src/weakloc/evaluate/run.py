@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from weakloc.data.annotations import GroundTruth, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
-from weakloc.data.labels import LabeledImages, load_labels, select_split
+from weakloc.data.labels import LabeledImages, load_labels, resolve_split
 from weakloc.errors import WeaklocError
 from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, threshold_list, wsol_box_metrics
 from weakloc.explain import centre_gaussian, explain
@@ -113,11 +113,7 @@ def evaluate_model(
         labeled = dataclasses.replace(labeled, counts=None)
     if labeled.task != cfg.task:
         raise WeaklocError(f"labels are {labeled.task}-label but the model is {cfg.task}-label")
-    if split == "auto":
-        present = set(labeled.splits or [])
-        split = "test" if "test" in present else "val" if "val" in present else "all"
-    if split != "all":
-        labeled = select_split(labeled, split)
+    labeled, split = resolve_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
     mapping = class_mapping(cfg.classes, gt.classes, gt_class)
     if not mapping:
