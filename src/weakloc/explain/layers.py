@@ -15,7 +15,7 @@ from torch import nn
 from weakloc.errors import WeaklocError
 from weakloc.models.grid import backbone_of, channel_dim, to_grid
 
-__all__ = ["backbone_of", "capture_activation", "channel_dim", "default_layer", "find_layer", "forward_to_layer",
+__all__ = ["activation_grid", "backbone_of", "capture_activation", "channel_dim", "default_layer", "find_layer", "forward_to_layer",
            "is_weakloc_net", "logits_after_layer", "to_grid"]
 
 
@@ -121,6 +121,14 @@ def forward_to_layer(model: nn.Module, images: torch.Tensor, layer: str | None, 
     with capture_activation(module) as store:
         logits = model(images)
     return store["act"], logits
+
+
+def activation_grid(model: nn.Module, images: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass without gradients: ``layer``'s activation as a ``(B, C, h, w)`` grid (see
+    :func:`to_grid`) and the logits ``(B, K)``, both detached."""
+    with torch.no_grad():
+        raw, logits = forward_to_layer(model, images, layer)
+    return to_grid(raw.detach(), model, tuple(images.shape[-2:])), logits.detach()
 
 
 def logits_after_layer(model: nn.Module, images: torch.Tensor, layer: str | None, activation: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from weakloc.errors import WeaklocError
-from weakloc.explain.layers import capture_activation, find_layer, forward_to_layer, is_weakloc_net, to_grid
+from weakloc.explain.layers import activation_grid, capture_activation, find_layer, forward_to_layer, is_weakloc_net, to_grid
 from weakloc.explain.maps import normalize_minmax, upsample
 
 TargetsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -182,10 +182,7 @@ def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer:
     the alphas use the clean input's activations (one forward, no backward). Then one forward and
     backward per noise sample, for the whole batch at once.
     """
-    with torch.no_grad():
-        raw, logits = forward_to_layer(model, images, layer)
-    act = to_grid(raw.detach(), model, tuple(images.shape[-2:]))
-    logits = logits.detach()
+    act, logits = activation_grid(model, images, layer)
     targets = targets_fn(logits)
     fixed = lambda _logits: targets  # noqa: E731 -- the noisy copies explain the clean image's targets
     gen = torch.Generator(device=images.device).manual_seed(seed)
@@ -283,9 +280,7 @@ def eigencam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | No
 
     Class-agnostic: every target of an image gets the same map. One forward pass, no gradients.
     """
-    with torch.no_grad():
-        act, logits = forward_to_layer(model, images, layer)
-        act = to_grid(act.detach(), model, tuple(images.shape[-2:]))
+    act, logits = activation_grid(model, images, layer)
     targets = targets_fn(logits)
     proj = principal_projection(act)
     return proj[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, logits

@@ -14,7 +14,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from weakloc.explain.layers import channel_dim, forward_to_layer, logits_after_layer, to_grid
+from weakloc.explain.layers import activation_grid, channel_dim, forward_to_layer, logits_after_layer, to_grid
 from weakloc.explain.methods import TargetsFn, reduce_channels
 
 __all__ = ["ablationcam", "channel_masks", "iscam", "masked_scores", "scorecam", "sscam"]
@@ -87,13 +87,11 @@ def masked_scores(model, images: torch.Tensor, act: torch.Tensor, targets: torch
 
 
 def _score_family(model, images, targets_fn, layer, eigen_smooth, **kwargs):
-    with torch.no_grad():
-        raw, logits = forward_to_layer(model, images, layer)
-    act = to_grid(raw.detach(), model, tuple(images.shape[-2:]))
-    targets = targets_fn(logits.detach())
+    act, logits = activation_grid(model, images, layer)
+    targets = targets_fn(logits)
     weights = masked_scores(model, images, act, targets, **kwargs).softmax(-1)  # (B, T, C)
     weighted = weights[..., None, None] * act[:, None].float()
-    return reduce_channels(weighted, eigen_smooth), targets, logits.detach()
+    return reduce_channels(weighted, eigen_smooth), targets, logits
 
 
 def scorecam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *,
