@@ -10,8 +10,7 @@ from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
-from weakloc.explain.maps import upsample
-from weakloc.localize.instances import instances
+from weakloc.localize.instances import output_instances
 
 
 _PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
@@ -96,7 +95,7 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 
 def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
-                    train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int = 3,
+                    train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int | None = None,
                     progress=None) -> dict:
     """Counting metrics with the mean-count baseline, and instance points/boxes against GT boxes.
 
@@ -105,6 +104,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         data: counting labels (:func:`~weakloc.data.counts.load_count_labels` source or labels).
         annotations: boxes for instance precision/recall/F1 (optional).
         split: ``auto`` -- test, else val, else all.
+        kernel: peak suppression window (default: see :func:`~weakloc.localize.instances.output_instances`).
         train_counts: ``(N, K)`` training counts for the baseline (default: the ``train`` split of
             ``data`` when it has one, else ``data`` itself).
 
@@ -141,8 +141,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         preds.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
-            found = instances(upsample(maps.float(), (size, size)), out.counts.float(), kernel=max(3, size // 16 | 1))
+            _, found = output_instances(out, size, kernel)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])

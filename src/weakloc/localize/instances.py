@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from weakloc.explain.maps import upsample
+
 
 class Instances(NamedTuple):
     """Up to ``N`` instances per image and class.
@@ -83,3 +85,19 @@ def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fractio
     """Peaks (:func:`find_peaks`) and their boxes (:func:`instance_boxes`) of ``(B, K, H, W)`` maps."""
     points, scores, valid = find_peaks(maps, counts, kernel)
     return Instances(points, scores, instance_boxes(maps, points, scores, valid, fraction), valid)
+
+
+def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5) -> tuple[torch.Tensor, Instances]:
+    """Instances of a counting model's forward pass at ``size × size`` pixels.
+
+    Args:
+        out: a :class:`~weakloc.models.ModelOutput` with ``counts``; peaks come from its density maps,
+            or from the positive part of the CAMs for a model without a density head.
+        kernel: suppression window (default: about a sixteenth of ``size``, odd, at least 3).
+
+    Returns:
+        the upsampled maps ``(B, K, size, size)`` and their :class:`Instances`.
+    """
+    maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
+    maps = upsample(maps.float(), (size, size))
+    return maps, instances(maps, out.counts.float(), kernel or max(3, size // 16 | 1), fraction)

@@ -13,7 +13,7 @@ from torchvision.utils import draw_keypoints
 from weakloc.data.dataset import PredictDataset, collate_list
 from weakloc.data.images import list_images
 from weakloc.explain import explain, normalize_minmax, upsample
-from weakloc.localize.instances import instances
+from weakloc.localize.instances import output_instances
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
 from weakloc.report.html import gallery_cards, write_page
@@ -108,8 +108,7 @@ def _count_batch(model, good, paths, result, cards, out, device) -> None:
     x = torch.stack([b[1] for b in good]).to(device)
     with torch.no_grad():
         o = model.forward_maps(x)
-    maps = upsample((o.density if o.density is not None else o.class_maps.clamp_min(0)).float(), (size, size))
-    found = instances(maps, o.counts.float(), kernel=max(3, size // 16 | 1))
+    maps, found = output_instances(o, size)
     pts, scores, boxes, valid = (t.cpu() for t in found)
     counts = o.counts.float().cpu()
     probs = model.probabilities(o.logits.float()).cpu()
