@@ -269,3 +269,10 @@ def test_gradient_layer_followed_by_in_place_ops():
     net = timm.create_model("resnet18", num_classes=4).eval()
     h = explain(net, torch.randn(2, 3, 64, 64), "gradcam", layer="layer4.1.bn2")  # the block adds its shortcut in place
     assert torch.isfinite(h.raw).all()
+
+
+def test_cli_option_normalization_reaches_explain():
+    from weakloc.cli import map_options
+
+    opts = map_options(option=["normalization=ivr:0.4", "chunk=32"])
+    assert opts["normalization"] == "ivr:0.4" and opts["chunk"] == 32

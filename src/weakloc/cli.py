@@ -94,11 +94,16 @@ def print_counting(rep: dict) -> None:
     console.print(per)
 
 
+def _names(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
 def _int_list(text: str | None, flag: str) -> list[int]:
     from weakloc.errors import WeaklocError
 
     try:
-        return [int(v) for v in (text or "").split(",") if v.strip()]
+        return [int(v) for v in _names(text)]
     except ValueError:
         raise WeaklocError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2,3") from None
 
@@ -123,10 +128,6 @@ def map_options(layer: str | None = None, fusion: str = "mean", tta: bool = Fals
     from weakloc.errors import WeaklocError
 
     opts: dict = {"fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth}
-    for item in list(option or []):  # --option normalization=ivr:0.4 is an explain() argument, not a method option
-        if item.startswith("normalization="):
-            opts["normalization"] = item.split("=", 1)[1]
-            option = [o for o in option if o != item]
     if layer:
         opts["layer"] = layer
     if dtype:
@@ -173,7 +174,7 @@ def synth(
     """Write a synthetic dataset with exact boxes, masks and points (labels.csv, counts.csv, annotations.json)."""
     from weakloc.data.synthetic import SyntheticConfig, write_synthetic
 
-    cfg = SyntheticConfig(n_images=n, size=size, mode=mode, classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+    cfg = SyntheticConfig(n_images=n, size=size, mode=mode, classes=tuple(_names(classes)),
                           max_instances=max_instances, target=target, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     with progress_bar("synthesising") as update:
         write_synthetic(out, cfg, progress=update)
@@ -384,7 +385,7 @@ def calibrate(
     from weakloc.models import load_model, save_model
 
     net = load_model(model, _device(device))
-    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)),
                           split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
     save_model(net.cpu(), model)
     console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f} "
@@ -413,7 +414,7 @@ def explain_eval_cmd(
     from weakloc.models import load_model
 
     opts = map_options(layer, "mean", tta, False, dtype, None)
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = _names(methods)
     net = load_model(model, _device(device))
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
