@@ -177,10 +177,7 @@ class WeaklocNet(nn.Module):
         fd = self.dropout(f)
         maps = self.classifier(fd)
         attention: tuple = ()
-        if self.config.head == "tap":
-            logits = self.classifier(thresholded_average_pool(fd, self.config.tap_threshold)[:, :, None, None])[:, :, 0, 0]
-        else:
-            logits = maps.mean(dim=(2, 3))
+        logits = self._pooled_logits(fd, maps)
         if self.attention_head is not None:
             local_logits, attn = self.attention_head(local, f)
             logits = logits + local_logits
@@ -195,9 +192,14 @@ class WeaklocNet(nn.Module):
         whose logits also read earlier stages)."""
         if self.attention_head is not None:
             raise WeaklocError("the attention head also reads earlier stages; name a target layer instead")
+        return self._pooled_logits(features)
+
+    def _pooled_logits(self, features: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier on pooled features: TAP for the ``tap`` head, else the mean of the class maps
+        (``maps``, the classifier applied at every position, when already computed)."""
         if self.config.head == "tap":
             return self.classifier(thresholded_average_pool(features, self.config.tap_threshold)[:, :, None, None])[:, :, 0, 0]
-        return self.classifier(features).mean(dim=(2, 3))
+        return (self.classifier(features) if maps is None else maps).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> logits ``(B, K)``."""
