@@ -40,8 +40,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--images", type=int, default=800, help="synthetic images")
     ap.add_argument("--image-size", type=int, default=None, help="default: 160 (synthetic), 320 (bccd)")
-    ap.add_argument("--output-stride", type=int, default=8)
+    ap.add_argument("--output-stride", type=int, default=None)
     ap.add_argument("--count-loss", default="poisson")
+    ap.add_argument("--density-stage", default="-3", help="feature_info index, or 'last'")
+    ap.add_argument("--density-hidden", type=int, default=64)
+    ap.add_argument("--density-l1", type=float, default=0.0)
+    ap.add_argument("--density-tv", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--backbone-lr", default=None, help="earliest,latest backbone LR multipliers (default: fine_tune's)")
     ap.add_argument("--bccd-root", type=Path, default=Path("../shared/datasets/bccd"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -62,7 +68,9 @@ def main() -> None:
         t0 = time.perf_counter()
         res = fine_tune(labels, args.out / head, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
                         seed=args.seed, monitor="val_count_mae", crop_scale=(1.0, 1.0), progress=False, counting=head,
-                        count_loss=args.count_loss)
+                        count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
+                        density_l1=args.density_l1, density_tv=args.density_tv, lr=args.lr,
+                        backbone_lr=tuple(float(v) for v in args.backbone_lr.split(",")) if args.backbone_lr else None)
         train_s = time.perf_counter() - t0
         rep = evaluate_counts(res.model, labels, annotations, split="test")
         rep["train_seconds"] = train_s

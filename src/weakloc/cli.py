@@ -218,10 +218,17 @@ def train(
     counting: Optional[str] = typer.Option(None, help="Counting head: density (default with counts) | count | both."),
     count_loss: str = typer.Option("poisson", help="poisson | huber"),
     count_weight: float = typer.Option(1.0),
-    density_l1: float = typer.Option(0.01),
-    density_tv: float = typer.Option(0.01),
+    density_l1: float = typer.Option(0.0, help="Weight of the density maps' L1 sparsity."),
+    density_tv: float = typer.Option(0.0, help="Weight of the density maps' total variation."),
     hide_and_seek: float = typer.Option(0.0, help="Hide-and-Seek: probability of hiding each of 4x4 patches (0: off)."),
     cutmix: float = typer.Option(0.0, help="CutMix Beta alpha (0: off)."),
+    align: float = typer.Option(0.0, help="Weight of the feature-class-weight alignment loss (Kim et al. 2022; 0: off)."),
+    consistency: float = typer.Option(0.0, help="Weight of the attentive-dropout consistency loss (0: off)."),
+    teacher: Optional[Path] = typer.Option(None, help="Second stage: learn a localizer from this first-stage model's maps (PSOL)."),
+    teacher_method: Optional[str] = typer.Option(None, help="The teacher's map method (default: its calibrated one, else cam)."),
+    teacher_threshold: Optional[float] = typer.Option(None, help="Pseudo-mask threshold (default: the teacher's calibrated one, else 0.2)."),
+    density_stage: str = typer.Option("-3", help="Stage the density head reads (feature_info index), or 'last' for the last feature map."),
+    density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.train import fine_tune
@@ -238,7 +245,10 @@ def train(
                        head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
                        cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
                        balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
-                       density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix)
+                       density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
+                       align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
+                       teacher_threshold=teacher_threshold, density_hidden=density_hidden,
+                       density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
     if m["skipped_images"]:

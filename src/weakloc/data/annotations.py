@@ -1,6 +1,6 @@
 """Ground truth for evaluation: boxes, optional masks and points, per image.
 
-Readers for COCO JSON and a Pascal VOC XML folder give a :class:`GroundTruth` keyed by image file
+Readers for COCO JSON, a Pascal VOC XML folder and a YOLO dataset give a :class:`GroundTruth` keyed by image file
 name. Boxes are ``x0, y0, x1, y1`` in pixels of the original image. Training never reads these.
 """
 
@@ -214,11 +214,82 @@ def read_voc(folder: str | Path) -> GroundTruth:
     return GroundTruth(images, sorted(classes))
 
 
+def _yolo_names(yaml_file: Path) -> list[str]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(yaml_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{yaml_file}: not valid YAML ({e})") from None
+    names = raw.get("names") if isinstance(raw, dict) else None
+    if isinstance(names, dict):  # {0: fish, 1: ...}
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
+        raise AnnotationError(f"{yaml_file}: needs a 'names' list of class names")
+    return [str(n) for n in names]
+
+
+def read_yolo(root: str | Path) -> GroundTruth:
+    """Read a YOLO dataset: ``data.yaml`` (``names``) and ``labels/*.txt`` beside ``images/``, either
+    directly under ``root`` or under split folders (``root/train/labels``, ``root/valid/labels``, ...).
+
+    Each label line is ``class cx cy w h`` in coordinates normalised by the image size, which is
+    read from the image's header. An empty label file is an image without objects.
+
+    Raises:
+        AnnotationError: naming the file and line, for a malformed line or an unknown class index.
+    """
+    from weakloc.data.images import image_size, is_image_file
+
+    root = Path(root)
+    yaml_file = root if root.is_file() else next((root / n for n in ("data.yaml", "dataset.yaml") if (root / n).is_file()), None)
+    if yaml_file is None:
+        raise AnnotationError(f"{root}: no data.yaml with the class names of a YOLO dataset")
+    root = yaml_file.parent
+    names = _yolo_names(yaml_file)
+    label_dirs = sorted(p for p in [root / "labels", *root.glob("*/labels")] if p.is_dir())
+    if not label_dirs:
+        raise AnnotationError(f"{root}: no labels/ folder of YOLO .txt files")
+    images: dict[str, ImageAnnotation] = {}
+    for label_dir in label_dirs:
+        image_dir = label_dir.parent / "images"
+        by_stem = {p.stem: p for p in image_dir.iterdir() if is_image_file(p)} if image_dir.is_dir() else {}
+        for f in sorted(label_dir.glob("*.txt")):
+            img = by_stem.get(f.stem)
+            if img is None:
+                warnings.warn(f"{f}: no image named {f.stem}.* in {image_dir}; ignored", stacklevel=2)
+                continue
+            w, h = image_size(img)
+            raw, labels = [], []
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                cells = line.split()
+                if not cells:
+                    continue
+                try:
+                    k, cx, cy, bw, bh = int(cells[0]), *map(float, cells[1:5])
+                except (ValueError, TypeError):
+                    raise AnnotationError(f"{f}:{n}: expected 'class cx cy w h', got {line.strip()!r}") from None
+                if len(cells) != 5 or not 0 <= k < len(names):
+                    raise AnnotationError(f"{f}:{n}: expected 'class cx cy w h' with class in 0..{len(names) - 1}, got {line.strip()!r}")
+                raw.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+                labels.append(names[k])
+            boxes, keep = _clean_boxes(raw, w, h, str(f))
+            labels = [labels[i] for i in keep]
+            rel = img.relative_to(root).as_posix()
+            ann = ImageAnnotation(rel, w, h, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels,
+                                  [None] * len(labels), torch.full((len(labels), 2), float("nan")))
+            _add(images, ann, f)
+    return GroundTruth(images, names)
+
+
 def read_annotations(source: str | Path) -> GroundTruth:
-    """COCO JSON file, or a folder (or single file) of VOC XML."""
+    """COCO JSON file, a YOLO dataset (folder with ``data.yaml``), or a folder (or single file) of VOC XML."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".json":
         return read_coco(source)
+    if (source.is_file() and source.suffix.lower() in (".yaml", ".yml")) or (source / "data.yaml").is_file() \
+            or (source / "dataset.yaml").is_file():
+        return read_yolo(source)
     if source.is_dir() and (source / "Annotations").is_dir():
         source = source / "Annotations"
     if source.exists():

@@ -251,6 +251,19 @@ def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: st
     return fused[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, out.logits
 
 
+def localizer_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
+    """The second-stage localizer's object probability maps (sigmoid) for each target: one forward pass."""
+    if layer is not None:
+        raise WeaklocError("localizer maps come from the localizer head; they take no layer")
+    if getattr(model, "localizer", None) is None:
+        raise WeaklocError("this model has no localizer head (train a second stage: weakloc train DATA --teacher FIRST_MODEL)")
+    with torch.no_grad():
+        out = model.forward_maps(images)
+    targets = targets_fn(out.logits)
+    probs = out.localizer.float().sigmoid()
+    return probs.gather(1, targets[..., None, None].expand(-1, -1, *probs.shape[-2:])), targets, out.logits
+
+
 def principal_projection(x: torch.Tensor) -> torch.Tensor:
     """First principal component of each map's channel vectors, as a map.
 

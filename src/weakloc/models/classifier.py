@@ -47,6 +47,14 @@ class ModelConfig:
         positive_class: the "yes" class of a two-class task, else None.
         counting: a counting head beside the classifier: ``density``, ``count`` or ``both``
             (see :class:`~weakloc.models.heads.CountingHead`), or None.
+        density_stage: ``feature_info`` index of the stage the density head reads (None: the last
+            feature map). An earlier stage has a receptive field near an object's size, so its
+            density must come from each object's own pixels and peaks on the instances, where the
+            last map can spread an image-wide count evenly.
+        density_hidden: channels of the density head's 3x3 convolution (0: a 1x1 convolution alone).
+        localizer: a second-stage localizer head (a 1x1 convolution per class, sigmoid maps) trained
+            on pseudo-masks from a first-stage model's maps (PSOL's idea; see ``fine_tune(teacher=)``);
+            its maps are the explanation method ``localizer``.
         decision_threshold: probability above which the positive class is predicted (chosen on
             validation for yes/no tasks; None: the arg-max).
         localization: settings calibrated for ``localize`` (e.g. ``{"threshold": 0.35}``).
@@ -69,6 +77,9 @@ class ModelConfig:
     positive_class: int | None = None
     decision_threshold: float | None = None
     counting: str | None = None
+    density_stage: int | None = None
+    density_hidden: int = 0
+    localizer: bool = False
     localization: dict = field(default_factory=dict)
     format_version: int = 1
 
@@ -104,6 +115,8 @@ class ModelOutput(NamedTuple):
         counts: ``(B, K)`` predicted counts (models with a counting head), else None.
         density: ``(B, K, h, w)`` density maps summing to ``counts`` (density heads), else None.
         head_counts: ``(B, K)`` the pooled count head's own prediction (``count``/``both``), else None.
+        localizer: ``(B, K, h, w)`` the second-stage localizer's logits (sigmoid: object
+            probability per class and position), else None.
     """
 
     logits: torch.Tensor
@@ -113,6 +126,7 @@ class ModelOutput(NamedTuple):
     counts: torch.Tensor | None = None
     density: torch.Tensor | None = None
     head_counts: torch.Tensor | None = None
+    localizer: torch.Tensor | None = None
 
 
 class WeaklocNet(nn.Module):
@@ -139,12 +153,24 @@ class WeaklocNet(nn.Module):
             insert_adl(self.backbone, list(config.adl_stages))
         self.dropout = nn.Dropout2d(config.drop_rate)  # whole channels: same as dropout on pooled features
         self.classifier = nn.Conv2d(self.backbone.num_features, len(config.classes), kernel_size=1)
-        self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting) if config.counting else None
+        info = self.backbone.feature_info
+        dicts = info if isinstance(info, list) else info.get_dicts()
+        n = len(dicts)
+        self._attention_indices: list[int] = []
+        self._density_index: int | None = None
+        self.counting_head = None
+        if config.counting:
+            density_channels = self.backbone.num_features
+            if config.density_stage is not None:
+                if not -n <= config.density_stage < n:
+                    raise WeaklocError(f"density stage {config.density_stage} must be an index in -{n}..{n - 1}")
+                self._density_index = config.density_stage % n
+                density_channels = dicts[self._density_index]["num_chs"]
+            self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting,
+                                              density_channels=density_channels, hidden=config.density_hidden)
+        self.localizer = nn.Conv2d(self.backbone.num_features, len(config.classes), 1) if config.localizer else None
         self.attention_head = None
         if config.head == "attention":
-            info = self.backbone.feature_info
-            dicts = info if isinstance(info, list) else info.get_dicts()
-            n = len(dicts)
             stages = sorted({s % n for s in config.attention_stages if -n <= s < n})
             if len(stages) != len(config.attention_stages) or not stages:
                 raise WeaklocError(f"attention stages {config.attention_stages} must be distinct indices in -{n}..{n - 1}")
@@ -167,8 +193,13 @@ class WeaklocNet(nn.Module):
         (the explanation engine makes it a leaf there).
         """
         local: list[torch.Tensor] = []
-        if self.attention_head is not None:
-            final, local = self.backbone.forward_intermediates(x, indices=self._attention_indices)
+        density_features = None
+        wanted = sorted(set(self._attention_indices) | ({self._density_index} if self._density_index is not None else set()))
+        if wanted:
+            final, inter = self.backbone.forward_intermediates(x, indices=wanted)
+            by_index = dict(zip(wanted, inter))
+            local = [by_index[i] for i in self._attention_indices]
+            density_features = by_index.get(self._density_index)
             f = to_grid(final, self.backbone, tuple(x.shape[-2:]))
         else:
             f = self.features(x)
@@ -184,8 +215,9 @@ class WeaklocNet(nn.Module):
             attention = tuple(attn)
         counts = density = head_counts = None
         if self.counting_head is not None:
-            counts, density, head_counts = self.counting_head(f)
-        return ModelOutput(logits, maps, f, attention, counts, density, head_counts)
+            counts, density, head_counts = self.counting_head(f, density_features)
+        localizer = self.localizer(f) if self.localizer is not None else None
+        return ModelOutput(logits, maps, f, attention, counts, density, head_counts, localizer)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from a last feature map alone ``(N, C, h, w) -> (N, K)`` (not for the attention head,
@@ -210,11 +242,11 @@ class WeaklocNet(nn.Module):
         return logits.softmax(-1) if self.config.task == "single" else logits.sigmoid()
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters that start untrained: classifier, attention head, CBAM blocks (head learning rate,
+        """Parameters that start untrained: classifier, attention, counting and localizer heads, CBAM blocks (head learning rate,
         trained from the first epoch)."""
         cbam = [p for m in self.backbone.modules() if isinstance(m, CBAM) for p in m.parameters()]
         head = list(self.classifier.parameters())
-        for extra in (self.attention_head, self.counting_head):
+        for extra in (self.attention_head, self.counting_head, self.localizer):
             if extra is not None:
                 head += list(extra.parameters())
         return head + cbam

@@ -168,29 +168,40 @@ COUNTING = ("density", "count", "both")
 class CountingHead(nn.Module):
     """Per-class counts beside the classifier.
 
-    ``density``: a 1x1 convolution and a softplus give a non-negative map per class whose sum over
-    positions is the predicted count (the instances are its peaks). ``count``: a linear layer and a
-    softplus on the pooled features. ``both``: both, the density's sum being the prediction.
+    ``density``: a 1x1 convolution (after a 3x3 convolution of ``hidden`` channels, when given) and a
+    softplus give a non-negative map per class whose sum over positions is the predicted count (the
+    instances are its peaks). ``count``: a linear layer and a softplus on the pooled features.
+    ``both``: both, the density's sum being the prediction.
 
     Args:
-        channels: feature channels; num_classes: classes; kind: one of :data:`COUNTING`.
+        channels: channels of the last feature map; num_classes: classes; kind: one of :data:`COUNTING`.
+        density_channels: channels of the map the density reads (default: ``channels``).
+        hidden: width of the density's 3x3 convolution (0: none).
     """
 
-    def __init__(self, channels: int, num_classes: int, kind: str = "density"):
+    def __init__(self, channels: int, num_classes: int, kind: str = "density", density_channels: int | None = None,
+                 hidden: int = 0):
         super().__init__()
         if kind not in COUNTING:
             raise WeaklocError(f"unknown counting head {kind!r}: use one of {', '.join(COUNTING)}")
         self.kind = kind
-        self.density = nn.Conv2d(channels, num_classes, 1) if kind in ("density", "both") else None
+        self.density = last = None
+        if kind in ("density", "both"):
+            c_in = density_channels or channels
+            last = nn.Conv2d(hidden or c_in, num_classes, 1)
+            self.density = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                                         last) if hidden else last
         self.count = nn.Linear(channels, num_classes) if kind in ("count", "both") else None
-        for layer in (self.density, self.count):
+        for layer in (last, self.count):
             if layer is not None:
                 nn.init.constant_(layer.bias, -4.5)  # softplus = 0.011: about one object per 100 positions
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(B, C, h, w)`` -> counts ``(B, K)``, density ``(B, K, h, w)`` or None, the count head's own
-        counts ``(B, K)`` or None."""
-        density = F.softplus(self.density(features)) if self.density is not None else None
+    def forward(self, features: torch.Tensor, density_features: torch.Tensor | None = None):
+        """Last features ``(B, C, h, w)`` (and the density's own input ``(B, C', h', w')``, default the
+        same) -> counts ``(B, K)``, density ``(B, K, h', w')`` or None, the count head's own counts
+        ``(B, K)`` or None."""
+        src = features if density_features is None else density_features
+        density = F.softplus(self.density(src)) if self.density is not None else None
         head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
         counts = density.sum((2, 3)) if density is not None else head
         return counts, density, head

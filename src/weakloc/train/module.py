@@ -13,7 +13,9 @@ import torchmetrics.functional as TMF
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.models.classifier import WeaklocNet
+from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
+from weakloc.train.pseudo import localizer_loss, pseudo_masks
 
 
 @dataclass
@@ -38,6 +40,10 @@ class OptimConfig:
         density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
         hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
         cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
+        align_weight: weight of the feature–class-weight alignment loss (Kim et al. 2022; 0: off),
+            see :func:`~weakloc.train.alignment.alignment_loss`.
+        consistency_weight: weight of the attentive-dropout consistency loss (0: off), see
+            :func:`~weakloc.train.alignment.dropout_consistency_loss`.
     """
 
     lr: float = 2e-3
@@ -51,11 +57,13 @@ class OptimConfig:
     focal_gamma: float = 2.0
     count_loss: str = "poisson"
     count_weight: float = 1.0
-    density_l1: float = 0.01
-    density_tv: float = 0.01
+    density_l1: float = 0.0
+    density_tv: float = 0.0
     hide_prob: float = 0.0
     hide_grid: int = 4
     cutmix_alpha: float = 0.0
+    align_weight: float = 0.0
+    consistency_weight: float = 0.0
 
 
 def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
@@ -70,10 +78,16 @@ def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: f
 class ClassifierModule(pl.LightningModule):
     """Trains a :class:`WeaklocNet` on image-level labels."""
 
-    def __init__(self, model: WeaklocNet, optim: OptimConfig):
+    def __init__(self, model: WeaklocNet, optim: OptimConfig, teacher: WeaklocNet | None = None, teacher_method: str = "cam",
+                 teacher_threshold: float = 0.2):
         super().__init__()
         self.model = model
         self.optim = optim
+        if (teacher is None) != (model.localizer is None):
+            raise ValueError("a localizer head is trained from a teacher, and a teacher needs a model with a localizer head")
+        self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
+        self.teacher_method = teacher_method
+        self.teacher_threshold = teacher_threshold
         self.skipped = 0
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
@@ -83,16 +97,33 @@ class ClassifierModule(pl.LightningModule):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return classification_loss(logits, target, self.model.config.task, self.optim)
 
-    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def on_fit_start(self) -> None:
+        for t in self._teacher:
+            t.to(self.device)
+
+    def _step(self, batch: dict, training: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and the classification targets of a batch (counting targets split off)."""
         out = self.model.forward_maps(batch["image"])
         target = batch["target"]
-        if self.model.counting_head is None:
-            return self.loss(out.logits, target), out.logits, target
         k = self.model.num_classes
-        presence, counts = target[:, :k], target[:, k:]
-        loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.optim)
-        self._count_errors.append((out.counts.detach() - counts).abs())
+        if self.model.counting_head is None:
+            loss, presence = self.loss(out.logits, target), target
+        else:
+            presence, counts = target[:, :k], target[:, k:]
+            loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.optim)
+            self._count_errors.append((out.counts.detach() - counts).abs())
+        o = self.optim
+        if o.align_weight or o.consistency_weight:
+            present = present_classes(presence, k)
+            if o.align_weight:
+                weight = self.model.classifier.weight[:, :, 0, 0]
+                loss = loss + o.align_weight * alignment_loss(out.features, out.class_maps, weight, present)
+            if o.consistency_weight:
+                loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
+        if self._teacher and training:  # validation runs without gradients, which some teacher maps need
+            masks = pseudo_masks(self._teacher[0], batch["image"], tuple(out.localizer.shape[-2:]), self.teacher_method,
+                                 self.teacher_threshold)
+            loss = loss + localizer_loss(out.localizer, masks, present_classes(presence, k))
         return loss, out.logits, presence
 
     def _augment(self, batch: dict) -> dict:
@@ -120,7 +151,7 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int):
         if batch["image"] is None:
             return
-        loss, logits, target = self._step(batch)
+        loss, logits, target = self._step(batch, training=False)
         self.log("val_loss", loss, prog_bar=True, batch_size=len(logits))
         self._val_probs.append(self.model.probabilities(logits.float()).detach())
         self._val_targets.append(target.detach())

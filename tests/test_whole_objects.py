@@ -1,0 +1,138 @@
+"""Whole-object levers: alignment and consistency losses, the PSOL-style localizer stage, and the
+YOLO annotation reader the Aquarium benchmark uses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakloc.errors import AnnotationError, WeaklocError
+from weakloc.explain import explain
+from weakloc.train import fine_tune
+from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
+from weakloc.train.pseudo import localizer_loss, pseudo_masks
+
+
+def _peaked(h=6, w=6):
+    """A (1, 1, h, w) map: 1 on the 2x2 top-left block, 0.6 on the next ring, 0 elsewhere."""
+    m = torch.zeros(1, 1, h, w)
+    m[..., :3, :3] = 0.6
+    m[..., :2, :2] = 1.0
+    return m
+
+
+def test_present_classes_from_indices_multi_hot_and_soft_targets():
+    assert present_classes(torch.tensor([2, 0]), 3).tolist() == [[False, False, True], [True, False, False]]
+    assert present_classes(torch.tensor([[1.0, 0.0, 1.0]]), 3).tolist() == [[True, False, True]]
+    assert present_classes(torch.tensor([[0.3, 0.7, 0.0]]), 3).tolist() == [[True, True, False]]
+
+
+def test_alignment_loss_is_zero_for_aligned_object_and_orthogonal_background():
+    w = torch.tensor([[1.0, 0.0]])  # one class, weight along channel 0
+    cam = _peaked()
+    feats = torch.zeros(1, 2, 6, 6)
+    obj = cam[0, 0] >= 0.5
+    feats[0, 0][obj] = 2.0  # object features along w, equal norms
+    feats[0, 1][~obj] = 1.0  # background orthogonal to w
+    present = torch.tensor([[True]])
+    assert alignment_loss(feats, cam, w, present).item() == pytest.approx(0.0, abs=1e-6)
+    # turn half the object away from w: direction term 0.5 * (1 - cos 90deg) = 0.5 over the object
+    tilted = feats.clone()
+    tilted[0, 0, :3, 2], tilted[0, 1, :3, 2] = 0.0, 2.0
+    loss = alignment_loss(tilted, cam, w, present, norm_weight=0.0)
+    assert loss.item() == pytest.approx(3 / 9, abs=1e-5)  # 3 of the 9 object positions are orthogonal
+    feats.requires_grad_(True)
+    alignment_loss(feats * torch.linspace(0.5, 1.5, 36).view(1, 1, 6, 6), cam, w, present).backward()
+    assert feats.grad.abs().sum() > 0  # the uneven norms are penalised
+    assert alignment_loss(feats, cam, w, torch.tensor([[False]])).item() == 0.0
+
+
+def test_dropout_consistency_zero_when_evidence_is_even_and_positive_when_peaked():
+    present = torch.tensor([[True]])
+    flat = torch.ones(1, 1, 6, 6)
+    assert dropout_consistency_loss(flat, present).item() == pytest.approx(0.0)
+    peaked = _peaked().requires_grad_(True)
+    loss = dropout_consistency_loss(peaked, present)
+    # full mean = (4 * 1 + 5 * 0.6) / 36; kept mean over the 32 positions below 0.8 = 3 / 32
+    assert loss.item() == pytest.approx(abs(3 / 32 - 7 / 36), abs=1e-6)
+    loss.backward()
+    assert peaked.grad[0, 0, 2, 2] < 0  # gradient descent raises the kept object positions
+
+
+def test_pseudo_masks_and_localizer_loss(tiny_model):
+    x = torch.randn(2, 3, 64, 64)
+    masks = pseudo_masks(tiny_model, x, (8, 8), "cam", threshold=0.5)
+    assert masks.shape == (2, 3, 8, 8) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    expected = (explain(tiny_model, x, "cam", target="all", size=(8, 8)).normalized >= 0.5).float()
+    assert torch.equal(masks, expected)
+    present = torch.tensor([[True, False, False], [False, True, True]])
+    perfect = (masks * 2 - 1) * 30
+    assert localizer_loss(perfect, masks, present).item() < 1e-6
+    zero = torch.zeros_like(masks)
+    assert localizer_loss(zero, masks, present).item() == pytest.approx(F.binary_cross_entropy_with_logits(zero, masks).item(), rel=1e-6)
+    with pytest.raises(WeaklocError, match="differ in shape"):
+        localizer_loss(zero[:, :, :4], masks, present)
+
+
+def test_second_stage_trains_a_localizer_from_a_teacher(synth_single, tmp_path):
+    kw = dict(backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=1, freeze_epochs=0,
+              batch_size=8, progress=False, num_workers=0, limit_batches=2)
+    first = fine_tune(synth_single, tmp_path / "first", align_weight=1.0, consistency_weight=1.0, **kw)
+    with pytest.raises(WeaklocError, match="no localizer head"):
+        explain(first.model, torch.randn(1, 3, 64, 64), "localizer")
+    second = fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, **kw)
+    assert second.model.config.localizer
+    h = explain(second.model, torch.randn(2, 3, 64, 64), "localizer", target="all")
+    assert h.raw.shape == (2, 3, 64, 64) and 0 <= h.raw.min() and h.raw.max() <= 1
+    from dataclasses import replace
+
+    from weakloc.data.labels import load_labels
+
+    renamed = replace(load_labels(synth_single), classes=["x", "y", "z"])
+    with pytest.raises(WeaklocError, match="teacher's classes"):
+        fine_tune(renamed, tmp_path / "bad", teacher=first.model_dir, **kw)
+
+
+def test_density_head_on_an_earlier_stage():
+    from weakloc.models import ModelConfig, WeaklocNet
+
+    cfg = ModelConfig(backbone="test_resnet", classes=["a", "b"], task="multi", input_size=64, counting="density", density_stage=-2,
+                      density_hidden=8)
+    model = WeaklocNet(cfg, pretrained="none").eval()
+    out = model.forward_maps(torch.randn(2, 3, 64, 64))
+    reduction = model.backbone.feature_info[-2]["reduction"]
+    assert out.density.shape == (2, 2, 64 // reduction, 64 // reduction)
+    assert torch.allclose(out.counts, out.density.sum((2, 3)))
+    with pytest.raises(WeaklocError, match="density stage 9"):
+        WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a"], task="multi", counting="density", density_stage=9))
+
+
+def _yolo(tmp_path, lines: dict[str, str]):
+    from PIL import Image
+
+    (tmp_path / "data.yaml").write_text("nc: 2\nnames: ['fish', 'shark']\n")
+    for split, text in lines.items():
+        (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / split / "labels").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (200, 100)).save(tmp_path / split / "images" / f"{split}_a.jpg")
+        (tmp_path / split / "labels" / f"{split}_a.txt").write_text(text)
+    return tmp_path
+
+
+def test_yolo_reader_scales_boxes_and_accepts_empty_files(tmp_path):
+    from weakloc.data.annotations import read_annotations
+
+    gt = read_annotations(_yolo(tmp_path, {"train": "0 0.5 0.5 0.2 0.4\n1 0.25 0.25 0.1 0.1\n", "valid": ""}))
+    assert gt.classes == ["fish", "shark"]
+    a = gt.find("train/images/train_a.jpg")
+    assert (a.width, a.height) == (200, 100) and a.labels == ["fish", "shark"]
+    assert torch.allclose(a.boxes, torch.tensor([[80.0, 30.0, 120.0, 70.0], [40.0, 20.0, 60.0, 30.0]]))
+    assert len(gt.find("valid_a.jpg").boxes) == 0
+
+
+@pytest.mark.parametrize("line, message", [("0 0.5 0.5 0.2\n", "expected 'class cx cy w h'"), ("7 0.5 0.5 0.2 0.2\n", "class in 0..1"),
+                                           ("a b c d e\n", "expected 'class cx cy w h'")])
+def test_yolo_reader_names_the_bad_line(tmp_path, line, message):
+    from weakloc.data.annotations import read_yolo
+
+    with pytest.raises(AnnotationError, match=rf"train_a.txt:2: .*{message}"):
+        read_yolo(_yolo(tmp_path, {"train": "0 0.5 0.5 0.2 0.2\n" + line}))
