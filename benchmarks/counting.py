@@ -63,8 +63,11 @@ def main() -> None:
         annotations = args.bccd_root / "BCCD" / "Annotations"
         labels = load_count_labels(write_labels(args.bccd_root, args.out), annotations=annotations, classes=["RBC", "WBC", "Platelets"])
         size = args.image_size or 320
-    results = {}
+    cache = args.out / "results.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}  # heads already measured are kept
     for head in args.heads.split(","):
+        if head in results:
+            continue
         t0 = time.perf_counter()
         res = fine_tune(labels, args.out / head, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
                         seed=args.seed, monitor="val_count_mae", crop_scale=(1.0, 1.0), progress=False, counting=head,
@@ -77,6 +80,7 @@ def main() -> None:
         results[head] = rep
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    results = {h: results[h] for h in args.heads.split(",")}
     first = next(iter(results.values()))
     classes = list(first["counting"]["per_class"])
     print(f"\n{args.dataset} counting, test split ({first['images']} images); {size} px, output stride {args.output_stride}, "

@@ -68,6 +68,16 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "psol": ("psol", "localizer", {}, "second stage on the stride-16 model's pseudo-masks"),
     "align-psol": ("align-psol", "localizer", {}, "second stage on the aligned model's pseudo-masks"),
     "align-tta": ("align", "cam", {"tta": True}, "alignment + consistency, with TTA"),
+    # test-time resolution: the fully convolutional model run on a larger input than it was trained on
+    "cam-640": ("stride32", "cam", {"input_size": 640}, "plain CAM, input 640 px at test time"),
+    "hires-448": ("stride16", "cam", {"input_size": 448}, "stride 16, input 448 px at test time"),
+    "hires-640": ("stride16", "cam", {"input_size": 640}, "stride 16, input 640 px at test time"),
+    "hires-640-positive": ("stride16", "cam", {"input_size": 640, "positive_weights": True}, "... and negative weights clamped"),
+    "hires-640-eigencam": ("stride16", "eigencam", {"input_size": 640}, "... Eigen-CAM instead of CAM"),
+    "hires-640-tta": ("stride16", "cam", {"input_size": 640, "tta": True}, "... with TTA"),
+    "has-640": ("has", "cam", {"input_size": 640}, "Hide-and-Seek, input 640 px at test time"),
+    "psol-640": ("psol", "localizer", {"input_size": 640}, "second stage, input 640 px at test time"),
+    "align-640": ("align", "cam", {"input_size": 640}, "alignment + consistency, input 640 px at test time"),
 }
 
 
@@ -132,10 +142,13 @@ def main() -> None:
         model_name, method, options, _ = ROWS[row]
         path = train(model_name, labels, args, cfg)
         model = load_model(path)
+        options = dict(options)
+        if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
+            model.config.input_size = options.pop("input_size")
         rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
         cal = calibrate(model, labels, gt, per_class=args.per_class, methods=(method,), explain_options=options, seed=args.seed)
         rep5 = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=cal["threshold"])
-        results[row] = {"model": model_name, "method": method, "options": options, "classification": rep["classification"],
+        results[row] = {"model": model_name, "method": method, "options": ROWS[row][2], "classification": rep["classification"],
                         "localization": rep["localization"], "centre": rep["centre_baseline"], "k5_tau": cal["threshold"],
                         "k5_gt_known": rep5["localization"]["GT-known Loc"], "images": rep["images"],
                         "samples": rep["localization_samples"],

@@ -152,3 +152,22 @@ def test_calibrate_from_a_few_boxes(trained, synth_single, tmp_path):
                                  "--per-class", "2", "--methods", "cam,layercam"])
     assert r.exit_code == 0, r.output
     assert "threshold" in r.output and load_model(trained.model_dir).config.localization["per_class"] == 2
+
+
+def test_test_time_input_size_is_calibrated_and_used(trained, synth_single, tmp_path):
+    import shutil
+
+    from weakloc.cli import _load_at_size
+    from weakloc.models import load_model
+
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    train_size = load_model(model_dir).config.input_size
+    r = CliRunner().invoke(app, ["calibrate", str(model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
+                                 "--per-class", "2", "--input-size", str(train_size + 32)])
+    assert r.exit_code == 0, r.output
+    stored = load_model(model_dir).config
+    assert stored.input_size == train_size and stored.localization["input_size"] == train_size + 32
+    assert _load_at_size(model_dir, "cpu", None).config.input_size == train_size + 32
+    assert _load_at_size(model_dir, "cpu", train_size + 64).config.input_size == train_size + 64
+    r = CliRunner().invoke(app, ["localize", str(model_dir), str(synth_single / "images"), "-o", str(tmp_path / "loc")])
+    assert r.exit_code == 0, r.output

@@ -156,6 +156,30 @@ TtaOpt = Annotated[bool, typer.Option(help=TTA_HELP)]
 EigenOpt = Annotated[bool, typer.Option(help=EIGEN_HELP)]
 DtypeOpt = Annotated[Optional[str], typer.Option(help=DTYPE_HELP)]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(help=OPTION_HELP)]
+InputSizeOpt = Annotated[Optional[int], typer.Option(
+    help="Run the model on inputs of this size (test-time resolution; default: the calibrated one, else the training size).")]
+
+
+def _load_at_size(model: Path, device: str | None, input_size: int | None):
+    """The model, set to run at ``input_size`` (else the size ``calibrate`` stored, else its training size)."""
+    from weakloc.models import load_model
+
+    net = load_model(model, _device(device))
+    net.train_size = net.config.input_size
+    size = input_size or net.config.localization.get("input_size")
+    if size:
+        net.config.input_size = int(size)
+    return net
+
+
+def _save_with_size(net, model: Path) -> None:
+    """Save after calibration: a test-time size goes into ``localization``, the training size stays."""
+    from weakloc.models import save_model
+
+    if net.config.input_size != net.train_size:
+        net.config.localization["input_size"] = net.config.input_size
+        net.config.input_size = net.train_size
+    save_model(net.cpu(), model)
 
 
 @app.command()
@@ -271,15 +295,15 @@ def localize(
     eigen_smooth: EigenOpt = False,
     dtype: DtypeOpt = None,
     option: OptionOpt = None,
+    input_size: InputSizeOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
     """Heatmaps, boxes and overlays for images: writes overlays/, detections.json (COCO) and index.html."""
     from weakloc.localize.run import localize_images
-    from weakloc.models import load_model
 
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
-    net = load_model(model, _device(device))
+    net = _load_at_size(model, device, input_size)
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, method=method, target=target, threshold=threshold, keep=keep,
                               batch_size=batch_size, progress=update,
@@ -337,15 +361,15 @@ def evaluate(
     eigen_smooth: EigenOpt = False,
     dtype: DtypeOpt = None,
     option: OptionOpt = None,
+    input_size: InputSizeOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
     from weakloc.evaluate.run import evaluate_model
-    from weakloc.models import load_model, save_model
 
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
-    net = load_model(model, _device(device))
+    net = _load_at_size(model, device, input_size)
     counting = None
     if net.counting_head is not None:
         from weakloc.data.counts import load_count_labels
@@ -374,7 +398,7 @@ def evaluate(
     if calibrate:
         tau = report["localization"]["IoU50_tau"]
         net.config.localization = {"threshold": tau, "method": method, "calibrated_on": report["localization_samples"]}
-        save_model(net.cpu(), model)
+        _save_with_size(net, model)
         console.print(f"calibrated threshold {tau:.2f} stored in {model}")
 
 
@@ -388,16 +412,16 @@ def calibrate(
     split: str = typer.Option("train", help="Split the few annotated images come from."),
     seed: int = typer.Option(0),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
+    input_size: InputSizeOpt = None,
     device: Optional[str] = typer.Option(None),
 ):
     """Choose the box threshold (and map method) from K annotated images per class; `localize` then uses it."""
     from weakloc.evaluate.calibrate import calibrate as run_calibration
-    from weakloc.models import load_model, save_model
 
-    net = load_model(model, _device(device))
+    net = _load_at_size(model, device, input_size)
     res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)),
                           split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
-    save_model(net.cpu(), model)
+    _save_with_size(net, model)
     console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f} "
                   f"(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res["per_method"].items()) + f") stored in {model}")
 
