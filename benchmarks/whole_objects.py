@@ -78,6 +78,12 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "has-640": ("has", "cam", {"input_size": 640}, "Hide-and-Seek, input 640 px at test time"),
     "psol-640": ("psol", "localizer", {"input_size": 640}, "second stage, input 640 px at test time"),
     "align-640": ("align", "cam", {"input_size": 640}, "alignment + consistency, input 640 px at test time"),
+    "x2": ("stride16", "cam", {"input_scale": 2}, "stride 16, input twice the training size at test time"),
+    "x2-eigencam": ("stride16", "eigencam", {"input_scale": 2}, "... Eigen-CAM instead of CAM"),
+    "attention-x2": ("attention", "attention", {"input_scale": 2}, "attention head's maps, input twice the training size"),
+    # K = 5 chooses: five annotated train images per class pick the map and the test-time size
+    "k5-size": ("stride16", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3)}},
+                "K = 5 picks the test-time size (1-3x the training size); CAM, clamped weights"),
 }
 
 
@@ -145,10 +151,20 @@ def main() -> None:
         options = dict(options)
         if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
             model.config.input_size = options.pop("input_size")
+        if "input_scale" in options:
+            model.config.input_size = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
+        method_label = method
+        choose = options.pop("choose", None)
+        if choose:  # a K-shot row: calibration picks the method and the size, the test split is scored with them
+            sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
+            picked = calibrate(model, labels, gt, per_class=args.per_class, methods=choose["methods"], input_sizes=sizes,
+                               explain_options=options, seed=args.seed)
+            method, model.config.input_size = picked["method"], picked["input_size"]
+            method_label = f"{method} @ {picked['input_size']} px"
         rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
         cal = calibrate(model, labels, gt, per_class=args.per_class, methods=(method,), explain_options=options, seed=args.seed)
         rep5 = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=cal["threshold"])
-        results[row] = {"model": model_name, "method": method, "options": ROWS[row][2], "classification": rep["classification"],
+        results[row] = {"model": model_name, "method": method_label, "options": ROWS[row][2], "classification": rep["classification"],
                         "localization": rep["localization"], "centre": rep["centre_baseline"], "k5_tau": cal["threshold"],
                         "k5_gt_known": rep5["localization"]["GT-known Loc"], "images": rep["images"],
                         "samples": rep["localization_samples"],

@@ -163,11 +163,18 @@ def test_test_time_input_size_is_calibrated_and_used(trained, synth_single, tmp_
     model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
     train_size = load_model(model_dir).config.input_size
     r = CliRunner().invoke(app, ["calibrate", str(model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
-                                 "--per-class", "2", "--input-size", str(train_size + 32)])
+                                 "--per-class", "2", "--input-sizes", str(train_size + 32)])
     assert r.exit_code == 0, r.output
     stored = load_model(model_dir).config
     assert stored.input_size == train_size and stored.localization["input_size"] == train_size + 32
     assert _load_at_size(model_dir, "cpu", None).config.input_size == train_size + 32
+    from weakloc.evaluate.calibrate import calibrate
+
+    net = load_model(model_dir)
+    res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, input_sizes=(train_size, train_size + 32))
+    assert res["input_size"] in (train_size, train_size + 32) and net.config.input_size == train_size
+    assert set(res["per_method"]) == {f"cam@{train_size}", f"cam@{train_size + 32}"}
+    assert net.config.localization.get("input_size", train_size) == res["input_size"]
     assert _load_at_size(model_dir, "cpu", train_size + 64).config.input_size == train_size + 64
     r = CliRunner().invoke(app, ["localize", str(model_dir), str(synth_single / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output

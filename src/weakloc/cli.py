@@ -412,17 +412,20 @@ def calibrate(
     split: str = typer.Option("train", help="Split the few annotated images come from."),
     seed: int = typer.Option(0),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
-    input_size: InputSizeOpt = None,
+    input_sizes: Optional[str] = typer.Option(None, help="Test-time input sizes to choose from as well, e.g. 256,512,768."),
     device: Optional[str] = typer.Option(None),
 ):
     """Choose the box threshold (and map method) from K annotated images per class; `localize` then uses it."""
     from weakloc.evaluate.calibrate import calibrate as run_calibration
 
-    net = _load_at_size(model, device, input_size)
-    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)),
-                          split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
-    _save_with_size(net, model)
-    console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f} "
+    from weakloc.models import load_model, save_model
+
+    net = load_model(model, _device(device))
+    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)), split=split, seed=seed,
+                          gt_class=_parse_gt_class(gt_class), input_sizes=tuple(_int_list(input_sizes, "--input-sizes")) or None)
+    save_model(net.cpu(), model)
+    console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f}, "
+                  f"input size {res['input_size']} "
                   f"(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res["per_method"].items()) + f") stored in {model}")
 
 

@@ -4,6 +4,8 @@ Yan et al. 2019), CBAM (Woo et al. 2018), ADL (Choe & Shim 2019), thresholded av
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,15 +194,24 @@ class CountingHead(nn.Module):
             self.density = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
                                          last) if hidden else last
         self.count = nn.Linear(channels, num_classes) if kind in ("count", "both") else None
-        for layer in (last, self.count):
-            if layer is not None:
-                nn.init.constant_(layer.bias, -4.5)  # softplus = 0.011: about one object per 100 positions
+        if self.count is not None:
+            nn.init.constant_(self.count.bias, -4.5)
+        # The density's bias is set on the first training batch, when the map's size is known, so that
+        # every map starts at one object in all (a fixed bias would start a 32x32 map at 10x the count
+        # of an 8x8 one). Not saved: a loaded model is already trained.
+        self.register_buffer("_bias_pending", torch.tensor(last is not None), persistent=False)
 
     def forward(self, features: torch.Tensor, density_features: torch.Tensor | None = None):
         """Last features ``(B, C, h, w)`` (and the density's own input ``(B, C', h', w')``, default the
         same) -> counts ``(B, K)``, density ``(B, K, h', w')`` or None, the count head's own counts
         ``(B, K)`` or None."""
         src = features if density_features is None else density_features
+        if self.training and self._bias_pending:
+            with torch.no_grad():
+                positions = src.shape[-2] * src.shape[-1]
+                last = self.density[-1] if isinstance(self.density, nn.Sequential) else self.density
+                last.bias.fill_(math.log(math.expm1(1.0 / positions)))  # softplus^-1(1 / positions)
+                self._bias_pending.fill_(False)
         density = F.softplus(self.density(src)) if self.density is not None else None
         head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
         counts = density.sum((2, 3)) if density is not None else head
