@@ -149,17 +149,18 @@ def main() -> None:
         path = train(model_name, labels, args, cfg)
         model = load_model(path)
         options = dict(options)
+        model.config.localization.pop("input_size", None)  # rows state their test-time size; default: the training size
         if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
-            model.config.input_size = options.pop("input_size")
+            model.config.localization["input_size"] = options.pop("input_size")
         if "input_scale" in options:
-            model.config.input_size = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
+            model.config.localization["input_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
         method_label = method
         choose = options.pop("choose", None)
         if choose:  # a K-shot row: calibration picks the method and the size, the test split is scored with them
             sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
             picked = calibrate(model, labels, gt, per_class=args.per_class, methods=choose["methods"], input_sizes=sizes,
                                explain_options=options, seed=args.seed)
-            method, model.config.input_size = picked["method"], picked["input_size"]
+            method = picked["method"]  # calibrate stored the picked size in model.config.localization
             method_label = f"{method} @ {picked['input_size']} px"
         rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
         cal = calibrate(model, labels, gt, per_class=args.per_class, methods=(method,), explain_options=options, seed=args.seed)

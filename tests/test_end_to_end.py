@@ -83,7 +83,9 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     maps = load_file(str(tmp_path / "exp" / "maps.safetensors"))
     first = sorted(k for k in maps if k.endswith(".normalized"))[0]
-    assert maps[first].shape == (2, 64, 64) and 0 <= maps[first].min() and maps[first].max() <= 1
+    # maps come at the default test-time size: twice the 64-px training size, stored in the model
+    assert json.loads((model / "config.json").read_text())["localization"]["input_size"] == 128
+    assert maps[first].shape == (2, 128, 128) and 0 <= maps[first].min() and maps[first].max() <= 1
     assert len(list((tmp_path / "exp" / "overlays").glob("*.png"))) == 2 * 24
     few = [str(p) for p in sorted((data / "images").iterdir())[:2]]
     r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc2"), "--method", "scorecam",
@@ -167,14 +169,15 @@ def test_test_time_input_size_is_calibrated_and_used(trained, synth_single, tmp_
     assert r.exit_code == 0, r.output
     stored = load_model(model_dir).config
     assert stored.input_size == train_size and stored.localization["input_size"] == train_size + 32
-    assert _load_at_size(model_dir, "cpu", None).config.input_size == train_size + 32
+    assert _load_at_size(model_dir, "cpu", None).config.inference_size() == train_size + 32
     from weakloc.evaluate.calibrate import calibrate
 
     net = load_model(model_dir)
     res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, input_sizes=(train_size, train_size + 32))
     assert res["input_size"] in (train_size, train_size + 32) and net.config.input_size == train_size
+    assert net.config.inference_size() == res["input_size"]
     assert set(res["per_method"]) == {f"cam@{train_size}", f"cam@{train_size + 32}"}
     assert net.config.localization.get("input_size", train_size) == res["input_size"]
-    assert _load_at_size(model_dir, "cpu", train_size + 64).config.input_size == train_size + 64
+    assert _load_at_size(model_dir, "cpu", train_size + 64).config.inference_size() == train_size + 64
     r = CliRunner().invoke(app, ["localize", str(model_dir), str(synth_single / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output

@@ -165,21 +165,9 @@ def _load_at_size(model: Path, device: str | None, input_size: int | None):
     from weakloc.models import load_model
 
     net = load_model(model, _device(device))
-    net.train_size = net.config.input_size
-    size = input_size or net.config.localization.get("input_size")
-    if size:
-        net.config.input_size = int(size)
+    if input_size:
+        net.config.localization["input_size"] = int(input_size)
     return net
-
-
-def _save_with_size(net, model: Path) -> None:
-    """Save after calibration: a test-time size goes into ``localization``, the training size stays."""
-    from weakloc.models import save_model
-
-    if net.config.input_size != net.train_size:
-        net.config.localization["input_size"] = net.config.input_size
-        net.config.input_size = net.train_size
-    save_model(net.cpu(), model)
 
 
 @app.command()
@@ -397,8 +385,11 @@ def evaluate(
         console.print(f"report written to {out}")
     if calibrate:
         tau = report["localization"]["IoU50_tau"]
-        net.config.localization = {"threshold": tau, "method": method, "calibrated_on": report["localization_samples"]}
-        _save_with_size(net, model)
+        net.config.localization = {**net.config.localization, "threshold": tau, "method": method,
+                                   "calibrated_on": report["localization_samples"]}
+        from weakloc.models import save_model
+
+        save_model(net.cpu(), model)
         console.print(f"calibrated threshold {tau:.2f} stored in {model}")
 
 

@@ -49,7 +49,7 @@ def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int 
     train_idx = [i for i, s in enumerate(labels.splits) if s == "train"][:CALIBRATION_IMAGES]
     calib = evaluate_model(model, labels.subset(train_idx), data / "annotations.json", method=methods[0], split="all")
     tau = calib["localization"]["IoU50_tau"]
-    model.config.localization = {"threshold": tau, "method": methods[0], "calibrated_on": len(train_idx),
+    model.config.localization = {**model.config.localization, "threshold": tau, "method": methods[0], "calibrated_on": len(train_idx),
                                  "note": "demo: best IoU-50 threshold on training images' boxes"}
     save_model(model, result.model_dir)
     reports = {}

@@ -43,7 +43,7 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
         input_sizes: test-time input sizes to choose from as well (a fully convolutional model run
             on a larger input than it was trained on gives denser maps; small objects gain most).
             The chosen size is stored as ``localization["input_size"]`` when it differs from the
-            training size; ``model.config.input_size`` is left as trained.
+            training size (default candidates: the model's current inference size alone).
 
     Returns:
         ``{"method", "threshold", "input_size", "images", "per_method": {method or method@size: MaxBoxAccV2}}``.
@@ -62,22 +62,23 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     if not idx:
         raise WeaklocError(f"no {split} image has a box of a model class to calibrate on")
     subset = labeled.subset(idx)
-    trained_size = cfg.input_size
-    sizes = tuple(input_sizes) if input_sizes else (trained_size,)
+    current = dict(cfg.localization)
+    sizes = tuple(input_sizes) if input_sizes else (cfg.inference_size(),)
     reports = {}
     try:
         for size in sizes:
-            cfg.input_size = int(size)
+            cfg.localization = {**current, "input_size": int(size)}
             for m in methods:
                 reports[(m, int(size))] = evaluate_model(model, subset, gt, method=m, split="all", gt_class=gt_class,
                                                          explain_options=explain_options)
     finally:
-        cfg.input_size = trained_size
+        cfg.localization = current
     best = max(reports, key=lambda key: reports[key]["localization"]["MaxBoxAccV2"])
     method, size = best
     tau = reports[best]["localization"]["IoU50_tau"]
-    cfg.localization = {"threshold": tau, "method": method, "calibrated_on": len(idx), "per_class": per_class}
-    if size != trained_size:
+    cfg.localization = {**current, "threshold": tau, "method": method, "calibrated_on": len(idx), "per_class": per_class}
+    cfg.localization.pop("input_size", None)
+    if size != cfg.input_size:
         cfg.localization["input_size"] = size
     label = (lambda m, z: m) if len(sizes) == 1 else (lambda m, z: f"{m}@{z}")  # noqa: E731
     return {"method": method, "threshold": tau, "input_size": size, "images": len(idx),

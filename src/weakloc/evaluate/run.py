@@ -118,7 +118,7 @@ def evaluate_model(
     mapping = class_mapping(cfg.classes, gt.classes, gt_class)
     if not mapping:
         raise WeaklocError(f"no annotation class matches a model class (annotations: {gt.classes}; model: {cfg.classes}); use --gt-class GT=MODEL")
-    size = cfg.input_size
+    size = cfg.inference_size()
     samples, unmatched = _samples(labeled, gt, mapping, size, cfg.positive_class)
     if not samples:
         raise WeaklocError(f"none of the {len(labeled)} images has an annotation of an evaluated class")

@@ -31,7 +31,7 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
     cfg = model.config
     out = Path(out)
     paths = list_images(images)
-    loader = DataLoader(PredictDataset(paths, cfg.input_size, cfg.mean, cfg.std), batch_size=batch_size, collate_fn=collate_list)
+    loader = DataLoader(PredictDataset(paths, cfg.inference_size(), cfg.mean, cfg.std), batch_size=batch_size, collate_fn=collate_list)
     tensors: dict[str, torch.Tensor] = {}
     index = {"method": method, "classes": cfg.classes, "images": [], "skipped": []}
     cards = []

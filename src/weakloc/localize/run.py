@@ -77,7 +77,7 @@ def localize_images(
         threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
     target = default_target(model) if target is None else target
     out = Path(out) if out is not None else None
-    loader = DataLoader(PredictDataset(paths, cfg.input_size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
+    loader = DataLoader(PredictDataset(paths, cfg.inference_size(), cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
     result = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": c} for k, c in enumerate(cfg.classes)], "skipped": []}
     cards = []
     done = 0
@@ -104,7 +104,7 @@ def localize_images(
 def _count_batch(model, good, paths, result, cards, out, device) -> None:
     """Counting models: counts, and numbered instances from the density (or CAM) peaks."""
     cfg = model.config
-    size = cfg.input_size
+    size = cfg.inference_size()
     x = torch.stack([b[1] for b in good]).to(device)
     with torch.no_grad():
         o = model.forward_maps(x)

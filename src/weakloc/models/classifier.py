@@ -57,7 +57,8 @@ class ModelConfig:
             its maps are the explanation method ``localizer``.
         decision_threshold: probability above which the positive class is predicted (chosen on
             validation for yes/no tasks; None: the arg-max).
-        localization: settings calibrated for ``localize`` (e.g. ``{"threshold": 0.35}``).
+        localization: settings for ``localize`` / ``evaluate``: the calibrated ``threshold`` and
+            ``method``, and the test-time ``input_size`` (see :meth:`inference_size`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -82,6 +83,13 @@ class ModelConfig:
     localizer: bool = False
     localization: dict = field(default_factory=dict)
     format_version: int = 1
+
+    def inference_size(self) -> int:
+        """Side of the input for maps, boxes and predictions: the test-time size stored in
+        ``localization["input_size"]`` (by ``fine_tune``'s ``test_scale`` or ``weakloc calibrate``),
+        else the training size. A fully convolutional model run on a larger input than it was
+        trained on gives denser maps (docs/results.md)."""
+        return int(self.localization.get("input_size") or self.input_size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
