@@ -226,6 +226,16 @@ def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = 
     return maps.gather(1, idx), targets, out.logits
 
 
+def _head_forward(model, images: torch.Tensor, layer: str | None, attribute: str, head: str, how: str):
+    """One no-grad forward of a model whose maps come from its own ``head`` (checked to exist)."""
+    if layer is not None:
+        raise WeaklocError(f"{head} maps come from the {head} head; they take no layer")
+    if getattr(model, attribute, None) is None:
+        raise WeaklocError(f"this model has no {head} head ({how})")
+    with torch.no_grad():
+        return model.forward_maps(images)
+
+
 def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, stage: int | None = None):
     """The attention head's own maps (class-agnostic): one forward pass.
 
@@ -233,12 +243,7 @@ def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: st
         stage: which attended stage (index into the model's ``attention_stages``); default: the
             mean of all stages' maps, each scaled to [0, 1] and resized to the finest grid.
     """
-    if layer is not None:
-        raise WeaklocError("attention maps come from the attention head; they take no layer")
-    if getattr(model, "attention_head", None) is None:
-        raise WeaklocError("this model has no attention head (train with --head attention)")
-    with torch.no_grad():
-        out = model.forward_maps(images)
+    out = _head_forward(model, images, layer, "attention_head", "attention", "train with --head attention")
     maps = list(out.attention)
     if stage is not None:
         if not -len(maps) <= stage < len(maps):
@@ -253,12 +258,7 @@ def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: st
 
 def localizer_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
     """The second-stage localizer's object probability maps (sigmoid) for each target: one forward pass."""
-    if layer is not None:
-        raise WeaklocError("localizer maps come from the localizer head; they take no layer")
-    if getattr(model, "localizer", None) is None:
-        raise WeaklocError("this model has no localizer head (train a second stage: weakloc train DATA --teacher FIRST_MODEL)")
-    with torch.no_grad():
-        out = model.forward_maps(images)
+    out = _head_forward(model, images, layer, "localizer", "localizer", "train a second stage: weakloc train DATA --teacher FIRST_MODEL")
     targets = targets_fn(out.logits)
     probs = out.localizer.float().sigmoid()
     return probs.gather(1, targets[..., None, None].expand(-1, -1, *probs.shape[-2:])), targets, out.logits

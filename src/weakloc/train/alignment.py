@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from weakloc.explain.maps import normalize_minmax
+
 
 def present_classes(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(B, K)`` bool of the classes present in each image: from ``(B,)`` indices, ``(B, K)``
@@ -21,12 +23,6 @@ def present_classes(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     if target.dim() == 1:
         return F.one_hot(target.long(), num_classes).bool()
     return target[:, :num_classes] > 0
-
-
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(-2)
-    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-6)).view_as(maps)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +49,7 @@ def alignment_loss(features: torch.Tensor, class_maps: torch.Tensor, weight: tor
     """
     if not present.any():
         return features.new_zeros(())
-    a = _minmax(class_maps.detach().float())
+    a = normalize_minmax(class_maps.detach().float())
     cos = torch.einsum("bchw,kc->bkhw", F.normalize(features.float(), dim=1), F.normalize(weight.float(), dim=1))
     fg_mask, bg_mask = a >= fg, a <= bg
     sim = _masked_mean(1 - cos, fg_mask) + _masked_mean(cos.clamp_min(0), bg_mask)  # (B, K)
@@ -79,7 +75,7 @@ def dropout_consistency_loss(class_maps: torch.Tensor, present: torch.Tensor, dr
     if not present.any():
         return class_maps.new_zeros(())
     maps = class_maps.float()
-    a = _minmax(maps.detach())
+    a = normalize_minmax(maps.detach())
     top = torch.where(present[..., None, None], a, torch.zeros_like(a)).amax(1, keepdim=True) >= drop  # (B, 1, h, w)
     kept = (~top).expand_as(maps)
     full = maps.flatten(-2).mean(-1).detach()
