@@ -241,6 +241,7 @@ def train(
     teacher_threshold: Optional[float] = typer.Option(None, help="Pseudo-mask threshold (default: the teacher's calibrated one, else 0.2)."),
     density_stage: str = typer.Option("-3", help="Stage the density head reads (feature_info index), or 'last' for the last feature map."),
     density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
+    test_scale: float = typer.Option(2.0, help="Maps and boxes are made on inputs this many times the training size (1: same)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.train import fine_tune
@@ -259,7 +260,7 @@ def train(
                        balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
                        density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
                        align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
-                       teacher_threshold=teacher_threshold, density_hidden=density_hidden,
+                       teacher_threshold=teacher_threshold, density_hidden=density_hidden, test_scale=test_scale,
                        density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
