@@ -102,6 +102,8 @@ def test_density_head_on_an_earlier_stage():
     reduction = model.backbone.feature_info[-2]["reduction"]
     assert out.density.shape == (2, 2, 64 // reduction, 64 // reduction)
     assert torch.allclose(out.counts, out.density.sum((2, 3)))
+    positions = (64 // reduction) ** 2  # the density's bias starts each map at one object in all
+    assert torch.allclose(F.softplus(model.counting_head.density[-1].bias) * positions, torch.ones(2))
     with pytest.raises(WeaklocError, match="density stage 9"):
         WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a"], task="multi", counting="density", density_stage=9))
 

@@ -8,6 +8,7 @@ tensor *is* the class activation map of every class -- CAM for all classes at no
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -174,8 +175,10 @@ class WeaklocNet(nn.Module):
                     raise WeaklocError(f"density stage {config.density_stage} must be an index in -{n}..{n - 1}")
                 self._density_index = config.density_stage % n
                 density_channels = dicts[self._density_index]["num_chs"]
+            reduction = dicts[-1 if self._density_index is None else self._density_index].get("reduction")
+            positions = math.ceil(config.input_size / reduction) ** 2 if reduction else None
             self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting,
-                                              density_channels=density_channels, hidden=config.density_hidden)
+                                              density_channels=density_channels, hidden=config.density_hidden, positions=positions)
         self.localizer = nn.Conv2d(self.backbone.num_features, len(config.classes), 1) if config.localizer else None
         self.attention_head = None
         if config.head == "attention":
@@ -185,6 +188,8 @@ class WeaklocNet(nn.Module):
             self._attention_indices = stages
             self.attention_head = AttentionHead([dicts[s]["num_chs"] for s in stages], self.backbone.num_features,
                                                 len(config.classes), normalize=config.attention_norm)
+        # the stages one forward pass must return besides the last map (attention and density inputs)
+        self._intermediate_indices = sorted(set(self._attention_indices) | ({self._density_index} - {None}))
 
     @property
     def num_classes(self) -> int:
@@ -202,7 +207,7 @@ class WeaklocNet(nn.Module):
         """
         local: list[torch.Tensor] = []
         density_features = None
-        wanted = sorted(set(self._attention_indices) | ({self._density_index} if self._density_index is not None else set()))
+        wanted = self._intermediate_indices
         if wanted:
             final, inter = self.backbone.forward_intermediates(x, indices=wanted)
             by_index = dict(zip(wanted, inter))

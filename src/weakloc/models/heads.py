@@ -179,10 +179,13 @@ class CountingHead(nn.Module):
         channels: channels of the last feature map; num_classes: classes; kind: one of :data:`COUNTING`.
         density_channels: channels of the map the density reads (default: ``channels``).
         hidden: width of the density's 3x3 convolution (0: none).
+        positions: ``h' * w'`` of the density map at the training size: the density's bias then
+            starts every map at one object in all (a fixed bias would start a 32x32 map at 16x the
+            count of an 8x8 one); None keeps a fixed bias of -4.5.
     """
 
     def __init__(self, channels: int, num_classes: int, kind: str = "density", density_channels: int | None = None,
-                 hidden: int = 0):
+                 hidden: int = 0, positions: int | None = None):
         super().__init__()
         if kind not in COUNTING:
             raise WeaklocError(f"unknown counting head {kind!r}: use one of {', '.join(COUNTING)}")
@@ -196,22 +199,14 @@ class CountingHead(nn.Module):
         self.count = nn.Linear(channels, num_classes) if kind in ("count", "both") else None
         if self.count is not None:
             nn.init.constant_(self.count.bias, -4.5)
-        # The density's bias is set on the first training batch, when the map's size is known, so that
-        # every map starts at one object in all (a fixed bias would start a 32x32 map at 10x the count
-        # of an 8x8 one). Not saved: a loaded model is already trained.
-        self.register_buffer("_bias_pending", torch.tensor(last is not None), persistent=False)
+        if last is not None:
+            nn.init.constant_(last.bias, math.log(math.expm1(1.0 / positions)) if positions else -4.5)  # softplus^-1
 
     def forward(self, features: torch.Tensor, density_features: torch.Tensor | None = None):
         """Last features ``(B, C, h, w)`` (and the density's own input ``(B, C', h', w')``, default the
         same) -> counts ``(B, K)``, density ``(B, K, h', w')`` or None, the count head's own counts
         ``(B, K)`` or None."""
         src = features if density_features is None else density_features
-        if self.training and self._bias_pending:
-            with torch.no_grad():
-                positions = src.shape[-2] * src.shape[-1]
-                last = self.density[-1] if isinstance(self.density, nn.Sequential) else self.density
-                last.bias.fill_(math.log(math.expm1(1.0 / positions)))  # softplus^-1(1 / positions)
-                self._bias_pending.fill_(False)
         density = F.softplus(self.density(src)) if self.density is not None else None
         head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
         counts = density.sum((2, 3)) if density is not None else head
