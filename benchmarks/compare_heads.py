@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels  # noqa: E402
 
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
                                            "localization": rep["localization"], "centre": rep["centre_baseline"],
                                            "images": rep["images"], "samples": rep["localization_samples"]}
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    device = machine_name()
     first = next(iter(results.values()))
     print(f"\n{args.dataset}, {split} split ({first['images']} images, {first['samples']} scored); {size} px, {args.epochs} epochs each; {device}")
     print("| model | map | accuracy | ROC-AUC | MaxBoxAccV2 | IoU30/50/70 | PxAP | train s |")

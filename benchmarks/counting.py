@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels  # noqa: E402
 
 from weakloc.data.counts import load_count_labels  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> None:
         rep["train_seconds"] = train_s
         results[head] = rep
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    device = machine_name()
     results = {h: results[h] for h in args.heads.split(",")}
     first = next(iter(results.values()))
     classes = list(first["counting"]["per_class"])

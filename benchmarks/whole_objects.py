@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels as write_bccd_labels  # noqa: E402
 
 from weakloc.data.annotations import read_annotations  # noqa: E402
@@ -172,7 +171,7 @@ def main() -> None:
                         "train_seconds": float((args.out / model_name / "train_seconds.txt").read_text()) if (args.out / model_name / "train_seconds.txt").is_file() else None}
         cache.write_text(json.dumps(results, indent=2))
         print(f"{row}: MaxBoxAccV2 {rep['localization']['MaxBoxAccV2']:.1f}", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    device = machine_name()
     rows = [r for r in args.rows.split(",") if r in results]
     first = results[rows[0]]
     plain = results.get("cam", {}).get("localization", {}).get("MaxBoxAccV2")
