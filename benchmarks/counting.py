@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--count-loss", default="poisson")
     ap.add_argument("--density-stage", default="-3", help="feature_info index, or 'last'")
     ap.add_argument("--density-hidden", type=int, default=64)
+    ap.add_argument("--no-density-context", action="store_true", help="the density head reads its stage alone")
     ap.add_argument("--density-l1", type=float, default=0.0)
     ap.add_argument("--density-tv", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -71,6 +72,7 @@ def main() -> None:
         res = fine_tune(labels, args.out / head, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
                         seed=args.seed, monitor="val_count_mae", crop_scale=(1.0, 1.0), progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
+                        density_context=not args.no_density_context,
                         density_l1=args.density_l1, density_tv=args.density_tv, lr=args.lr,
                         backbone_lr=tuple(float(v) for v in args.backbone_lr.split(",")) if args.backbone_lr else None)
         train_s = time.perf_counter() - t0

@@ -74,6 +74,12 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "hires-640-positive": ("stride16", "cam", {"input_size": 640, "positive_weights": True}, "... and negative weights clamped"),
     "hires-640-eigencam": ("stride16", "eigencam", {"input_size": 640}, "... Eigen-CAM instead of CAM"),
     "hires-640-tta": ("stride16", "cam", {"input_size": 640, "tta": True}, "... with TTA"),
+    "cam-640-positive": ("stride32", "cam", {"input_size": 640, "positive_weights": True}, "plain CAM at 640 px, negative weights clamped"),
+    "hires-640-positive-pas": ("stride16", "cam", {"input_size": 640, "positive_weights": True, "normalization": "pas"},
+                               "stride 16, 640 px, clamped weights, percentile normalisation"),
+    "hires-640-positive-tta": ("stride16", "cam", {"input_size": 640, "positive_weights": True, "tta": True},
+                               "stride 16, 640 px, clamped weights, TTA"),
+    "hires-800-positive": ("stride16", "cam", {"input_size": 800, "positive_weights": True}, "stride 16, 800 px, clamped weights"),
     "has-640": ("has", "cam", {"input_size": 640}, "Hide-and-Seek, input 640 px at test time"),
     "psol-640": ("psol", "localizer", {"input_size": 640}, "second stage, input 640 px at test time"),
     "align-640": ("align", "cam", {"input_size": 640}, "alignment + consistency, input 640 px at test time"),
@@ -149,6 +155,7 @@ def main() -> None:
         model = load_model(path)
         options = dict(options)
         model.config.localization.pop("input_size", None)  # rows state their test-time size; default: the training size
+        model.config.localization.pop("options", None)  # ... and their map options (fine_tune stores defaults)
         if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
             model.config.localization["input_size"] = options.pop("input_size")
         if "input_scale" in options:

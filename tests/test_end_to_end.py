@@ -181,3 +181,36 @@ def test_test_time_input_size_is_calibrated_and_used(trained, synth_single, tmp_
     assert _load_at_size(model_dir, "cpu", train_size + 64).config.inference_size() == train_size + 64
     r = CliRunner().invoke(app, ["localize", str(model_dir), str(synth_single / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output
+
+
+def test_stored_map_options_are_the_default_path(trained, synth_single, tmp_path):
+    import shutil
+
+    import torch
+
+    from weakloc.evaluate.calibrate import calibrate
+    from weakloc.explain import explain
+    from weakloc.models import load_model
+
+    net = load_model(trained.model_dir)
+    assert net.config.localization["options"] == {"cam": {"positive_weights": True}}  # fine_tune's default
+    assert net.config.map_options("cam") == {"positive_weights": True}
+    assert net.config.map_options("cam", {"positive_weights": False}) == {"positive_weights": False}  # the caller wins
+    assert net.config.map_options("gradcam") == {}
+    # evaluate's CAM is the clamped-weights CAM unless told otherwise
+    kw = dict(method="cam", split="val")
+    stored = evaluate_model(net, synth_single, synth_single / "annotations.json", **kw)["localization"]["MaxBoxAccV2"]
+    clamped = evaluate_model(net, synth_single, synth_single / "annotations.json", explain_options={"positive_weights": True},
+                             **kw)["localization"]["MaxBoxAccV2"]
+    assert stored == clamped
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(explain(net, x, "cam", positive_weights=True).raw, explain(net, x, "cam").raw)
+    # calibrate picks a normalisation from the K boxes and stores it beside the stored options
+    res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, normalizations=("minmax", "pas"))
+    assert res["normalization"] in ("minmax", "pas") and set(res["per_method"]) == {"cam/minmax", "cam/pas"}
+    assert net.config.localization["options"]["cam"] == {"positive_weights": True, "normalization": res["normalization"]}
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    r = CliRunner().invoke(app, ["calibrate", str(model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
+                                 "--per-class", "2", "--normalizations", "minmax,ivr"])
+    assert r.exit_code == 0, r.output
+    assert load_model(model_dir).config.localization["options"]["cam"]["normalization"] in ("minmax", "ivr")

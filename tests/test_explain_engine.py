@@ -245,6 +245,17 @@ def test_wsol_normalisations_on_a_hand_case():
         normalize_maps(m, "zscore")
 
 
+def test_rowwise_quantile_matches_torch_and_takes_large_batches():
+    from weakloc.explain.maps import normalize_maps, rowwise_quantile
+
+    x = torch.randn(3, 4, 101)
+    for q in (0.0, 0.25, 0.4, 0.9, 0.99, 1.0):
+        assert torch.allclose(rowwise_quantile(x, q), torch.quantile(x, q, dim=-1, keepdim=True), atol=1e-6)
+    big = torch.rand(9, 1, 1400, 1400)  # 17.6M values: more than torch.quantile accepts
+    out = normalize_maps(big, "pas")
+    assert out.shape == big.shape and out.amax() == 1
+
+
 def test_explain_takes_a_normalisation(tiny_model, x):
     h = explain(tiny_model, x, "cam", normalization="ivr:0.5")
     assert h.normalized.amax() <= 1 and (h.normalized == 0).float().mean() >= 0.45

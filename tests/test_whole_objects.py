@@ -108,6 +108,28 @@ def test_density_head_on_an_earlier_stage():
         WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a"], task="multi", counting="density", density_stage=9))
 
 
+def test_density_head_reads_the_last_map_as_context():
+    from weakloc.models import ModelConfig, WeaklocNet
+
+    cfg = ModelConfig(backbone="test_resnet", classes=["a", "b"], task="multi", input_size=64, counting="density", density_stage=-2,
+                      density_hidden=8, density_context=True)
+    model = WeaklocNet(cfg, pretrained="none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = model.forward_maps(x)
+    assert torch.allclose(out.counts, out.density.sum((2, 3)))
+    # the context path is live: the last map changes the density, and gradients reach its 1x1 conv
+    with torch.no_grad():
+        model.counting_head.context.weight.zero_()
+    flat = model.forward_maps(x).density
+    assert not torch.allclose(flat, out.density)
+    model.train()
+    model.forward_maps(x).counts.sum().backward()
+    assert model.counting_head.context.weight.grad.abs().sum() > 0
+    with pytest.raises(WeaklocError, match="hidden width"):
+        WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a"], task="multi", counting="density", density_stage=-2,
+                               density_hidden=0, density_context=True), pretrained="none")
+
+
 def _yolo(tmp_path, lines: dict[str, str]):
     from PIL import Image
 

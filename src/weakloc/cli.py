@@ -241,6 +241,7 @@ def train(
     teacher_threshold: Optional[float] = typer.Option(None, help="Pseudo-mask threshold (default: the teacher's calibrated one, else 0.2)."),
     density_stage: str = typer.Option("-3", help="Stage the density head reads (feature_info index), or 'last' for the last feature map."),
     density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
+    density_context: bool = typer.Option(True, help="The density head also reads the last feature map (what each object is)."),
     test_scale: float = typer.Option(2.0, help="Maps and boxes are made on inputs this many times the training size (1: same)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
@@ -261,6 +262,7 @@ def train(
                        density_l1=density_l1, density_tv=density_tv, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
                        align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
                        teacher_threshold=teacher_threshold, density_hidden=density_hidden, test_scale=test_scale,
+                       density_context=density_context,
                        density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
@@ -405,19 +407,22 @@ def calibrate(
     seed: int = typer.Option(0),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     input_sizes: Optional[str] = typer.Option(None, help="Test-time input sizes to choose from as well, e.g. 256,512,768."),
+    normalizations: Optional[str] = typer.Option(None, help="Map normalisations to choose from as well, e.g. minmax,pas."),
     device: Optional[str] = typer.Option(None),
 ):
-    """Choose the box threshold (and map method) from K annotated images per class; `localize` then uses it."""
+    """Choose the box threshold (and map method, input size, normalisation) from K annotated images per class;
+    `localize` then uses them."""
     from weakloc.evaluate.calibrate import calibrate as run_calibration
 
     from weakloc.models import load_model, save_model
 
     net = load_model(model, _device(device))
     res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)), split=split, seed=seed,
-                          gt_class=_parse_gt_class(gt_class), input_sizes=tuple(_int_list(input_sizes, "--input-sizes")) or None)
+                          gt_class=_parse_gt_class(gt_class), input_sizes=tuple(_int_list(input_sizes, "--input-sizes")) or None,
+                          normalizations=tuple(_names(normalizations)) or None)
     save_model(net.cpu(), model)
     console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f}, "
-                  f"input size {res['input_size']} "
+                  f"input size {res['input_size']}" + (f", normalisation {res['normalization']}" if res["normalization"] else "") + " "
                   f"(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res["per_method"].items()) + f") stored in {model}")
 
 

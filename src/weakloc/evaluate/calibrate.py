@@ -35,7 +35,8 @@ def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], 
 
 def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
               methods: tuple[str, ...] = ("cam",), split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None,
-              explain_options: dict | None = None, input_sizes: tuple[int, ...] | None = None) -> dict:
+              explain_options: dict | None = None, input_sizes: tuple[int, ...] | None = None,
+              normalizations: tuple[str, ...] | None = None) -> dict:
     """Choose the box threshold (the best IoU-50 threshold) and the best of ``methods`` (by MaxBoxAccV2) on
     ``per_class`` annotated images per class of ``split``, and store them in ``model.config.localization``.
 
@@ -44,9 +45,13 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
             on a larger input than it was trained on gives denser maps; small objects gain most).
             The chosen size is stored as ``localization["input_size"]`` when it differs from the
             training size (default candidates: the model's current inference size alone).
+        normalizations: map normalisations to choose from as well (e.g. ``("minmax", "pas")``:
+            percentile normalisation helps many small objects and hurts one large one); the chosen
+            one is stored in the method's default options (``localization["options"]``).
 
     Returns:
-        ``{"method", "threshold", "input_size", "images", "per_method": {method or method@size: MaxBoxAccV2}}``.
+        ``{"method", "threshold", "input_size", "normalization", "images",
+        "per_method": {method[@size][/normalization]: MaxBoxAccV2}}``.
     """
     if per_class < 1:
         raise WeaklocError("--per-class must be at least 1")
@@ -64,22 +69,32 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     subset = labeled.subset(idx)
     current = dict(cfg.localization)
     sizes = tuple(input_sizes) if input_sizes else (cfg.inference_size(),)
+    norms: tuple[str | None, ...] = tuple(normalizations) if normalizations else (None,)
     reports = {}
     try:
         for size in sizes:
             cfg.localization = {**current, "input_size": int(size)}
             for m in methods:
-                reports[(m, int(size))] = evaluate_model(model, subset, gt, method=m, split="all", gt_class=gt_class,
-                                                         explain_options=explain_options)
+                for n in norms:
+                    opts = {**(explain_options or {}), **({"normalization": n} if n else {})}
+                    reports[(m, int(size), n)] = evaluate_model(model, subset, gt, method=m, split="all", gt_class=gt_class,
+                                                                explain_options=opts)
     finally:
         cfg.localization = current
     best = max(reports, key=lambda key: reports[key]["localization"]["MaxBoxAccV2"])
-    method, size = best
+    method, size, norm = best
     tau = reports[best]["localization"]["IoU50_tau"]
     cfg.localization = {**current, "threshold": tau, "method": method, "calibrated_on": len(idx), "per_class": per_class}
     cfg.localization.pop("input_size", None)
     if size != cfg.input_size:
         cfg.localization["input_size"] = size
-    label = (lambda m, z: m) if len(sizes) == 1 else (lambda m, z: f"{m}@{z}")  # noqa: E731
-    return {"method": method, "threshold": tau, "input_size": size, "images": len(idx),
-            "per_method": {label(m, z): r["localization"]["MaxBoxAccV2"] for (m, z), r in reports.items()}}
+    if norm:
+        stored = {k: dict(v) for k, v in current.get("options", {}).items()}
+        stored.setdefault(method, {})["normalization"] = norm
+        cfg.localization["options"] = stored
+
+    def label(m: str, z: int, n: str | None) -> str:
+        return m + (f"@{z}" if len(sizes) > 1 else "") + (f"/{n}" if len(norms) > 1 else "")
+
+    return {"method": method, "threshold": tau, "input_size": size, "normalization": norm, "images": len(idx),
+            "per_method": {label(*key): r["localization"]["MaxBoxAccV2"] for key, r in reports.items()}}

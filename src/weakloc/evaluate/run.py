@@ -98,7 +98,8 @@ def evaluate_model(
             threshold, else 0.2 as in the CAM paper).
         gt_class: explicit ``{annotation class: model class}`` names.
         explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
-            tta, eigen_smooth, dtype, method options).
+            tta, eigen_smooth, dtype, method options), over the model's stored defaults for
+            ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
         progress: optional callable ``(done, total)``.
 
     Returns:
@@ -108,6 +109,7 @@ def evaluate_model(
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config
+    explain_options = cfg.map_options(method, explain_options)
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
     if labeled.counts is not None:  # counting labels: presence is the classification target here
         labeled = dataclasses.replace(labeled, counts=None)
@@ -150,7 +152,7 @@ def evaluate_model(
             for r, i in enumerate(idx):
                 cls = [samples[s].cls for s in by_image.get(i, [])] or [0]
                 tgt[r] = torch.tensor((cls * t_max)[:t_max])
-            heat = explain(model, x, method=method, target=tgt.to(device), **(explain_options or {}))
+            heat = explain(model, x, method=method, target=tgt.to(device), **explain_options)
             logits = heat.logits
             col = {(r, s): by_image[idx[r]].index(s) for r, s in rows}
             maps = torch.stack([heat.normalized[r, col[(r, s)]] for r, s in rows])

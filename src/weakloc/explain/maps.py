@@ -33,13 +33,27 @@ def normalize_minmax(maps: torch.Tensor, relu: bool = False) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
+def rowwise_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile of each row of ``(..., N)`` -> ``(..., 1)``, linear interpolation as
+    ``torch.quantile``, which refuses inputs of more than 2^24 elements (a batch of all-class maps
+    at 640 px has more)."""
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    lo, frac = int(pos), pos - int(pos)
+    low = x.kthvalue(lo + 1, dim=-1, keepdim=True).values
+    if frac == 0:
+        return low
+    high = x.kthvalue(min(lo + 2, n), dim=-1, keepdim=True).values
+    return low + frac * (high - low)
+
+
 def normalize_percentile(maps: torch.Tensor, q: float = 0.99) -> torch.Tensor:
     """Scale each map so its ``q``-quantile is 1 (min to 0), clipped to [0, 1]; robust to hot pixels."""
     x = maps.float()
     flat = x.flatten(-2)
     flat = torch.nan_to_num(flat, nan=0.0)
     lo = flat.amin(-1, keepdim=True)
-    hi = torch.quantile(flat, q, dim=-1, keepdim=True)
+    hi = rowwise_quantile(flat, q)
     span = hi - lo
     out = torch.where(span > 0, ((flat - lo) / span.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(flat))
     return out.reshape(x.shape)
@@ -93,10 +107,10 @@ def normalize_maps(maps: torch.Tensor, how: str = "minmax", relu: bool = False) 
         out = flat.clamp_min(0) / flat.amax(-1, keepdim=True).clamp_min(1e-12)
     elif name == "pas":
         shifted = flat - flat.amin(-1, keepdim=True)
-        top = torch.quantile(shifted, float(q or 0.9), dim=-1, keepdim=True)
+        top = rowwise_quantile(shifted, float(q or 0.9))
         out = (shifted / top.clamp_min(1e-12)).clamp(max=1)
     elif name == "ivr":
-        shifted = (flat - torch.quantile(flat, float(q or 0.4), dim=-1, keepdim=True)).clamp_min(0)
+        shifted = (flat - rowwise_quantile(flat, float(q or 0.4))).clamp_min(0)
         out = shifted / shifted.amax(-1, keepdim=True).clamp_min(1e-12)
     else:
         raise ValueError(f"unknown normalisation {how!r}: use minmax, max, pas[:Q] or ivr[:Q]")

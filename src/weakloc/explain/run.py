@@ -21,7 +21,8 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
     """Write ``overlays/*.png`` (one per image and target), ``maps.safetensors`` (per image the raw and
     normalised maps ``(T, S, S)`` at the model's input size and the targets ``(T,)``), ``maps.json``
     (file names, classes, probabilities) and ``index.html``. ``explain_options`` go to
-    :func:`~weakloc.explain.explain` (fusion, tta, eigen_smooth, dtype, method options).
+    :func:`~weakloc.explain.explain` (fusion, tta, eigen_smooth, dtype, method options), over the
+    model's stored defaults for ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
 
     Returns:
         the ``maps.json`` content.
@@ -29,6 +30,7 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config
+    explain_options = cfg.map_options(method, explain_options)
     out = Path(out)
     paths = list_images(images)
     loader = DataLoader(PredictDataset(paths, cfg.inference_size(), cfg.mean, cfg.std), batch_size=batch_size, collate_fn=collate_list)
@@ -42,7 +44,7 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
         index["skipped"] += [{"file": str(paths[i]), "reason": r} for i, _, r, _ in batch if _ is None]
         if good:
             x = torch.stack([b[1] for b in good]).to(device)
-            heat = explain(model, x, method=method, target=target, layer=layer, **(explain_options or {}))
+            heat = explain(model, x, method=method, target=target, layer=layer, **explain_options)
             probs = model.probabilities(heat.logits.float()).cpu()
             for j, (i, _, (h, w), shown) in enumerate(good):
                 key = f"{len(index['images']):05d}_{paths[i].stem}"

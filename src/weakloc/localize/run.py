@@ -56,7 +56,8 @@ def localize_images(
             labels, and ``masks``: the mask file of each image and class) and ``index.html`` (a gallery).
         method: heatmap method (``weakloc methods``); default: the calibrated one, else ``cam``.
         explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
-            tta, eigen_smooth, dtype, method options).
+            tta, eigen_smooth, dtype, method options), over the model's stored defaults for
+            ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
         target: see :func:`weakloc.explain.resolve_targets`; default :func:`default_target`.
         threshold: a number, ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
             calibrated threshold if any, else 0.3).
@@ -73,6 +74,7 @@ def localize_images(
     paths = list_images(images)
     calibrated = cfg.localization.get("threshold")
     method = method or cfg.localization.get("method", "cam")
+    explain_options = cfg.map_options(method, explain_options)
     if threshold == "auto":
         threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
     target = default_target(model) if target is None else target

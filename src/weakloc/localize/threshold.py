@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from weakloc.errors import WeaklocError
+from weakloc.explain.maps import rowwise_quantile
 
 
 def otsu_threshold(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
@@ -35,7 +36,7 @@ def percentile_threshold(maps: torch.Tensor, q: float) -> torch.Tensor:
     if not 0 <= q <= 1:
         raise WeaklocError(f"percentile must be in [0, 100], got {q * 100}")
     flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float()
-    return torch.quantile(flat, q, dim=1).reshape(maps.shape[:-2])
+    return rowwise_quantile(flat, q).reshape(maps.shape[:-2])
 
 
 def parse_threshold(spec: str | float) -> tuple[str, float]:

@@ -53,13 +53,16 @@ class ModelConfig:
             density must come from each object's own pixels and peaks on the instances, where the
             last map can spread an image-wide count evenly.
         density_hidden: channels of the density head's 3x3 convolution (0: a 1x1 convolution alone).
+        density_context: the density head also reads the last feature map, upsampled onto the
+            stage's grid (needs ``density_stage`` and ``density_hidden``).
         localizer: a second-stage localizer head (a 1x1 convolution per class, sigmoid maps) trained
             on pseudo-masks from a first-stage model's maps (PSOL's idea; see ``fine_tune(teacher=)``);
             its maps are the explanation method ``localizer``.
         decision_threshold: probability above which the positive class is predicted (chosen on
             validation for yes/no tasks; None: the arg-max).
         localization: settings for ``localize`` / ``evaluate``: the calibrated ``threshold`` and
-            ``method``, and the test-time ``input_size`` (see :meth:`inference_size`).
+            ``method``, the test-time ``input_size`` (see :meth:`inference_size`) and default map
+            ``options`` per method (see :meth:`map_options`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -81,6 +84,7 @@ class ModelConfig:
     counting: str | None = None
     density_stage: int | None = None
     density_hidden: int = 0
+    density_context: bool = False
     localizer: bool = False
     localization: dict = field(default_factory=dict)
     format_version: int = 1
@@ -91,6 +95,13 @@ class ModelConfig:
         else the training size. A fully convolutional model run on a larger input than it was
         trained on gives denser maps (docs/results.md)."""
         return int(self.localization.get("input_size") or self.input_size)
+
+    def map_options(self, method: str, given: dict | None = None) -> dict:
+        """Explain options for ``method`` on the model's default path (localize, evaluate, explain,
+        calibrate): those stored for it in ``localization["options"][method]`` (``fine_tune`` stores
+        the defaults that measured best, docs/results.md), overridden by the caller's ``given``."""
+        stored = self.localization.get("options", {}).get(method, {})
+        return {**stored, **(given or {})}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -178,7 +189,8 @@ class WeaklocNet(nn.Module):
             reduction = dicts[-1 if self._density_index is None else self._density_index].get("reduction")
             positions = math.ceil(config.input_size / reduction) ** 2 if reduction else None
             self.counting_head = CountingHead(self.backbone.num_features, len(config.classes), config.counting,
-                                              density_channels=density_channels, hidden=config.density_hidden, positions=positions)
+                                              density_channels=density_channels, hidden=config.density_hidden, positions=positions,
+                                              context=config.density_context and self._density_index is not None)
         self.localizer = nn.Conv2d(self.backbone.num_features, len(config.classes), 1) if config.localizer else None
         self.attention_head = None
         if config.head == "attention":

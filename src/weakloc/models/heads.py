@@ -179,23 +179,29 @@ class CountingHead(nn.Module):
         channels: channels of the last feature map; num_classes: classes; kind: one of :data:`COUNTING`.
         density_channels: channels of the map the density reads (default: ``channels``).
         hidden: width of the density's 3x3 convolution (0: none).
+        context: with ``hidden`` and a separate density input, the last feature map is also read
+            (a 1x1 convolution to ``hidden`` channels, upsampled bilinearly and added before the
+            ReLU): the early stage says *where* each object is, the last map *what* it is.
         positions: ``h' * w'`` of the density map at the training size: the density's bias then
             starts every map at one object in all (a fixed bias would start a 32x32 map at 16x the
             count of an 8x8 one); None keeps a fixed bias of -4.5.
     """
 
     def __init__(self, channels: int, num_classes: int, kind: str = "density", density_channels: int | None = None,
-                 hidden: int = 0, positions: int | None = None):
+                 hidden: int = 0, positions: int | None = None, context: bool = False):
         super().__init__()
         if kind not in COUNTING:
             raise WeaklocError(f"unknown counting head {kind!r}: use one of {', '.join(COUNTING)}")
+        if context and not hidden:
+            raise WeaklocError("a density head with context needs a hidden width (density_hidden > 0)")
         self.kind = kind
-        self.density = last = None
+        self.density = last = self.context = None
         if kind in ("density", "both"):
             c_in = density_channels or channels
             last = nn.Conv2d(hidden or c_in, num_classes, 1)
             self.density = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
                                          last) if hidden else last
+            self.context = nn.Conv2d(channels, hidden, 1, bias=False) if context else None
         self.count = nn.Linear(channels, num_classes) if kind in ("count", "both") else None
         if self.count is not None:
             nn.init.constant_(self.count.bias, -4.5)
@@ -207,7 +213,13 @@ class CountingHead(nn.Module):
         same) -> counts ``(B, K)``, density ``(B, K, h', w')`` or None, the count head's own counts
         ``(B, K)`` or None."""
         src = features if density_features is None else density_features
-        density = F.softplus(self.density(src)) if self.density is not None else None
+        density = None
+        if self.context is not None:  # conv + BN of the stage, plus the last map's context, then ReLU and the 1x1
+            h = self.density[1](self.density[0](src))
+            h = h + F.interpolate(self.context(features), size=h.shape[-2:], mode="bilinear", align_corners=False)
+            density = F.softplus(self.density[3](self.density[2](h)))
+        elif self.density is not None:
+            density = F.softplus(self.density(src))
         head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
         counts = density.sum((2, 3)) if density is not None else head
         return counts, density, head

@@ -89,6 +89,10 @@ def validation_threshold(model: WeaklocNet, loader: DataLoader, positive: int) -
     return choose_decision_threshold(torch.cat(probs), torch.cat(targets))
 
 
+#: explain options ``fine_tune`` stores with every model (method -> options); see ``map_options``
+DEFAULT_MAP_OPTIONS: dict[str, dict] = {"cam": {"positive_weights": True}}
+
+
 def fine_tune(
     data: str | Path | LabeledImages,
     out: str | Path = "runs/weakloc",
@@ -132,6 +136,7 @@ def fine_tune(
     density_tv: float = 0.0,
     density_stage: int | None = -3,
     density_hidden: int = 64,
+    density_context: bool = True,
     hide_prob: float = 0.0,
     hide_grid: int = 4,
     cutmix_alpha: float = 0.0,
@@ -141,6 +146,7 @@ def fine_tune(
     teacher_method: str | None = None,
     teacher_threshold: float | None = None,
     test_scale: float = 2.0,
+    map_options: dict | None = None,
 ) -> TrainResult:
     """Fine-tune a pretrained timm backbone on image-level labels.
 
@@ -167,8 +173,8 @@ def fine_tune(
             it does.
         count_loss, count_weight, density_l1, density_tv: the counting loss (see
             :class:`~weakloc.train.module.OptimConfig`).
-        density_stage, density_hidden: the stage the density head reads and its 3x3 width (see
-            :class:`~weakloc.models.ModelConfig`).
+        density_stage, density_hidden, density_context: the stage the density head reads, its 3x3
+            width and whether it also reads the last map (see :class:`~weakloc.models.ModelConfig`).
         hide_prob, hide_grid: Hide-and-Seek (hide each of ``hide_grid``² patches with this probability).
         cutmix_alpha: CutMix with Beta(alpha, alpha) areas (0: off; not with counts).
         align_weight, consistency_weight: feature–class-weight alignment and attentive-dropout
@@ -187,6 +193,11 @@ def fine_tune(
             Not for counting models (counts are learnt at the training scale), the attention head
             (its stage -3 maps are dense already; on BCCD platelets 2x took it from 28.2 to 14.5)
             nor transformers (their position embeddings fix the input size).
+        map_options: default explain options per map method, stored in the model
+            (``localization["options"]``) and used by localize / evaluate / explain / calibrate
+            unless overridden; default :data:`DEFAULT_MAP_OPTIONS` (CAM with negative class weights
+            clamped: +3.0 MaxBoxAccV2 on the demo data, +1.2 to +3.6 on Aquarium; docs/results.md).
+            ``{}`` stores none.
 
     For a yes/no task the decision threshold that maximises the positive class's F1 on the
     validation images is stored in the checkpoint (``decision_threshold``).
@@ -230,6 +241,7 @@ def fine_tune(
         cbam_stages=list(cbam_stages or []), adl_stages=list(adl_stages or []), tap_threshold=tap_threshold, counting=counting,
         density_stage=density_stage if counting in ("density", "both") else None,
         density_hidden=density_hidden if counting in ("density", "both") else 0,
+        density_context=bool(density_context and density_hidden and density_stage is not None and counting in ("density", "both")),
     )
     teacher_model = None
     if teacher is not None:
@@ -294,6 +306,9 @@ def fine_tune(
     is_transformer = hasattr(best.backbone, "patch_embed")  # ViT, DeiT, Swin, ...: fixed position embeddings
     if test_scale != 1 and config.counting is None and config.head != "attention" and not is_transformer:
         best.config.localization["input_size"] = max(32, int(round(image_size * test_scale / 32)) * 32)
+    stored = DEFAULT_MAP_OPTIONS if map_options is None else map_options
+    if stored:
+        best.config.localization["options"] = {m: dict(o) for m, o in stored.items()}
     model_dir = save_model(best, out / "model")
     best_epoch = min(history, key=lambda h: h.get(monitor, float("inf"))) if mode == "min" and history else (
         max(history, key=lambda h: h.get(monitor, float("-inf"))) if history else {})
