@@ -11,9 +11,10 @@ GT-known setting), on the dataset's own test split. BCCD: "contains platelets?" 
 Every row is one lever added to the base (or a named combination); models are trained once and
 shared by the rows that only change the map. The centre baseline and plain CAM (the same backbone at
 its native stride, min-max maps) are beside every figure. K = 0 is the row's own map and the
-customary threshold 0.2; K = 5 calibrates the threshold (``weakloc calibrate --per-class 5``) on five
-annotated *train* images per class and reports GT-known Loc at it (MaxBoxAccV2 takes the best
-threshold, so calibration does not change it). ``--rows`` picks rows; results are cached in OUT.
+customary threshold 0.2; K = 5 and K = 10 calibrate the threshold (``weakloc calibrate --per-class K``)
+on K annotated *train* images per class and report GT-known Loc at it (MaxBoxAccV2 takes the best
+threshold, so calibration does not change it). The ``k5-*`` rows let five annotated train images per
+class choose the test-time size (and normalisation). ``--rows`` picks rows; results are cached in OUT.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
                                "stride 16, 640 px, clamped weights, percentile normalisation"),
     "hires-640-positive-tta": ("stride16", "cam", {"input_size": 640, "positive_weights": True, "tta": True},
                                "stride 16, 640 px, clamped weights, TTA"),
+    "cam-640-positive-pas": ("stride32", "cam", {"input_size": 640, "positive_weights": True, "normalization": "pas"},
+                             "plain CAM at 640 px, clamped weights, percentile normalisation"),
     "hires-800-positive": ("stride16", "cam", {"input_size": 800, "positive_weights": True}, "stride 16, 800 px, clamped weights"),
     "has-640": ("has", "cam", {"input_size": 640}, "Hide-and-Seek, input 640 px at test time"),
     "psol-640": ("psol", "localizer", {"input_size": 640}, "second stage, input 640 px at test time"),
@@ -86,9 +89,17 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "x2": ("stride16", "cam", {"input_scale": 2}, "stride 16, input twice the training size at test time"),
     "x2-eigencam": ("stride16", "eigencam", {"input_scale": 2}, "... Eigen-CAM instead of CAM"),
     "attention-x2": ("attention", "attention", {"input_scale": 2}, "attention head's maps, input twice the training size"),
+    # what `weakloc train` stores by default: twice the training size at test time, CAM with clamped weights
+    "default": ("stride32", "cam", {"input_scale": 2, "positive_weights": True}, "weakloc train's defaults: 2x test-time size, clamped weights"),
     # K = 5 chooses: five annotated train images per class pick the map and the test-time size
     "k5-size": ("stride16", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3)}},
                 "K = 5 picks the test-time size (1-3x the training size); CAM, clamped weights"),
+    "k5-size-norm": ("stride16", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
+                                                                             "normalizations": ("minmax", "pas")}},
+                     "K = 5 picks the test-time size (1-3x) and the normalisation (min-max or PaS); CAM, clamped weights"),
+    "k5-size-norm-s32": ("stride32", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
+                                                                                 "normalizations": ("minmax", "pas")}},
+                         "... the same choice for the plain stride-32 model"),
 }
 
 
@@ -125,6 +136,41 @@ def train(name: str, labels: Path, args, cfg: dict) -> Path:
     return folder / "model"
 
 
+#: K of the rows that choose their size / normalisation from annotated train images
+CHOICE_K = 5
+
+
+def prepare(row: str, labels: Path, gt, args, cfg: dict):
+    """The row's model (trained if needed) with its test-time size and map options set; its map
+    method, the method's label in the table and the explain options."""
+    model_name, method, options, _ = ROWS[row]
+    model = load_model(train(model_name, labels, args, cfg))
+    options = dict(options)
+    model.config.localization.pop("input_size", None)  # rows state their test-time size; default: the training size
+    model.config.localization.pop("options", None)  # ... and their map options (fine_tune stores defaults)
+    if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
+        model.config.localization["input_size"] = options.pop("input_size")
+    if "input_scale" in options:
+        model.config.localization["input_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
+    label = method
+    choose = options.pop("choose", None)
+    if choose:  # a K-shot row: calibration picks the method, the size (and the normalisation); the test split is scored with them
+        sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
+        picked = calibrate(model, labels, gt, per_class=CHOICE_K, methods=choose["methods"], input_sizes=sizes,
+                           explain_options=options, seed=args.seed, normalizations=choose.get("normalizations"))
+        method = picked["method"]  # calibrate stored the picked size (and normalisation) in model.config.localization
+        label = f"{method} @ {picked['input_size']} px" + (f", {picked['normalization']}" if picked["normalization"] else "")
+    return model, method, label, options
+
+
+def calibrated(res: dict) -> dict[str, dict]:
+    """K -> {"tau", "gt_known"} of a cached row (older caches hold K = 5 as ``k5_*``)."""
+    out = dict(res.get("calibrated", {}))
+    if "k5_tau" in res:
+        out.setdefault("5", {"tau": res["k5_tau"], "gt_known": res["k5_gt_known"]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=["aquarium", "bccd"], default="aquarium")
@@ -133,9 +179,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=None, help="default: 320 (aquarium), 256 (bccd)")
     ap.add_argument("--root", type=Path, default=None, help="dataset folder (default: ../shared/datasets/<dataset>)")
-    ap.add_argument("--per-class", type=int, default=5, help="K of the calibrated column")
+    ap.add_argument("--per-class", default="5,10", help="K of the calibrated columns (annotated train images per class)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    ks = [int(k) for k in args.per_class.split(",") if k.strip()]
     args.out = args.out or Path(f"runs/whole-{args.dataset}")
     root = args.root or Path("../shared/datasets") / args.dataset
     if args.dataset == "aquarium":
@@ -148,36 +195,23 @@ def main() -> None:
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     for row in args.rows.split(","):
-        if row in results:
+        missing = [k for k in ks if str(k) not in calibrated(results.get(row, {}))]
+        if row in results and not missing:
             continue
-        model_name, method, options, _ = ROWS[row]
-        path = train(model_name, labels, args, cfg)
-        model = load_model(path)
-        options = dict(options)
-        model.config.localization.pop("input_size", None)  # rows state their test-time size; default: the training size
-        model.config.localization.pop("options", None)  # ... and their map options (fine_tune stores defaults)
-        if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
-            model.config.localization["input_size"] = options.pop("input_size")
-        if "input_scale" in options:
-            model.config.localization["input_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
-        method_label = method
-        choose = options.pop("choose", None)
-        if choose:  # a K-shot row: calibration picks the method and the size, the test split is scored with them
-            sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
-            picked = calibrate(model, labels, gt, per_class=args.per_class, methods=choose["methods"], input_sizes=sizes,
-                               explain_options=options, seed=args.seed)
-            method = picked["method"]  # calibrate stored the picked size in model.config.localization
-            method_label = f"{method} @ {picked['input_size']} px"
-        rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
-        cal = calibrate(model, labels, gt, per_class=args.per_class, methods=(method,), explain_options=options, seed=args.seed)
-        rep5 = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=cal["threshold"])
-        results[row] = {"model": model_name, "method": method_label, "options": ROWS[row][2], "classification": rep["classification"],
-                        "localization": rep["localization"], "centre": rep["centre_baseline"], "k5_tau": cal["threshold"],
-                        "k5_gt_known": rep5["localization"]["GT-known Loc"], "images": rep["images"],
-                        "samples": rep["localization_samples"],
-                        "train_seconds": float((args.out / model_name / "train_seconds.txt").read_text()) if (args.out / model_name / "train_seconds.txt").is_file() else None}
+        model, method, label, options = prepare(row, labels, gt, args, cfg)
+        if row not in results:
+            rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
+            seconds = args.out / ROWS[row][0] / "train_seconds.txt"
+            results[row] = {"model": ROWS[row][0], "method": label, "options": ROWS[row][2], "classification": rep["classification"],
+                            "localization": rep["localization"], "centre": rep["centre_baseline"], "images": rep["images"],
+                            "samples": rep["localization_samples"],
+                            "train_seconds": float(seconds.read_text()) if seconds.is_file() else None}
+            print(f"{row}: MaxBoxAccV2 {rep['localization']['MaxBoxAccV2']:.1f}", flush=True)
+        for k in missing:  # GT-known Loc at the threshold calibrated on K annotated train images per class
+            cal = calibrate(model, labels, gt, per_class=k, methods=(method,), explain_options=options, seed=args.seed)
+            rep_k = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=cal["threshold"])
+            results[row].setdefault("calibrated", {})[str(k)] = {"tau": cal["threshold"], "gt_known": rep_k["localization"]["GT-known Loc"]}
         cache.write_text(json.dumps(results, indent=2))
-        print(f"{row}: MaxBoxAccV2 {rep['localization']['MaxBoxAccV2']:.1f}", flush=True)
     device = machine_name()
     rows = [r for r in args.rows.split(",") if r in results]
     first = results[rows[0]]
@@ -186,19 +220,20 @@ def main() -> None:
     print(f"\n{args.dataset}, test split ({first['images']} images, {first['samples']} scored image-class pairs); "
           f"{cfg['size']} px, {args.epochs} epochs per model; {device}")
     print("| row | adds | model | map | acc / mAP | MaxBoxAccV2 | vs centre | vs plain CAM | IoU30/50/70 | GT-known @0.2 (K=0) | "
-          f"GT-known @K={args.per_class} (tau) |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          + " | ".join(f"GT-known @K={k} (tau)" for k in ks) + " |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ks))
     for r in rows:
         res = results[r]
         loc, c = res["localization"], res["classification"]
         cls = f"{c['acc'] * 100:.1f}" + (f" / {c['map'] * 100:.1f}" if "map" in c else f" / AUROC {c['auroc'] * 100:.1f}" if "auroc" in c else "")
         vs_cam = f"{loc['MaxBoxAccV2'] - plain:+.1f}" if plain is not None else "-"
+        cal = calibrated(res)
+        cols = " | ".join(f"{cal[str(k)]['gt_known']:.1f} ({cal[str(k)]['tau']:.2f})" if str(k) in cal else "-" for k in ks)
         print(f"| {r} | {ROWS[r][3]} | {res['model']} | {res['method']} | {cls} | {loc['MaxBoxAccV2']:.1f} | {loc['MaxBoxAccV2'] - centre:+.1f} | "
-              f"{vs_cam} | {loc['IoU30']:.1f}/{loc['IoU50']:.1f}/{loc['IoU70']:.1f} | {loc['GT-known Loc']:.1f} | "
-              f"{res['k5_gt_known']:.1f} ({res['k5_tau']:.2f}) |")
+              f"{vs_cam} | {loc['IoU30']:.1f}/{loc['IoU50']:.1f}/{loc['IoU70']:.1f} | {loc['GT-known Loc']:.1f} | {cols} |")
     cb = first["centre"]
     print(f"| centre baseline | a centred Gaussian | - | - | - | {centre:.1f} | 0.0 | - | {cb['IoU30']:.1f}/{cb['IoU50']:.1f}/{cb['IoU70']:.1f} | "
-          f"{cb.get('GT-known Loc', float('nan')):.1f} | - |")
+          f"{cb.get('GT-known Loc', float('nan')):.1f} | " + " | ".join("-" for _ in ks) + " |")
 
 
 if __name__ == "__main__":
