@@ -147,3 +147,20 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
                          "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
                          "--counting", "count"])
     assert r.exit_code == 0, r.output
+
+
+def test_training_history_holds_each_epochs_own_metrics(tmp_path):
+    import csv
+
+    from weakloc.data.counts import load_count_labels
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.train import fine_tune
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=24, size=64, mode="multi", max_instances=2, seed=3, val_fraction=0.25))
+    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, output_stride=8,
+                    epochs=2, batch_size=8, progress=False, counting="density")
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    logged = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")) if r.get("val_count_mae")]
+    for h, row in zip(res.history, logged):  # the epoch's own validation figures, as the CSV log has them
+        assert int(row["epoch"]) == h["epoch"]
+        assert h["val_count_mae"] == pytest.approx(float(row["val_count_mae"]), rel=1e-5)

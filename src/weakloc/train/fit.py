@@ -275,7 +275,10 @@ def fine_tune(
     history: list[dict] = []
 
     class _History(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
+        # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+        # module's, so metrics the module logs at epoch end (val_acc, val_map, val_count_mae) would be
+        # the previous epoch's there
+        def on_validation_end(self, trainer, pl_module):
             if not trainer.sanity_checking:
                 history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}})
 
