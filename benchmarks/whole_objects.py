@@ -140,9 +140,10 @@ def train(name: str, labels: Path, args, cfg: dict) -> Path:
 CHOICE_K = 5
 
 
-def prepare(row: str, labels: Path, gt, args, cfg: dict):
+def prepare(row: str, labels: Path, gt, args, cfg: dict, chosen: dict | None = None):
     """The row's model (trained if needed) with its test-time size and map options set; its map
-    method, the method's label in the table and the explain options."""
+    method, the method's label in the table and the explain options. ``chosen``: the model's
+    ``localization`` after a K-shot row's choice, cached, so filling a later column does not choose again."""
     model_name, method, options, _ = ROWS[row]
     model = load_model(train(model_name, labels, args, cfg))
     options = dict(options)
@@ -154,7 +155,10 @@ def prepare(row: str, labels: Path, gt, args, cfg: dict):
         model.config.localization["input_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
     label = method
     choose = options.pop("choose", None)
-    if choose:  # a K-shot row: calibration picks the method, the size (and the normalisation); the test split is scored with them
+    if choose and chosen:
+        model.config.localization = dict(chosen)
+        method = chosen["method"]
+    elif choose:  # a K-shot row: calibration picks the method, the size (and the normalisation); the test split is scored with them
         sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
         picked = calibrate(model, labels, gt, per_class=CHOICE_K, methods=choose["methods"], input_sizes=sizes,
                            explain_options=options, seed=args.seed, normalizations=choose.get("normalizations"))
@@ -198,7 +202,7 @@ def main() -> None:
         missing = [k for k in ks if str(k) not in calibrated(results.get(row, {}))]
         if row in results and not missing:
             continue
-        model, method, label, options = prepare(row, labels, gt, args, cfg)
+        model, method, label, options = prepare(row, labels, gt, args, cfg, results.get(row, {}).get("chosen"))
         if row not in results:
             rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
             seconds = args.out / ROWS[row][0] / "train_seconds.txt"
@@ -206,6 +210,8 @@ def main() -> None:
                             "localization": rep["localization"], "centre": rep["centre_baseline"], "images": rep["images"],
                             "samples": rep["localization_samples"],
                             "train_seconds": float(seconds.read_text()) if seconds.is_file() else None}
+            if "choose" in ROWS[row][2]:
+                results[row]["chosen"] = dict(model.config.localization)
             print(f"{row}: MaxBoxAccV2 {rep['localization']['MaxBoxAccV2']:.1f}", flush=True)
         for k in missing:  # GT-known Loc at the threshold calibrated on K annotated train images per class
             cal = calibrate(model, labels, gt, per_class=k, methods=(method,), explain_options=options, seed=args.seed)
