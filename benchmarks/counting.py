@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--images", type=int, default=800, help="synthetic images")
     ap.add_argument("--image-size", type=int, default=None, help="default: 160 (synthetic), 320 (bccd)")
+    ap.add_argument("--render-size", type=int, default=128, help="synthetic images' side in pixels (same scenes at any size)")
+    ap.add_argument("--dihedral", action="store_true", help="train with flips both ways and right-angle rotations")
     ap.add_argument("--output-stride", type=int, default=None)
     ap.add_argument("--count-loss", default="poisson")
     ap.add_argument("--density-stage", default="-3", help="feature_info index, or 'last'")
@@ -55,7 +57,7 @@ def main() -> None:
     if args.dataset == "synthetic":
         data = args.out / "data"
         if not (data / "counts.csv").is_file():
-            write_synthetic(data, SyntheticConfig(n_images=args.images, size=128, mode="multi", max_instances=8, radius=(0.05, 0.09),
+            write_synthetic(data, SyntheticConfig(n_images=args.images, size=args.render_size, mode="multi", max_instances=8, radius=(0.05, 0.09),
                                                   val_fraction=0.15, test_fraction=0.15, seed=args.seed))
         labels, annotations = load_count_labels(data), data / "annotations.json"
         size = args.image_size or 160
@@ -70,7 +72,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         res = fine_tune(labels, args.out / head, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
-                        seed=args.seed, monitor="val_count_mae", crop_scale=(1.0, 1.0), progress=False, counting=head,
+                        seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
                         density_context=not args.no_density_context,
                         density_l1=args.density_l1, density_tv=args.density_tv, lr=args.lr,
@@ -85,7 +87,7 @@ def main() -> None:
     first = next(iter(results.values()))
     classes = list(first["counting"]["per_class"])
     print(f"\n{args.dataset} counting, test split ({first['images']} images); {size} px, output stride {args.output_stride}, "
-          f"{args.epochs} epochs, {args.count_loss} loss; {device}")
+          f"{args.epochs} epochs, {args.count_loss} loss{', dihedral' if args.dihedral else ''}; {device}")
     print("| model | " + " | ".join(f"MAE {c}" for c in classes) + " | MAE mean | mRMSE | mRMSE-nz | m-relRMSE | m-relRMSE-nz | point F1 | box F1 @0.5 | train s |")
     print("|---|" + "---:|" * (len(classes) + 8))
     rows = [(h, r["counting"], r) for h, r in results.items()] + [("mean-count baseline", first["baseline"], None)]

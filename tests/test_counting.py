@@ -115,6 +115,28 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
     assert 0 <= rep["points"]["F1"] <= 1 and set(rep["boxes"]["per_class"]) == {"triangle", "square", "star"}
 
 
+def test_counting_training_refuses_random_crops_and_takes_dihedral_flips(tmp_path):
+    from weakloc.data.dataset import train_transform
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.errors import WeaklocError
+    from weakloc.train import fine_tune
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=8, size=48, mode="multi", max_instances=2, seed=1))
+    with pytest.raises(WeaklocError, match="crop_scale"):  # a crop would drop objects its counts still hold
+        fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=48,
+                  epochs=1, progress=False, crop_scale=(0.5, 1.0))
+    tf = train_transform(5, mean=(0, 0, 0), std=(1, 1, 1), crop_scale=(1.0, 1.0))
+    tf.transforms = [t for t in tf.transforms if type(t).__name__ not in ("ColorJitter", "ToDtype", "Normalize", "RandomResizedCrop")]
+    dihedral = train_transform(5, crop_scale=(1.0, 1.0), dihedral=True)
+    dihedral.transforms = [t for t in dihedral.transforms if type(t).__name__ not in ("ColorJitter", "ToDtype", "Normalize", "RandomResizedCrop")]
+    square = torch.arange(25, dtype=torch.uint8).view(1, 5, 5).repeat(3, 1, 1)
+    torch.manual_seed(0)
+    seen = {tuple(dihedral(square)[0].flatten().tolist()) for _ in range(200)}
+    plain = {tuple(tf(square)[0].flatten().tolist()) for _ in range(50)}
+    assert len(seen) == 8 and len(plain) == 2  # all right-angle orientations vs the horizontal flip alone
+    assert all(sorted(o) == sorted(square[0].flatten().tolist()) for o in seen)
+
+
 def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     import json
 

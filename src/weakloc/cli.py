@@ -209,7 +209,8 @@ def train(
     lr: float = typer.Option(2e-3, help="Peak learning rate of the head."),
     schedule: str = typer.Option("onecycle", help="onecycle | cosine"),
     val_fraction: float = typer.Option(0.2),
-    crop_scale: tuple[float, float] = typer.Option((0.35, 1.0), help="Random resized crop area range (raise the minimum for small objects)."),
+    crop_scale: Optional[tuple[float, float]] = typer.Option(None, help="Random resized crop area range (default 0.35 1.0; 1 1 with counts; raise the minimum for small objects)."),
+    dihedral: bool = typer.Option(False, help="Also flip vertically and rotate by right angles (top-down images: microscopy, aerial)."),
     seed: int = typer.Option(0),
     precision: Optional[str] = typer.Option(None, help="Lightning precision (default: 16-mixed on GPU, 32 on CPU)."),
     accelerator: str = typer.Option("auto"),
@@ -254,7 +255,7 @@ def train(
         data = load_count_labels(data, annotations=counts_from)
     result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
                        image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
-                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, seed=seed, precision=precision,
+                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, dihedral=dihedral, seed=seed, precision=precision,
                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
                        head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
                        cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,

@@ -21,14 +21,31 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale: tuple[float, float] = (0.35, 1.0)) -> v2.Transform:
-    """Random resized crop, horizontal flip, light colour jitter, then normalisation.
+class RandomTranspose(torch.nn.Module):
+    """Swap height and width with probability ``p``; with both flips this gives all 8 dihedral
+    orientations (the 90-degree rotations among them)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(C, H, W)`` -> ``(C, H, W)`` or ``(C, W, H)``."""
+        return image.transpose(-1, -2) if torch.rand(()) < self.p else image
+
+
+def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale: tuple[float, float] = (0.35, 1.0),
+                    dihedral: bool = False) -> v2.Transform:
+    """Random resized crop, horizontal flip (with ``dihedral``, also vertical flip and transpose: any
+    of the 8 right-angle orientations, for top-down images such as microscopy), light colour jitter,
+    then normalisation.
 
     Input ``(3, H, W)`` uint8, output ``(3, size, size)`` float32.
     """
+    flips = [v2.RandomHorizontalFlip()] + ([v2.RandomVerticalFlip(), RandomTranspose()] if dihedral else [])
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(),
+        *flips,
         v2.ColorJitter(0.2, 0.2, 0.2, 0.02),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),

@@ -117,7 +117,8 @@ def fine_tune(
     num_workers: int | None = None,
     resume: bool = False,
     progress: bool = True,
-    crop_scale: tuple[float, float] = (0.35, 1.0),
+    crop_scale: tuple[float, float] | None = None,
+    dihedral: bool = False,
     monitor: str = "val_loss",
     limit_batches: float | int | None = None,
     head: str = "cam",
@@ -165,6 +166,10 @@ def fine_tune(
             to 1.41 in the same budget).
         resume: continue from ``out/checkpoints/last.ckpt`` after an interruption.
         limit_batches: cap batches per epoch (for smoke tests).
+        crop_scale: random resized crop area range (default (0.35, 1.0); (1.0, 1.0) -- no crop -- with
+            counting labels, where a crop would change the counts, so a smaller value is refused).
+        dihedral: also flip vertically and transpose (all 8 right-angle orientations) -- for
+            top-down images (microscopy, aerial, documents) whose labels do not depend on orientation.
         head, attention_stages, attention_norm, cbam_stages, adl_stages, tap_threshold: the model's
             head and attention / dropout blocks (see :class:`~weakloc.models.ModelConfig`).
         loss, focal_gamma: ``ce`` or ``focal`` (see :class:`~weakloc.train.module.OptimConfig`).
@@ -229,6 +234,11 @@ def fine_tune(
         raise WeaklocError("a counting head needs counting labels: a counts CSV (path,<class>,...) or --counts-from ANNOTATIONS")
     if cutmix_alpha and labeled.counts is not None:
         raise WeaklocError("CutMix changes how many objects an image holds: it cannot be used with counting labels")
+    if crop_scale is None:
+        crop_scale = (1.0, 1.0) if labeled.counts is not None else (0.35, 1.0)
+    if labeled.counts is not None and min(crop_scale) < 1:
+        raise WeaklocError(f"random crops (crop_scale {tuple(crop_scale)}) cut objects out of the image, so its counts would be "
+                           "wrong: use crop_scale (1.0, 1.0) with counting labels")
     if loss not in ("ce", "focal"):
         raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
@@ -258,7 +268,7 @@ def fine_tune(
     workers = default_workers() if num_workers is None else num_workers
     loader_kw = {"num_workers": workers, "collate_fn": collate_skip_bad, "persistent_workers": workers > 0}
     sampler = balanced_sampler(train_set, seed) if balanced else None
-    train_loader = DataLoader(ImageDataset.from_labels(train_set, train_transform(image_size, config.mean, config.std, crop_scale)),
+    train_loader = DataLoader(ImageDataset.from_labels(train_set, train_transform(image_size, config.mean, config.std, crop_scale, dihedral)),
                               batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_set) > batch_size,
                               **loader_kw)
     val_loader = DataLoader(ImageDataset.from_labels(val_set, eval_transform(image_size, config.mean, config.std)),
