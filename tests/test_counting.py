@@ -55,6 +55,16 @@ def test_count_metrics_on_a_hand_checked_case():
     assert m["MAE"] == pytest.approx(1.0)
 
 
+def test_whole_counts_are_rounded_and_gated_by_presence():
+    from types import SimpleNamespace
+
+    from weakloc.localize.instances import predicted_counts
+
+    out = SimpleNamespace(counts=torch.tensor([[2.4, 0.6, 3.7, -0.2]]), logits=torch.tensor([[1.0, 0.5, -1.0, 2.0]]))
+    assert predicted_counts(out).tolist() == [[2.0, 1.0, 0.0, 0.0]]  # the third is called absent by its logit
+    assert predicted_counts(out, task="single").tolist() == [[2.0, 1.0, 4.0, 0.0]]
+
+
 def test_point_and_box_matching_is_one_to_one():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
     pts = torch.tensor([[5.0, 5.0], [6.0, 6.0], [25.0, 25.0], [50.0, 50.0]])

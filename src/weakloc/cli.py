@@ -82,7 +82,9 @@ def print_counting(rep: dict) -> None:
     """Counting metrics beside the mean-count baseline, and instance precision/recall/F1."""
     table = Table("", "MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz",
                   title=f"Counting: split {rep['split']}, {rep['images']} image(s)")
-    for name, m in (("model", rep["counting"]), ("mean-count baseline", rep["baseline"])):
+    rows = (("model (whole counts, ILC)", rep["counting"]), ("model (raw counts)", rep["counting_raw"]),
+            ("mean-count baseline", rep["baseline"]), ("rounded mean-count baseline", rep["baseline_rounded"]))
+    for name, m in rows:
         table.add_row(name, *[f"{m[k]:.3f}" for k in ("MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz")])
     console.print(table)
     per = Table("class", "MAE", "baseline MAE", "point P/R/F1", "box@0.5 P/R/F1", title="Per class")

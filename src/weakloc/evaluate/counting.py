@@ -10,7 +10,7 @@ from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
-from weakloc.localize.instances import output_instances
+from weakloc.localize.instances import output_instances, predicted_counts
 
 
 _PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
@@ -109,7 +109,12 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
             ``data`` when it has one, else ``data`` itself).
 
     Returns:
-        ``{"split", "images", "counting", "baseline", "points", "boxes"}``.
+        ``{"split", "images", "counting", "counting_raw", "baseline", "baseline_rounded", "points",
+        "boxes"}``: ``counting`` scores whole counts as ILC's evaluation does (rounded, 0 where the
+        classifier says absent; :func:`~weakloc.localize.instances.predicted_counts`),
+        ``counting_raw`` the model's unrounded counts; ``baseline`` predicts the mean training count
+        (wsol-protocol section 5), ``baseline_rounded`` that mean rounded (a stronger baseline when
+        most images hold the same count).
     """
     if getattr(model, "counting_head", None) is None:
         raise WeaklocError("this model has no counting head (train it with counts: weakloc train DATA --counts)")
@@ -128,7 +133,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     k = len(cfg.classes)
-    preds, truths = [], []
+    preds, raws, truths = [], [], []
     point_stats = {c: [0, 0, 0] for c in cfg.classes}
     box_stats = {c: [0, 0, 0] for c in cfg.classes}
     done = 0
@@ -138,10 +143,11 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
             continue
         with torch.no_grad():
             out = model.forward_maps(batch["image"].to(device))
-        preds.append(out.counts.float().cpu())
+        preds.append(predicted_counts(out, cfg.task).cpu())
+        raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            _, found = output_instances(out, size, kernel)
+            _, found = output_instances(out, size, kernel, task=cfg.task)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])
@@ -161,7 +167,9 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     pred, truth = torch.cat(preds), torch.cat(truths)
     baseline = train_counts.float().mean(0, keepdim=True).expand_as(truth)
     report = {"split": split, "images": len(pred), "counting": count_metrics(pred, truth, cfg.classes),
-              "baseline": count_metrics(baseline, truth, cfg.classes), "points": None, "boxes": None}
+              "counting_raw": count_metrics(torch.cat(raws), truth, cfg.classes),
+              "baseline": count_metrics(baseline, truth, cfg.classes),
+              "baseline_rounded": count_metrics(baseline.round(), truth, cfg.classes), "points": None, "boxes": None}
     if gt is not None:
         for key, stats in (("points", point_stats), ("boxes", box_stats)):
             per = {c: prf(*v) for c, v in stats.items()}

@@ -87,17 +87,35 @@ def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fractio
     return Instances(points, scores, instance_boxes(maps, points, scores, valid, fraction), valid)
 
 
-def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5) -> tuple[torch.Tensor, Instances]:
+def predicted_counts(out, task: str = "multi") -> torch.Tensor:
+    """Whole counts from a counting model's output, as ILC's evaluation makes them (Cholakkal et al.,
+    CVPR 2019): the count rounded, and 0 for a class the classifier calls absent (``multi`` task:
+    logit below 0), so a stray bit of density never counts an object the image does not hold.
+
+    Args:
+        out: a :class:`~weakloc.models.ModelOutput` with ``counts (B, K)`` and ``logits (B, K)``.
+        task: the model's task; only ``multi`` (presence per class) gates the counts.
+
+    Returns:
+        ``(B, K)`` float tensor of whole counts, on the output's device.
+    """
+    counts = out.counts.float().clamp_min(0).round()
+    return counts * (out.logits > 0).to(counts.dtype) if task == "multi" else counts
+
+
+def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5,
+                     task: str = "multi") -> tuple[torch.Tensor, Instances]:
     """Instances of a counting model's forward pass at ``size × size`` pixels.
 
     Args:
         out: a :class:`~weakloc.models.ModelOutput` with ``counts``; peaks come from its density maps,
             or from the positive part of the CAMs for a model without a density head.
         kernel: suppression window (default: about a sixteenth of ``size``, odd, at least 3).
+        task: the model's task: the number of instances kept is :func:`predicted_counts`.
 
     Returns:
         the upsampled maps ``(B, K, size, size)`` and their :class:`Instances`.
     """
     maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
     maps = upsample(maps.float(), (size, size))
-    return maps, instances(maps, out.counts.float(), kernel or max(3, size // 16 | 1), fraction)
+    return maps, instances(maps, predicted_counts(out, task), kernel or max(3, size // 16 | 1), fraction)

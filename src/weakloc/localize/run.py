@@ -13,7 +13,7 @@ from torchvision.utils import draw_keypoints
 from weakloc.data.dataset import PredictDataset, collate_list
 from weakloc.data.images import list_images
 from weakloc.explain import explain, normalize_minmax, upsample
-from weakloc.localize.instances import output_instances
+from weakloc.localize.instances import output_instances, predicted_counts
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
 from weakloc.report.html import gallery_cards, write_page
@@ -110,15 +110,16 @@ def _count_batch(model, good, paths, result, cards, out, device) -> None:
     x = torch.stack([b[1] for b in good]).to(device)
     with torch.no_grad():
         o = model.forward_maps(x)
-    maps, found = output_instances(o, size)
+    maps, found = output_instances(o, size, task=cfg.task)
     pts, scores, boxes, valid = (t.cpu() for t in found)
-    counts = o.counts.float().cpu()
+    counts, raw = predicted_counts(o, cfg.task).cpu(), o.counts.float().cpu()
     probs = model.probabilities(o.logits.float()).cpu()
     heat = normalize_minmax(maps.sum(1))  # (B, S, S): all classes' density
     for j, (i, _, (oh, ow), shown) in enumerate(good):
         image_id = len(result["images"]) + 1
         result["images"].append({"id": image_id, "file_name": str(paths[i]), "width": ow, "height": oh,
-                                 "counts": {c: round(float(counts[j, k]), 2) for k, c in enumerate(cfg.classes)},
+                                 "counts": {c: int(counts[j, k]) for k, c in enumerate(cfg.classes)},
+                                 "raw_counts": {c: round(float(raw[j, k]), 2) for k, c in enumerate(cfg.classes)},
                                  "probabilities": [round(float(p), 4) for p in probs[j]]})
         sx, sy = ow / size, oh / size
         dh, dw = shown.shape[-2:]
@@ -140,7 +141,7 @@ def _count_batch(model, good, paths, result, cards, out, device) -> None:
             continue
         disp = upsample(heat[j][None], (dh, dw), mode="bilinear").clamp(0, 1)
         picture = blend(shown[None].to(device), disp)[0].cpu()
-        summary = " · ".join(f"{c} {float(counts[j, k]):.1f}" for k, c in enumerate(cfg.classes))
+        summary = " · ".join(f"{c} {int(counts[j, k])}" for k, c in enumerate(cfg.classes))
         banner = torch.tensor([[0.0, 0.0, dw - 1.0, 0.0]])  # a flat box carries the counts as its caption
         picture = draw_detections(picture, torch.cat([banner, torch.tensor(drawn).view(-1, 4)]), [summary] + labels)
         if points:
