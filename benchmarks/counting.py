@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--bccd-root", type=Path, default=Path("../shared/datasets/bccd"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
+    ap.add_argument("--count-tta", default=None, help="also score each head with these test-time views (none | flip | dihedral), as extra rows")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dataset == "synthetic":
@@ -88,22 +89,29 @@ def main() -> None:
         rep["train_seconds"] = train_s
         results[head] = rep
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    for head in args.heads.split(",") if args.count_tta else []:
+        key = f"{head}, {args.count_tta} views"
+        if key not in results or args.reevaluate:
+            rep = evaluate_counts(load_model(args.out / head / "model"), labels, annotations, split="test", tta=args.count_tta)
+            results[key] = {**rep, "train_seconds": results[head]["train_seconds"]}
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
     device = machine_name()
-    results = {h: results[h] for h in args.heads.split(",")}
+    results = {h: r for h, r in results.items() if h.split(",")[0] in args.heads.split(",")}
     first = next(iter(results.values()))
     classes = list(first["counting"]["per_class"])
     print(f"\n{args.dataset} counting, test split ({first['images']} images); {size} px, output stride {args.output_stride}, "
           f"{args.epochs} epochs, {args.count_loss} loss{', dihedral' if args.dihedral else ''}; {device}")
     print("Whole counts as ILC scores them (rounded; 0 where the classifier says absent); 'raw MAE' is the unrounded count's.")
-    print("| model | " + " | ".join(f"MAE {c}" for c in classes) + " | MAE mean | raw MAE | mRMSE | mRMSE-nz | m-relRMSE | m-relRMSE-nz | point F1 | box F1 @0.5 | train s |")
-    print("|---|" + "---:|" * (len(classes) + 9))
+    print("| model | views | " + " | ".join(f"MAE {c}" for c in classes) + " | MAE mean | raw MAE | mRMSE | mRMSE-nz | m-relRMSE | m-relRMSE-nz | point F1 | box F1 @0.5 | train s |")
+    print("|---|---|" + "---:|" * (len(classes) + 9))
     rows = [(h, r["counting"], r) for h, r in results.items()]
     rows += [("mean-count baseline", first["baseline"], None), ("rounded mean-count baseline", first["baseline_rounded"], None)]
     for name, m, r in rows:
         per = " | ".join(f"{m['per_class'][c]['MAE']:.3f}" for c in classes)
         raw = f"{r['counting_raw']['MAE']:.3f}" if r else "-"
+        views = r.get("tta", "none") if r else "-"
         extra = f"{r['points']['F1']:.3f} | {r['boxes']['F1']:.3f} | {r['train_seconds']:.0f}" if r else "- | - | -"
-        print(f"| {name} | {per} | {m['MAE']:.3f} | {raw} | {m['mRMSE']:.3f} | {m['mRMSE-nz']:.3f} | {m['m-relRMSE']:.3f} | {m['m-relRMSE-nz']:.3f} | {extra} |")
+        print(f"| {name} | {views} | {per} | {m['MAE']:.3f} | {raw} | {m['mRMSE']:.3f} | {m['mRMSE-nz']:.3f} | {m['m-relRMSE']:.3f} | {m['m-relRMSE-nz']:.3f} | {extra} |")
 
 
 if __name__ == "__main__":

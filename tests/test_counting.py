@@ -111,6 +111,7 @@ def test_counting_loss_terms():
 
 def test_count_training_and_evaluation_end_to_end(tmp_path):
     from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.errors import WeaklocError
     from weakloc.evaluate.counting import evaluate_counts
     from weakloc.train import fine_tune
 
@@ -123,6 +124,23 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
     for key in ("MAE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz"):
         assert rep["counting"][key] >= 0 and rep["baseline"][key] >= 0
     assert 0 <= rep["points"]["F1"] <= 1 and set(rep["boxes"]["per_class"]) == {"triangle", "square", "star"}
+    assert res.model.config.localization["count_tta"] == "flip" and rep["tta"] == "flip"  # trained with left-right flips only
+
+    from weakloc.localize.instances import _unview, _view, counting_forward
+
+    m = torch.arange(2 * 5 * 7.0).view(1, 2, 5, 7)
+    assert len({tuple(_view(m, i).flatten().tolist()) for i in range(8)}) == 8
+    assert all(torch.equal(_unview(_view(m, i), i), m) for i in range(8))
+    x = torch.rand(2, 3, 64, 64)
+    model = res.model.eval()
+    with torch.no_grad():
+        single, tta = counting_forward(model, x), counting_forward(model, x, "dihedral")
+        views = [model.forward_maps(_view(x, i)) for i in range(8)]
+    assert torch.allclose(single.counts, views[0].counts)
+    assert torch.allclose(tta.counts, torch.stack([v.counts for v in views]).mean(0), atol=1e-5)
+    assert torch.allclose(tta.density, torch.stack([_unview(v.density, i) for i, v in enumerate(views)]).mean(0), atol=1e-5)
+    with pytest.raises(WeaklocError, match="dihedral"):
+        counting_forward(model, x, "rot45")
 
 
 def test_counting_training_refuses_random_crops_and_takes_dihedral_flips(tmp_path):

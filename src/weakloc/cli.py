@@ -81,7 +81,7 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
 def print_counting(rep: dict) -> None:
     """Counting metrics beside the mean-count baseline, and instance precision/recall/F1."""
     table = Table("", "MAE", "RMSE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz",
-                  title=f"Counting: split {rep['split']}, {rep['images']} image(s)")
+                  title=f"Counting: split {rep['split']}, {rep['images']} image(s), test-time views: {rep.get('tta', 'none')}")
     rows = (("model (whole counts, ILC)", rep["counting"]), ("model (raw counts)", rep["counting_raw"]),
             ("mean-count baseline", rep["baseline"]), ("rounded mean-count baseline", rep["baseline_rounded"]))
     for name, m in rows:
@@ -160,6 +160,8 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help=DTYPE_HELP)]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(help=OPTION_HELP)]
 InputSizeOpt = Annotated[Optional[int], typer.Option(
     help="Run the model on inputs of this size (test-time resolution; default: the calibrated one, else the training size).")]
+CountTtaOpt = Annotated[Optional[str], typer.Option(
+    help="Counting models: test-time views averaged, none | flip | dihedral (default: the model's stored choice).")]
 
 
 def _load_at_size(model: Path, device: str | None, input_size: int | None):
@@ -290,6 +292,7 @@ def localize(
     dtype: DtypeOpt = None,
     option: OptionOpt = None,
     input_size: InputSizeOpt = None,
+    count_tta: CountTtaOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
@@ -301,7 +304,7 @@ def localize(
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, method=method, target=target, threshold=threshold, keep=keep,
                               batch_size=batch_size, progress=update,
-                              explain_options=opts)
+                              explain_options=opts, count_tta=count_tta)
     console.print(f"{len(res['images'])} image(s), {len(res['annotations'])} box(es) -> {out / 'index.html'}")
     for s in res["skipped"]:
         console.print(f"[yellow]skipped {s['reason']}[/]")
@@ -356,6 +359,7 @@ def evaluate(
     dtype: DtypeOpt = None,
     option: OptionOpt = None,
     input_size: InputSizeOpt = None,
+    count_tta: CountTtaOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
 ):
@@ -376,7 +380,7 @@ def evaluate(
         except LabelError:  # ... else count the annotated objects of DATA's images
             data = load_count_labels(data, annotations=annotations, classes=net.config.classes)
         with progress_bar("counting") as update:
-            counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, progress=update)
+            counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, tta=count_tta, progress=update)
     with progress_bar("evaluating") as update:
         report = evaluate_model(net, data, annotations, method=method, split=split, step=step, gt_known_tau=gt_known_tau,
                                 gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update,

@@ -10,7 +10,7 @@ from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
-from weakloc.localize.instances import output_instances, predicted_counts
+from weakloc.localize.instances import counting_forward, output_instances, predicted_counts
 
 
 _PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
@@ -96,7 +96,7 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
                     train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int | None = None,
-                    progress=None) -> dict:
+                    tta: str | None = None, progress=None) -> dict:
     """Counting metrics with the mean-count baseline, and instance points/boxes against GT boxes.
 
     Args:
@@ -105,6 +105,9 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         annotations: boxes for instance precision/recall/F1 (optional).
         split: ``auto`` -- test, else val, else all.
         kernel: peak suppression window (default: see :func:`~weakloc.localize.instances.output_instances`).
+        tta: test-time views averaged before counting (``none``, ``flip``, ``dihedral``; see
+            :func:`~weakloc.localize.instances.counting_forward`); default: the model's stored
+            ``localization["count_tta"]``, else ``none``.
         train_counts: ``(N, K)`` training counts for the baseline (default: the ``train`` split of
             ``data`` when it has one, else ``data`` itself).
 
@@ -130,6 +133,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     labeled, split = resolve_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
     size = cfg.input_size
+    tta = tta or cfg.localization.get("count_tta", "none")
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     k = len(cfg.classes)
@@ -142,7 +146,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         if batch["image"] is None:
             continue
         with torch.no_grad():
-            out = model.forward_maps(batch["image"].to(device))
+            out = counting_forward(model, batch["image"].to(device), tta)
         preds.append(predicted_counts(out, cfg.task).cpu())
         raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
@@ -166,7 +170,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         raise WeaklocError("no image could be read")
     pred, truth = torch.cat(preds), torch.cat(truths)
     baseline = train_counts.float().mean(0, keepdim=True).expand_as(truth)
-    report = {"split": split, "images": len(pred), "counting": count_metrics(pred, truth, cfg.classes),
+    report = {"split": split, "images": len(pred), "tta": tta, "counting": count_metrics(pred, truth, cfg.classes),
               "counting_raw": count_metrics(torch.cat(raws), truth, cfg.classes),
               "baseline": count_metrics(baseline, truth, cfg.classes),
               "baseline_rounded": count_metrics(baseline.round(), truth, cfg.classes), "points": None, "boxes": None}

@@ -1,4 +1,5 @@
-"""Instances from density maps (or CAMs): peaks, one box per peak, batched on the device."""
+"""Counts and instances from counting models: test-time views, whole counts, peaks of density maps
+(or CAMs) and one box per peak, batched on the device."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from weakloc.errors import WeaklocError
 from weakloc.explain.maps import upsample
+
+COUNT_TTA = {"none": 1, "flip": 2, "dihedral": 8}
 
 
 class Instances(NamedTuple):
@@ -85,6 +89,46 @@ def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fractio
     """Peaks (:func:`find_peaks`) and their boxes (:func:`instance_boxes`) of ``(B, K, H, W)`` maps."""
     points, scores, valid = find_peaks(maps, counts, kernel)
     return Instances(points, scores, instance_boxes(maps, points, scores, valid, fraction), valid)
+
+
+def _view(x: torch.Tensor, i: int) -> torch.Tensor:
+    """View ``i`` of 8 (0-3: as is, flipped left-right, upside down, both; 4-7: the same after a transpose)."""
+    x = x.transpose(-1, -2) if i >= 4 else x
+    dims = {1: (-1,), 2: (-2,), 3: (-1, -2)}.get(i % 4)
+    return x.flip(dims) if dims else x
+
+
+def _unview(m: torch.Tensor, i: int) -> torch.Tensor:
+    """Undo :func:`_view` on a map."""
+    dims = {1: (-1,), 2: (-2,), 3: (-1, -2)}.get(i % 4)
+    m = m.flip(dims) if dims else m
+    return m.transpose(-1, -2) if i >= 4 else m
+
+
+def counting_forward(model, x: torch.Tensor, tta: str = "none"):
+    """A counting model's forward pass, averaged over test-time views.
+
+    Counts do not change when an image is flipped (``flip``: left-right) or, for top-down images,
+    turned by right angles (``dihedral``: all 8 orientations); averaging the views' counts, logits
+    and maps (each map turned back first) steadies the count before it is rounded.
+
+    Args:
+        model: a :class:`~weakloc.models.WeaklocNet` with a counting head; x: ``(B, 3, H, W)``.
+        tta: ``none``, ``flip`` or ``dihedral``.
+
+    Returns:
+        a :class:`~weakloc.models.ModelOutput` (``features`` and ``attention`` of the first view).
+    """
+    if tta not in COUNT_TTA:
+        raise WeaklocError(f"unknown counting test-time views {tta!r}: use one of {', '.join(COUNT_TTA)}")
+    outs = [model.forward_maps(_view(x, i)) for i in range(COUNT_TTA[tta])]
+    if len(outs) == 1:
+        return outs[0]
+    mean = lambda ts: torch.stack(ts).mean(0)  # noqa: E731
+    maps = lambda name: None if getattr(outs[0], name) is None else mean([_unview(getattr(o, name), i) for i, o in enumerate(outs)])  # noqa: E731
+    vectors = lambda name: None if getattr(outs[0], name) is None else mean([getattr(o, name) for o in outs])  # noqa: E731
+    return outs[0]._replace(logits=vectors("logits"), counts=vectors("counts"), head_counts=vectors("head_counts"),
+                            class_maps=maps("class_maps"), density=maps("density"), localizer=maps("localizer"))
 
 
 def predicted_counts(out, task: str = "multi") -> torch.Tensor:

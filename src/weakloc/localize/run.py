@@ -13,7 +13,7 @@ from torchvision.utils import draw_keypoints
 from weakloc.data.dataset import PredictDataset, collate_list
 from weakloc.data.images import list_images
 from weakloc.explain import explain, normalize_minmax, upsample
-from weakloc.localize.instances import output_instances, predicted_counts
+from weakloc.localize.instances import counting_forward, output_instances, predicted_counts
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import thresholds_for
 from weakloc.report.html import gallery_cards, write_page
@@ -44,6 +44,7 @@ def localize_images(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     display_size: int = 512,
+    count_tta: str | None = None,
     progress=None,
 ) -> dict:
     """Localize the evidence for each image's class(es).
@@ -62,6 +63,8 @@ def localize_images(
         threshold: a number, ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
             calibrated threshold if any, else 0.3).
         keep: ``all`` regions or the ``largest`` per map.
+        count_tta: counting models: test-time views averaged (``none``, ``flip``, ``dihedral``);
+            default: the model's stored ``localization["count_tta"]``, else ``none``.
         progress: optional callable ``(done, total)``.
 
     Returns:
@@ -90,7 +93,7 @@ def localize_images(
         done += len(batch)
         if good:
             _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
-                            explain_options)
+                            explain_options, count_tta)
         if progress is not None:
             progress(done, len(paths))
     if result["skipped"]:
@@ -103,13 +106,13 @@ def localize_images(
     return result
 
 
-def _count_batch(model, good, paths, result, cards, out, device) -> None:
+def _count_batch(model, good, paths, result, cards, out, device, count_tta=None) -> None:
     """Counting models: counts, and numbered instances from the density (or CAM) peaks."""
     cfg = model.config
     size = cfg.inference_size()
     x = torch.stack([b[1] for b in good]).to(device)
     with torch.no_grad():
-        o = model.forward_maps(x)
+        o = counting_forward(model, x, count_tta or cfg.localization.get("count_tta", "none"))
     maps, found = output_instances(o, size, task=cfg.task)
     pts, scores, boxes, valid = (t.cpu() for t in found)
     counts, raw = predicted_counts(o, cfg.task).cpu(), o.counts.float().cpu()
@@ -151,9 +154,9 @@ def _count_batch(model, good, paths, result, cards, out, device) -> None:
 
 
 def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
-                    explain_options=None):
+                    explain_options=None, count_tta=None):
     if getattr(model, "counting_head", None) is not None:
-        return _count_batch(model, good, paths, result, cards, out, device)
+        return _count_batch(model, good, paths, result, cards, out, device, count_tta)
     cfg = model.config
     x = torch.stack([b[1] for b in good]).to(device)
     heat = explain(model, x, method=method, target=target, **(explain_options or {}))

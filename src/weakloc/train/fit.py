@@ -170,6 +170,9 @@ def fine_tune(
             counting labels, where a crop would change the counts, so a smaller value is refused).
         dihedral: also flip vertically and transpose (all 8 right-angle orientations) -- for
             top-down images (microscopy, aerial, documents) whose labels do not depend on orientation.
+            A counting model stores the test-time views it was trained to treat alike
+            (``localization["count_tta"]``: ``dihedral``, else ``flip``); evaluate and localize
+            average its counts over them.
         head, attention_stages, attention_norm, cbam_stages, adl_stages, tap_threshold: the model's
             head and attention / dropout blocks (see :class:`~weakloc.models.ModelConfig`).
         loss, focal_gamma: ``ce`` or ``focal`` (see :class:`~weakloc.train.module.OptimConfig`).
@@ -319,6 +322,8 @@ def fine_tune(
     is_transformer = hasattr(best.backbone, "patch_embed")  # ViT, DeiT, Swin, ...: fixed position embeddings
     if test_scale != 1 and config.counting is None and config.head != "attention" and not is_transformer:
         best.config.localization["input_size"] = max(32, int(round(image_size * test_scale / 32)) * 32)
+    if config.counting is not None:  # average the counts over the views training made equivalent (docs/counting.md)
+        best.config.localization["count_tta"] = "dihedral" if dihedral else "flip"
     stored = DEFAULT_MAP_OPTIONS if map_options is None else map_options
     if stored:
         best.config.localization["options"] = {m: dict(o) for m, o in stored.items()}
