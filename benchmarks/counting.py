@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--backbone-lr", default=None, help="earliest,latest backbone LR multipliers (default: fine_tune's)")
     ap.add_argument("--bccd-root", type=Path, default=Path("../shared/datasets/bccd"))
+    ap.add_argument("--bccd-classes", default="RBC,WBC,Platelets", help="BCCD classes counted (RBC counts are noisy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
     ap.add_argument("--count-tta", default=None, help="also score each head with these test-time views (none | flip | dihedral), as extra rows")
@@ -66,7 +67,7 @@ def main() -> None:
         size = args.image_size or 160
     else:
         annotations = args.bccd_root / "BCCD" / "Annotations"
-        labels = load_count_labels(write_labels(args.bccd_root, args.out), annotations=annotations, classes=["RBC", "WBC", "Platelets"])
+        labels = load_count_labels(write_labels(args.bccd_root, args.out), annotations=annotations, classes=args.bccd_classes.split(","))
         size = args.image_size or 320
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}  # heads already measured are kept
