@@ -133,7 +133,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     labeled, split = resolve_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
     size = cfg.input_size
-    tta = tta or cfg.localization.get("count_tta", "none")
+    tta = cfg.count_views(tta)
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     k = len(cfg.classes)
@@ -147,11 +147,12 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
             continue
         with torch.no_grad():
             out = counting_forward(model, batch["image"].to(device), tta)
-        preds.append(predicted_counts(out, cfg.task).cpu())
+        whole = predicted_counts(out, cfg.task)
+        preds.append(whole.cpu())
         raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            _, found = output_instances(out, size, kernel, task=cfg.task)
+            _, found = output_instances(out, size, kernel, counts=whole)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])

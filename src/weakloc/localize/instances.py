@@ -142,18 +142,20 @@ def predicted_counts(out, task: str = "multi") -> torch.Tensor:
 
 
 def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5,
-                     task: str = "multi") -> tuple[torch.Tensor, Instances]:
+                     counts: torch.Tensor | None = None) -> tuple[torch.Tensor, Instances]:
     """Instances of a counting model's forward pass at ``size × size`` pixels.
 
     Args:
         out: a :class:`~weakloc.models.ModelOutput` with ``counts``; peaks come from its density maps,
             or from the positive part of the CAMs for a model without a density head.
         kernel: suppression window (default: about a sixteenth of ``size``, odd, at least 3).
-        task: the model's task: the number of instances kept is :func:`predicted_counts`.
+        counts: ``(B, K)`` whole counts, the number of instances kept per map (default
+            :func:`predicted_counts` of ``out``).
 
     Returns:
         the upsampled maps ``(B, K, size, size)`` and their :class:`Instances`.
     """
     maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
     maps = upsample(maps.float(), (size, size))
-    return maps, instances(maps, predicted_counts(out, task), kernel or max(3, size // 16 | 1), fraction)
+    counts = predicted_counts(out) if counts is None else counts
+    return maps, instances(maps, counts, kernel or max(3, size // 16 | 1), fraction)

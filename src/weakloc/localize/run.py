@@ -112,10 +112,11 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
     size = cfg.inference_size()
     x = torch.stack([b[1] for b in good]).to(device)
     with torch.no_grad():
-        o = counting_forward(model, x, count_tta or cfg.localization.get("count_tta", "none"))
-    maps, found = output_instances(o, size, task=cfg.task)
+        o = counting_forward(model, x, cfg.count_views(count_tta))
+    whole = predicted_counts(o, cfg.task)
+    maps, found = output_instances(o, size, counts=whole)
     pts, scores, boxes, valid = (t.cpu() for t in found)
-    counts, raw = predicted_counts(o, cfg.task).cpu(), o.counts.float().cpu()
+    counts, raw = whole.cpu(), o.counts.float().cpu()
     probs = model.probabilities(o.logits.float()).cpu()
     heat = normalize_minmax(maps.sum(1))  # (B, S, S): all classes' density
     for j, (i, _, (oh, ow), shown) in enumerate(good):

@@ -61,8 +61,9 @@ class ModelConfig:
         decision_threshold: probability above which the positive class is predicted (chosen on
             validation for yes/no tasks; None: the arg-max).
         localization: settings for ``localize`` / ``evaluate``: the calibrated ``threshold`` and
-            ``method``, the test-time ``input_size`` (see :meth:`inference_size`) and default map
-            ``options`` per method (see :meth:`map_options`).
+            ``method``, the test-time ``input_size`` (see :meth:`inference_size`), default map
+            ``options`` per method (see :meth:`map_options`) and counting's ``count_tta`` (see
+            :meth:`count_views`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -102,6 +103,12 @@ class ModelConfig:
         the defaults that measured best, docs/results.md), overridden by the caller's ``given``."""
         stored = self.localization.get("options", {}).get(method, {})
         return {**stored, **(given or {})}
+
+    def count_views(self, given: str | None = None) -> str:
+        """Test-time views a counting model's counts are averaged over (``none``, ``flip``,
+        ``dihedral``): ``given``, else the ones ``fine_tune`` stored (``localization["count_tta"]``),
+        else ``none``."""
+        return given or self.localization.get("count_tta", "none")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
