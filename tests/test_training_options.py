@@ -34,6 +34,16 @@ def test_balanced_sampler_weights_inverse_class_frequency():
     assert 0.4 < (drawn % 10 >= 8).float().mean() < 0.6  # positives are about half the draws
 
 
+def test_balanced_sampler_draws_rare_counts_more_often():
+    counts = torch.tensor([[1.0, 0.0]] * 8 + [[2.0, 0.0], [1.0, 3.0]])  # a: nine 1s and one 2; b: nine 0s and one 3
+    labeled = LabeledImages(paths=[f"{i}.png" for i in range(10)], targets=(counts > 0).float(), classes=["a", "b"], task="multi",
+                            counts=counts)
+    w = balanced_sampler(labeled).weights
+    assert torch.allclose(w[:8], torch.full((8,), 9 ** -0.5, dtype=torch.float64))  # groups of nine: 1 / 3
+    assert torch.allclose(w[8], torch.tensor(1.0, dtype=torch.float64))  # the only image with two of a
+    assert torch.allclose(w[9], torch.tensor(1.0, dtype=torch.float64))  # the only image with b
+
+
 def test_decision_threshold_maximises_f1():
     probs = torch.tensor([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
     pos = torch.tensor([True, True, False, True, False, False])

@@ -61,9 +61,17 @@ def _progress_bar():
 
 def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSampler:
     """Sample images with weight 1 / (images of their class); a multi-label image takes its rarest
-    label's weight, and images without any label count as one more class. As many draws per epoch as images, with replacement."""
+    label's weight, and images without any label count as one more class. With counts, the groups
+    are each class's count values, weighted 1 / sqrt(images in the group) (rare counts drawn more
+    often, yet an image whose count no other image has is not drawn dozens of times per epoch), and
+    an image takes its rarest group's weight. As many draws per epoch as images, with replacement."""
     t = labeled.targets
-    if labeled.task == "single":
+    if labeled.counts is not None:
+        weights = torch.zeros(len(labeled.counts))
+        for column in labeled.counts.long().T:
+            _, group, size = torch.unique(column, return_inverse=True, return_counts=True)
+            weights = torch.maximum(weights, size[group].float().rsqrt())
+    elif labeled.task == "single":
         counts = torch.bincount(t, minlength=len(labeled.classes)).clamp_min(1).float()
         weights = 1.0 / counts[t]
     else:
@@ -197,7 +205,8 @@ def fine_tune(
             as object masks (PSOL's idea; no human boxes). ``teacher_method`` and the threshold
             default to the teacher's calibrated ones (``weakloc calibrate``), else ``cam`` and 0.2.
         balanced: draw training images with probability inversely proportional to their class's
-            frequency (rare positives seen as often as negatives).
+            frequency (rare positives seen as often as negatives); with counts, rare counts drawn
+            more often (see :func:`balanced_sampler`).
 
         test_scale: maps, boxes and predictions of the trained model are made on inputs this many
             times the training size (stored as ``localization["input_size"]``, a multiple of 32;
