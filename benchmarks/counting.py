@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("--render-size", type=int, default=128, help="synthetic images' side in pixels (same scenes at any size)")
     ap.add_argument("--dihedral", action="store_true", help="train with flips both ways and right-angle rotations")
     ap.add_argument("--balanced", action="store_true", help="draw images with rare counts more often")
-    ap.add_argument("--mosaic", type=float, default=0.0, help="fraction of each batch made 2x2 mosaics of whole images")
     ap.add_argument("--output-stride", type=int, default=None)
     ap.add_argument("--count-loss", default="poisson")
     ap.add_argument("--density-stage", default="-3", help="feature_info index, or 'last'")
@@ -82,7 +81,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         res = fine_tune(labels, args.out / head, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
-                        seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, mosaic=args.mosaic, balanced=args.balanced, progress=False, counting=head,
+                        seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, balanced=args.balanced, progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
                         density_context=not args.no_density_context,
                         density_l1=args.density_l1, density_tv=args.density_tv, lr=args.lr,
@@ -103,7 +102,7 @@ def main() -> None:
     first = next(iter(results.values()))
     classes = list(first["counting"]["per_class"])
     print(f"\n{args.dataset} counting, test split ({first['images']} images); {size} px, output stride {args.output_stride}, "
-          f"{args.epochs} epochs, {args.count_loss} loss{', dihedral' if args.dihedral else ''}{f', mosaic {args.mosaic}' if args.mosaic else ''}{', count-balanced sampling' if args.balanced else ''}; {device}")
+          f"{args.epochs} epochs, {args.count_loss} loss{', dihedral' if args.dihedral else ''}{', count-balanced sampling' if args.balanced else ''}; {device}")
     print("Whole counts as ILC scores them (rounded; 0 where the classifier says absent); 'raw MAE' is the unrounded count's.")
     print("| model | views | " + " | ".join(f"MAE {c}" for c in classes) + " | MAE mean | raw MAE | mRMSE | mRMSE-nz | m-relRMSE | m-relRMSE-nz | point F1 | box F1 @0.5 | train s |")
     print("|---|---|" + "---:|" * (len(classes) + 9))

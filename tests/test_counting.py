@@ -117,7 +117,7 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
 
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=32, size=64, mode="multi", max_instances=3, seed=5, val_fraction=0.25))
     res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, output_stride=8,
-                    epochs=2, batch_size=8, progress=False, counting="both", mosaic=0.5)
+                    epochs=2, batch_size=8, progress=False, counting="both")
     assert res.model.config.counting == "both" and "val_count_mae" in res.metrics
     rep = evaluate_counts(res.model, d, d / "annotations.json")
     assert rep["split"] == "val" and rep["images"] == sum(s == "val" for s in load_count_labels(d).splits)
@@ -163,29 +163,6 @@ def test_counting_training_refuses_random_crops_and_takes_dihedral_flips(tmp_pat
     plain = {tuple(tf(square)[0].flatten().tolist()) for _ in range(50)}
     assert len(seen) == 8 and len(plain) == 2  # all right-angle orientations vs the horizontal flip alone
     assert all(sorted(o) == sorted(square[0].flatten().tolist()) for o in seen)
-
-
-def test_count_mosaic_tiles_whole_images_and_adds_their_counts(synth_single, tmp_path):
-    from weakloc.errors import WeaklocError
-    from weakloc.train import fine_tune
-    from weakloc.train.augment import count_mosaic
-
-    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()  # image i is filled with the value i
-    t = torch.tensor([[1, 0, 1, 0], [1, 1, 2, 3], [0, 1, 0, 1], [1, 1, 5, 1]]).float()  # presence of a, b; counts of a, b
-    mosaic, mixed = count_mosaic(x, t, 2, prob=1.0, generator=torch.Generator().manual_seed(0))
-    for i in range(4):
-        quarters = [mosaic[i, :, :4, :4], mosaic[i, :, :4, 4:], mosaic[i, :, 4:, :4], mosaic[i, :, 4:, 4:]]
-        assert all(q.eq(q.flatten()[0]).all() for q in quarters)  # each quarter is one whole image, shrunk
-        src = [int(q.flatten()[0]) for q in quarters]
-        assert src[0] == i
-        assert torch.equal(mixed[i, 2:], t[src, 2:].sum(0)) and torch.equal(mixed[i, :2], t[src, :2].amax(0))
-    assert (mixed[:, 2:] > t[:, 2:]).any()  # counts beyond any single image's
-    same, same_t = count_mosaic(x, t, 2, prob=0.0)
-    assert torch.equal(same, x) and torch.equal(same_t, t)
-    assert count_mosaic(torch.rand(2, 3, 7, 9), t[:2], 2, prob=1.0)[0].shape == (2, 3, 7, 9)  # odd sides
-    with pytest.raises(WeaklocError, match="multi-label or counting"):
-        fine_tune(synth_single, tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, epochs=1,
-                  progress=False, mosaic=0.5)
 
 
 def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):

@@ -149,7 +149,6 @@ def fine_tune(
     hide_prob: float = 0.0,
     hide_grid: int = 4,
     cutmix_alpha: float = 0.0,
-    mosaic: float = 0.0,
     align_weight: float = 0.0,
     consistency_weight: float = 0.0,
     teacher: str | Path | WeaklocNet | None = None,
@@ -194,10 +193,6 @@ def fine_tune(
             width and whether it also reads the last map (see :class:`~weakloc.models.ModelConfig`).
         hide_prob, hide_grid: Hide-and-Seek (hide each of ``hide_grid``² patches with this probability).
         cutmix_alpha: CutMix with Beta(alpha, alpha) areas (0: off; not with counts).
-        mosaic: fraction of each training batch replaced by 2x2 mosaics of four whole images at half
-            size, whose counts add up and whose presence is the union (0: off; multi-label or
-            counting labels only). For counts that hardly vary between images, which a map spread
-            evenly over the image would otherwise fit (docs/counting.md).
         align_weight, consistency_weight: feature–class-weight alignment and attentive-dropout
             consistency losses (Kim et al. 2022; see :mod:`weakloc.train.alignment`; 0: off).
         teacher: a first-stage model (or its folder): trains a second stage whose localizer head
@@ -251,10 +246,6 @@ def fine_tune(
         raise WeaklocError("a counting head needs counting labels: a counts CSV (path,<class>,...) or --counts-from ANNOTATIONS")
     if cutmix_alpha and labeled.counts is not None:
         raise WeaklocError("CutMix changes how many objects an image holds: it cannot be used with counting labels")
-    if mosaic and labeled.task == "single" and labeled.counts is None:
-        raise WeaklocError("a mosaic holds four images' classes: it needs multi-label or counting labels, not single-label ones")
-    if not 0 <= mosaic <= 1:
-        raise WeaklocError(f"mosaic is a fraction of the batch, in [0, 1]; got {mosaic}")
     if crop_scale is None:
         crop_scale = (1.0, 1.0) if labeled.counts is not None else (0.35, 1.0)
     if labeled.counts is not None and min(crop_scale) < 1:
@@ -299,7 +290,7 @@ def fine_tune(
     optim = OptimConfig(lr=lr, backbone_lr=tuple(backbone_lr), weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
                         loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
                         density_l1=density_l1, density_tv=density_tv, hide_prob=hide_prob, hide_grid=hide_grid,
-                        cutmix_alpha=cutmix_alpha, mosaic_prob=mosaic, align_weight=align_weight, consistency_weight=consistency_weight)
+                        cutmix_alpha=cutmix_alpha, align_weight=align_weight, consistency_weight=consistency_weight)
     module = ClassifierModule(model, optim, teacher_model, teacher_method or "cam", 0.2 if teacher_threshold is None else teacher_threshold)
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)

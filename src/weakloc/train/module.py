@@ -14,7 +14,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
-from weakloc.train.augment import count_mosaic, cutmix, hide_patches
+from weakloc.train.augment import cutmix, hide_patches
 from weakloc.train.pseudo import localizer_loss, pseudo_masks
 
 
@@ -40,8 +40,6 @@ class OptimConfig:
         density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
         hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
         cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
-        mosaic_prob: fraction of each training batch replaced by 2x2 mosaics of whole images, whose
-            counts add up (0: off; see :func:`~weakloc.train.augment.count_mosaic`).
         align_weight: weight of the feature–class-weight alignment loss (Kim et al. 2022; 0: off),
             see :func:`~weakloc.train.alignment.alignment_loss`.
         consistency_weight: weight of the attentive-dropout consistency loss (0: off), see
@@ -64,7 +62,6 @@ class OptimConfig:
     hide_prob: float = 0.0
     hide_grid: int = 4
     cutmix_alpha: float = 0.0
-    mosaic_prob: float = 0.0
     align_weight: float = 0.0
     consistency_weight: float = 0.0
 
@@ -131,7 +128,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _augment(self, batch: dict) -> dict:
         o = self.optim
-        if not (o.hide_prob or o.cutmix_alpha or o.mosaic_prob):
+        if not (o.hide_prob or o.cutmix_alpha):
             return batch
         batch = dict(batch)
         if o.hide_prob:
@@ -139,8 +136,6 @@ class ClassifierModule(pl.LightningModule):
         if o.cutmix_alpha:
             batch["image"], batch["target"] = cutmix(batch["image"], batch["target"], self.model.num_classes, self.model.config.task,
                                                      o.cutmix_alpha)
-        if o.mosaic_prob:
-            batch["image"], batch["target"] = count_mosaic(batch["image"], batch["target"], self.model.num_classes, o.mosaic_prob)
         return batch
 
     def training_step(self, batch: dict, batch_idx: int):
