@@ -80,11 +80,16 @@ def main() -> None:
         train_counts = train_data.counts  # the mean-count baseline sees the same images
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}  # heads already measured are kept
+
+    def record(key: str, model, train_seconds: float, tta: str | None = None) -> None:
+        """Score ``model`` on the test split into ``results[key]`` and save the cache."""
+        rep = evaluate_counts(model, labels, annotations, split="test", tta=tta, train_counts=train_counts)
+        results[key] = {**rep, "train_seconds": train_seconds}
+        cache.write_text(json.dumps(results, indent=2))
+
     for head in args.heads.split(","):
         if head in results and args.reevaluate:
-            rep = evaluate_counts(load_model(args.out / head / "model"), labels, annotations, split="test", train_counts=train_counts)
-            results[head] = {**rep, "train_seconds": results[head]["train_seconds"]}
-            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            record(head, load_model(args.out / head / "model"), results[head]["train_seconds"])
         if head in results:
             continue
         t0 = time.perf_counter()
@@ -94,18 +99,11 @@ def main() -> None:
                         density_context=not args.no_density_context,
                         density_l1=args.density_l1, density_tv=args.density_tv, lr=args.lr,
                         backbone_lr=tuple(float(v) for v in args.backbone_lr.split(",")) if args.backbone_lr else None)
-        train_s = time.perf_counter() - t0
-        rep = evaluate_counts(res.model, labels, annotations, split="test", train_counts=train_counts)
-        rep["train_seconds"] = train_s
-        results[head] = rep
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        record(head, res.model, time.perf_counter() - t0)
     for head in args.heads.split(",") if args.count_tta else []:
         key = f"{head}, {args.count_tta} views"
         if key not in results or args.reevaluate:
-            rep = evaluate_counts(load_model(args.out / head / "model"), labels, annotations, split="test", tta=args.count_tta,
-                                  train_counts=train_counts)
-            results[key] = {**rep, "train_seconds": results[head]["train_seconds"]}
-            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            record(key, load_model(args.out / head / "model"), results[head]["train_seconds"], args.count_tta)
     device = machine_name()
     results = {h: r for h, r in results.items() if h.split(",")[0] in args.heads.split(",")}
     first = next(iter(results.values()))
