@@ -9,7 +9,8 @@ from weakloc.data.counts import load_count_labels, read_counts_csv
 from weakloc.errors import LabelError
 from weakloc.evaluate.counting import count_metrics, match_instances, prf
 from weakloc.localize.instances import find_peaks, instance_boxes, instances
-from weakloc.train.module import OptimConfig, counting_loss, total_variation
+from weakloc.train.module import (OptimConfig, counting_loss, crop_consistency_loss, gather_penalty, random_crop_box,
+                                  total_variation)
 
 
 def _csv(tmp_path, text):
@@ -107,6 +108,47 @@ def test_counting_loss_terms():
     assert full == pytest.approx(float(only_count) + 0.5 * 0.5 + 0.25 * 2, abs=1e-5)
     huber = counting_loss(out, torch.tensor([[4.0]]), OptimConfig(count_loss="huber", density_l1=0, density_tv=0))
     assert huber == pytest.approx(1.5)
+    gathered = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_gather=0.5))
+    assert gathered == pytest.approx(float(only_count) + 0.5 * float(gather_penalty(density)), abs=1e-6)
+
+
+def test_gather_penalty_prefers_peaks_to_spread():
+    spread = torch.full((1, 1, 4, 4), 1 / 16)  # one object spread over 16 cells
+    peak = torch.zeros(1, 1, 4, 4)
+    peak[..., 1, 2] = 1.0  # the same object in one cell
+    eps = 1e-3
+    # 16 cells of sqrt(1/16 + eps) - sqrt(eps), over sqrt(16)
+    assert float(gather_penalty(spread, eps)) == pytest.approx(16 * (math.sqrt(1 / 16 + eps) - math.sqrt(eps)) / 4, rel=1e-5)
+    assert float(gather_penalty(peak, eps)) == pytest.approx((math.sqrt(1 + eps) - math.sqrt(eps)) / 4, rel=1e-5)
+    assert gather_penalty(peak, eps) < 0.3 * gather_penalty(spread, eps)
+    assert float(gather_penalty(torch.zeros(2, 3, 4, 4))) == pytest.approx(0, abs=1e-6)
+    # its gradient moves mass towards the larger cell: the weak cell is pushed down harder
+    two = torch.tensor([[[[0.9, 0.1]]]], requires_grad=True)
+    gather_penalty(two).backward()
+    assert two.grad[0, 0, 0, 1] > two.grad[0, 0, 0, 0] > 0
+
+
+def test_crop_box_and_crop_consistency():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        top, left, h, w = random_crop_box((256, 320), align=32, generator=g)
+        assert h == w and h in (128, 160, 192) and top % 32 == 0 and left % 32 == 0
+        assert top + h <= 256 and left + w <= 320
+    with pytest.raises(ValueError, match="too small"):
+        random_crop_box((16, 16), align=32)
+    full = torch.zeros(2, 1, 8, 8)  # stride 4: 32x32-px images
+    full[0, 0, 1, 1] = 1.0  # an object inside the crop below
+    full[0, 0, 6, 6] = 1.0  # and one outside it
+    full[1, 0, 7, 7] = 2.0  # parked in the corner, outside the crop
+    box = (0, 0, 16, 16)  # pixels: cells 0..3
+    agree = torch.zeros(2, 1, 4, 4)
+    agree[0, 0, 1, 1] = 1.0
+    assert crop_consistency_loss(full, agree, box, stride=4) == 0
+    corner = agree.clone()
+    corner[1, 0, 3, 3] = 2.0  # the crop's own corner: the whole map has nothing there
+    assert float(crop_consistency_loss(full, corner, box, stride=4)) == pytest.approx(1.5 / 2)  # Huber(2) = 1.5, mean of 2 maps
+    with pytest.raises(ValueError, match="density is"):
+        crop_consistency_loss(full, torch.zeros(2, 1, 3, 3), box, stride=4)
 
 
 def test_count_training_and_evaluation_end_to_end(tmp_path):
@@ -214,3 +256,30 @@ def test_training_history_holds_each_epochs_own_metrics(tmp_path):
     for h, row in zip(res.history, logged):  # the epoch's own validation figures, as the CSV log has them
         assert int(row["epoch"]) == h["epoch"]
         assert h["val_count_mae"] == pytest.approx(float(row["val_count_mae"]), rel=1e-5)
+
+
+def test_training_step_adds_crop_consistency_and_gather_terms():
+    from weakloc.models import ModelConfig, WeaklocNet
+    from weakloc.train.module import ClassifierModule
+
+    cfg = ModelConfig(backbone="test_resnet", classes=["a", "b"], task="multi", input_size=64, counting="density", density_stage=-2,
+                      density_hidden=8, density_context=True)
+    model = WeaklocNet(cfg, pretrained="none").eval()  # eval: the same BatchNorm statistics for every forward pass
+    batch = {"image": torch.randn(2, 3, 64, 64), "target": torch.tensor([[1.0, 0.0, 2.0, 0.0], [1.0, 1.0, 1.0, 3.0]])}
+
+    def step(training=True, **weights):
+        return ClassifierModule(model, OptimConfig(**weights))._step(batch, training=training)[0]
+
+    plain = step().item()
+    density = model.forward_maps(batch["image"]).density
+    assert float(step(density_gather=1.0)) == pytest.approx(plain + float(gather_penalty(density)), rel=1e-5)
+    torch.manual_seed(0)
+    with_crop = step(crop_consistency=1.0)
+    torch.manual_seed(0)
+    top, left, h, w = random_crop_box((64, 64), align=32)
+    crop = model.forward_maps(batch["image"][..., top:top + h, left:left + w]).density
+    expected = crop_consistency_loss(density, crop, (top, left, h, w), 64 // density.shape[-1])
+    assert float(with_crop) == pytest.approx(plain + float(expected), rel=1e-5) and float(expected) > 0
+    with_crop.backward()  # the crop's own forward pass is trained too
+    assert model.counting_head.context.weight.grad.abs().sum() > 0
+    assert float(step(training=False, crop_consistency=1.0)) == pytest.approx(plain, rel=1e-5)  # validation: no crop

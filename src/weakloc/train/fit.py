@@ -143,6 +143,8 @@ def fine_tune(
     count_weight: float = 1.0,
     density_l1: float = 0.0,
     density_tv: float = 0.0,
+    density_gather: float = 0.0,
+    crop_consistency: float = 0.0,
     density_stage: int | None = -3,
     density_hidden: int = 64,
     density_context: bool = True,
@@ -187,7 +189,7 @@ def fine_tune(
         counting: ``density``, ``count`` or ``both`` to train a counting head; ``data`` must then
             carry counts (:func:`weakloc.data.counts.load_count_labels`); default: ``density`` when
             it does.
-        count_loss, count_weight, density_l1, density_tv: the counting loss (see
+        count_loss, count_weight, density_l1, density_tv, density_gather, crop_consistency: the counting loss (see
             :class:`~weakloc.train.module.OptimConfig`).
         density_stage, density_hidden, density_context: the stage the density head reads, its 3x3
             width and whether it also reads the last map (see :class:`~weakloc.models.ModelConfig`).
@@ -289,7 +291,7 @@ def fine_tune(
         backbone_lr = (0.3, 1.0) if counting else (0.01, 0.3)
     optim = OptimConfig(lr=lr, backbone_lr=tuple(backbone_lr), weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
                         loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
-                        density_l1=density_l1, density_tv=density_tv, hide_prob=hide_prob, hide_grid=hide_grid,
+                        density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, hide_prob=hide_prob, hide_grid=hide_grid,
                         cutmix_alpha=cutmix_alpha, align_weight=align_weight, consistency_weight=consistency_weight)
     module = ClassifierModule(model, optim, teacher_model, teacher_method or "cam", 0.2 if teacher_threshold is None else teacher_threshold)
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"

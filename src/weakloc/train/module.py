@@ -38,6 +38,12 @@ class OptimConfig:
         count_loss: ``poisson`` (Poisson negative log-likelihood) or ``huber`` on the counts.
         count_weight: weight of the count loss (added to the presence classification loss).
         density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
+        density_gather: weight of the density maps' L1/2 sparsity (:func:`gather_penalty`), which
+            -- unlike L1, whose value on a non-negative map is just its count -- is smaller when
+            the same count sits in a few cells than when it is spread thinly.
+        crop_consistency: weight of :func:`crop_consistency_loss` (0: off): each training batch is
+            also seen through one random crop, whose density must hold as many objects as the
+            whole image's density holds on the same cells.
         hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
         cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
         align_weight: weight of the feature–class-weight alignment loss (Kim et al. 2022; 0: off),
@@ -59,6 +65,8 @@ class OptimConfig:
     count_weight: float = 1.0
     density_l1: float = 0.0
     density_tv: float = 0.0
+    density_gather: float = 0.0
+    crop_consistency: float = 0.0
     hide_prob: float = 0.0
     hide_grid: int = 4
     cutmix_alpha: float = 0.0
@@ -112,6 +120,8 @@ class ClassifierModule(pl.LightningModule):
             presence, counts = target[:, :k], target[:, k:]
             loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.optim)
             self._count_errors.append((out.counts.detach() - counts).abs())
+            if training and self.optim.crop_consistency and out.density is not None:
+                loss = loss + self.optim.crop_consistency * self._crop_consistency(batch["image"], out.density)
         o = self.optim
         if o.align_weight or o.consistency_weight:
             present = present_classes(presence, k)
@@ -125,6 +135,13 @@ class ClassifierModule(pl.LightningModule):
                                  self.teacher_threshold)
             loss = loss + localizer_loss(out.localizer, masks, present_classes(presence, k))
         return loss, out.logits, presence
+
+    def _crop_consistency(self, images: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+        """:func:`crop_consistency_loss` of one random crop of the whole batch."""
+        box = random_crop_box(tuple(images.shape[-2:]), align=32)
+        top, left, height, width = box
+        crop = self.model.forward_maps(images[..., top:top + height, left:left + width]).density
+        return crop_consistency_loss(density, crop, box, images.shape[-1] // density.shape[-1])
 
     def _augment(self, batch: dict) -> dict:
         o = self.optim
@@ -222,9 +239,59 @@ def total_variation(maps: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def gather_penalty(maps: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """L1/2 sparsity of non-negative ``(B, K, h, w)`` maps: ``sum sqrt(d + eps) - sqrt(eps)`` over
+    positions, divided by ``sqrt(h * w)``, averaged over maps.
+
+    A count ``c`` spread evenly over the ``n = h * w`` cells scores about ``sqrt(c)``; the same count
+    gathered into ``m`` cells scores about ``sqrt(c * m / n)``. When every training image holds the
+    same number of objects, a map spread evenly over the image fits the counts as well as one
+    peaked on the objects; this term prefers the peaks.
+    """
+    n = maps.shape[-1] * maps.shape[-2]
+    roots = (maps.float().clamp_min(0) + eps).sqrt() - math.sqrt(eps)
+    return roots.flatten(-2).sum(-1).mean() / math.sqrt(n)
+
+
+def random_crop_box(size: tuple[int, int], align: int = 32, min_fraction: float = 0.5, max_fraction: float = 0.75,
+                    generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """A random square crop ``(top, left, height, width)`` of an image of ``size`` (H, W) pixels, its
+    side between ``min_fraction`` and ``max_fraction`` of the shorter side and every edge on a
+    multiple of ``align`` (the backbone's coarsest stride, so the crop's feature grids fall on the
+    whole image's). Drawn on the CPU: no device synchronisation."""
+    h, w = size
+    lo = max(1, math.ceil(min_fraction * min(h, w) / align))
+    hi = max(lo, int(max_fraction * min(h, w) // align))
+    side = align * int(torch.randint(lo, hi + 1, (), generator=generator))
+    if side > min(h, w):
+        raise ValueError(f"images of {h}x{w} px are too small for a crop aligned to {align} px")
+    top = align * int(torch.randint(0, (h - side) // align + 1, (), generator=generator))
+    left = align * int(torch.randint(0, (w - side) // align + 1, (), generator=generator))
+    return top, left, side, side
+
+
+def crop_consistency_loss(full: torch.Tensor, crop: torch.Tensor, box: tuple[int, int, int, int], stride: int) -> torch.Tensor:
+    """Huber distance between a crop's count and the whole image's count on the crop's cells.
+
+    A density spread over the whole image, or parked on its border (where zero padding tells a
+    network where it is), also fits image-level counts; neither survives this test, because the
+    crop's borders and size differ from the image's while its objects do not.
+
+    Args:
+        full: ``(B, K, h, w)`` density of the whole images.
+        crop: ``(B, K, h', w')`` density of the crops ``box`` = (top, left, height, width) in pixels.
+        stride: pixels per density cell (``box`` is a multiple of it).
+    """
+    top, left, height, width = (v // stride for v in box)
+    region = full[..., top:top + height, left:left + width]
+    if region.shape[-2:] != crop.shape[-2:]:
+        raise ValueError(f"the crop's density is {tuple(crop.shape[-2:])}, its cells on the whole map {tuple(region.shape[-2:])}")
+    return F.huber_loss(crop.float().sum((-2, -1)), region.float().sum((-2, -1)))
+
+
 def counting_loss(out, counts: torch.Tensor, optim: OptimConfig) -> torch.Tensor:
     """Count loss on the predicted counts (and the count head's, for ``both``) plus the density maps'
-    L1 sparsity and total variation, with :class:`OptimConfig`'s weights.
+    L1 sparsity, total variation and gather penalty, with :class:`OptimConfig`'s weights.
 
     Args:
         out: a :class:`~weakloc.models.ModelOutput` with ``counts``; counts: ``(B, K)`` targets.
@@ -242,7 +309,10 @@ def counting_loss(out, counts: torch.Tensor, optim: OptimConfig) -> torch.Tensor
     if out.head_counts is not None and out.density is not None:
         loss = loss + optim.count_weight * one(out.head_counts)
     if out.density is not None:
-        loss = loss + optim.density_l1 * out.density.float().abs().mean() + optim.density_tv * total_variation(out.density.float())
+        density = out.density.float()
+        loss = loss + optim.density_l1 * density.abs().mean() + optim.density_tv * total_variation(density)
+        if optim.density_gather:
+            loss = loss + optim.density_gather * gather_penalty(density)
     return loss
 
 
