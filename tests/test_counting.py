@@ -116,11 +116,16 @@ def test_gather_penalty_prefers_peaks_to_spread():
     spread = torch.full((1, 1, 4, 4), 1 / 16)  # one object spread over 16 cells
     peak = torch.zeros(1, 1, 4, 4)
     peak[..., 1, 2] = 1.0  # the same object in one cell
-    eps = 1e-3
-    # 16 cells of sqrt(1/16 + eps) - sqrt(eps), over sqrt(16)
-    assert float(gather_penalty(spread, eps)) == pytest.approx(16 * (math.sqrt(1 / 16 + eps) - math.sqrt(eps)) / 4, rel=1e-5)
-    assert float(gather_penalty(peak, eps)) == pytest.approx((math.sqrt(1 + eps) - math.sqrt(eps)) / 4, rel=1e-5)
+    eps = 0.016
+    e = eps / 16
+    # 16 cells of sqrt(1/16 + e) - sqrt(e), over sqrt(16)
+    assert float(gather_penalty(spread, eps)) == pytest.approx(16 * (math.sqrt(1 / 16 + e) - math.sqrt(e)) / 4, rel=1e-5)
+    assert float(gather_penalty(peak, eps)) == pytest.approx((math.sqrt(1 + e) - math.sqrt(e)) / 4, rel=1e-5)
     assert gather_penalty(peak, eps) < 0.3 * gather_penalty(spread, eps)
+    big = torch.full((1, 1, 32, 32), 1 / 1024)  # even spread on a larger grid: still far above a blob of 4x4 cells
+    blob = torch.zeros(1, 1, 32, 32)
+    blob[..., 8:12, 20:24] = 1 / 16
+    assert gather_penalty(big) > 0.8 and float(gather_penalty(big)) > 5 * float(gather_penalty(blob))
     assert float(gather_penalty(torch.zeros(2, 3, 4, 4))) == pytest.approx(0, abs=1e-6)
     # its gradient moves mass towards the larger cell: the weak cell is pushed down harder
     two = torch.tensor([[[[0.9, 0.1]]]], requires_grad=True)

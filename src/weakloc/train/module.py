@@ -239,9 +239,11 @@ def total_variation(maps: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def gather_penalty(maps: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """L1/2 sparsity of non-negative ``(B, K, h, w)`` maps: ``sum sqrt(d + eps) - sqrt(eps)`` over
-    positions, divided by ``sqrt(h * w)``, averaged over maps.
+def gather_penalty(maps: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """L1/2 sparsity of non-negative ``(B, K, h, w)`` maps: ``sum sqrt(d + e) - sqrt(e)`` over the
+    ``n = h * w`` positions, divided by ``sqrt(n)``, averaged over maps; ``e = eps / n``, a fraction of
+    one object spread evenly (a fixed ``e`` near ``1 / n`` would make the penalty nearly linear,
+    like L1, around exactly the even spread it is meant to penalise).
 
     A count ``c`` spread evenly over the ``n = h * w`` cells scores about ``sqrt(c)``; the same count
     gathered into ``m`` cells scores about ``sqrt(c * m / n)``. When every training image holds the
@@ -249,7 +251,8 @@ def gather_penalty(maps: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     peaked on the objects; this term prefers the peaks.
     """
     n = maps.shape[-1] * maps.shape[-2]
-    roots = (maps.float().clamp_min(0) + eps).sqrt() - math.sqrt(eps)
+    e = eps / n
+    roots = (maps.float().clamp_min(0) + e).sqrt() - math.sqrt(e)
     return roots.flatten(-2).sum(-1).mean() / math.sqrt(n)
 
 
