@@ -288,3 +288,16 @@ def test_training_step_adds_crop_consistency_and_gather_terms():
     with_crop.backward()  # the crop's own forward pass is trained too
     assert model.counting_head.context.weight.grad.abs().sum() > 0
     assert float(step(training=False, crop_consistency=1.0)) == pytest.approx(plain, rel=1e-5)  # validation: no crop
+
+
+def test_density_priors_need_a_density_head(tmp_path):
+    from weakloc.data.counts import load_count_labels
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.errors import WeaklocError
+    from weakloc.train import fine_tune
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=8, size=32, mode="multi", max_instances=2, seed=1))
+    for kw in ({"crop_consistency": 1.0}, {"density_gather": 0.3}):
+        with pytest.raises(WeaklocError, match="act on density maps"):
+            fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=32, epochs=1,
+                      progress=False, counting="count", **kw)

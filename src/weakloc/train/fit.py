@@ -246,6 +246,9 @@ def fine_tune(
         counting = "density"
     if counting is not None and labeled.counts is None:
         raise WeaklocError("a counting head needs counting labels: a counts CSV (path,<class>,...) or --counts-from ANNOTATIONS")
+    if (density_gather or crop_consistency) and counting not in ("density", "both"):
+        raise WeaklocError("density_gather and crop_consistency act on density maps: train with counting labels and "
+                           "counting='density' or 'both'")
     if cutmix_alpha and labeled.counts is not None:
         raise WeaklocError("CutMix changes how many objects an image holds: it cannot be used with counting labels")
     if crop_scale is None:
