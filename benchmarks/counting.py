@@ -26,6 +26,7 @@ from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels  # noqa: E402
 
 from weakloc.data.counts import load_count_labels  # noqa: E402
+from weakloc.data.labels import select_split  # noqa: E402
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
 from weakloc.evaluate.counting import evaluate_counts  # noqa: E402
 from weakloc.models import load_model  # noqa: E402
@@ -78,7 +79,7 @@ def main() -> None:
     if args.train_on == "trainval":
         keep = [i for i, s in enumerate(labels.splits) if s in ("train", "val")]
         train_data = labels.subset(keep)
-        val_data = labels.subset([i for i, s in enumerate(labels.splits) if s == "val"])
+        val_data = select_split(labels, "val")
         train_counts = train_data.counts  # the mean-count baseline sees the same images
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}  # heads already measured are kept
