@@ -9,7 +9,8 @@ image (the boxes' coordinates are never used for training; only to score instanc
 BCCD are incomplete (many red cells are not annotated), so RBC counts are a noisy label.
 
 Rows: ``count`` -- the pooled count head, instances from CAM peaks; ``density`` -- the density head,
-instances from its peaks. The mean-count baseline (mean training count per class) is beside them.
+instances from its peaks. ``--box-sizes-from K`` adds rows whose instance boxes have each class's
+size calibrated on K annotated train images per class (``weakloc calibrate``). The mean-count baseline (mean training count per class) is beside them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bccd_platelets import write_labels  # noqa: E402
 from weakloc.data.counts import load_count_labels  # noqa: E402
 from weakloc.data.labels import select_split  # noqa: E402
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
+from weakloc.evaluate.calibrate import calibrate_box_sizes  # noqa: E402
 from weakloc.evaluate.counting import evaluate_counts  # noqa: E402
 from weakloc.models import load_model  # noqa: E402
 from weakloc.train import fine_tune  # noqa: E402
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--bccd-classes", default="RBC,WBC,Platelets", help="BCCD classes counted (RBC counts are noisy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
+    ap.add_argument("--box-sizes-from", type=int, default=0,
+                    help="also score each head with instance box sizes calibrated on this many annotated train images per class, as extra rows")
     ap.add_argument("--count-tta", default=None, help="also score each head with these test-time views (none | flip | dihedral), as extra rows")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +111,12 @@ def main() -> None:
         key = f"{head}, {args.count_tta} views"
         if key not in results or args.reevaluate:
             record(key, load_model(args.out / head / "model"), results[head]["train_seconds"], args.count_tta)
+    for head in args.heads.split(",") if args.box_sizes_from else []:
+        key = f"{head}, box sizes from {args.box_sizes_from}"
+        if key not in results or args.reevaluate:
+            model = load_model(args.out / head / "model")
+            calibrate_box_sizes(model, labels, annotations, per_class=args.box_sizes_from, split="train", seed=args.seed)
+            record(key, model, results[head]["train_seconds"])
     device = machine_name()
     results = {h: r for h, r in results.items() if h.split(",")[0] in args.heads.split(",")}
     first = next(iter(results.values()))

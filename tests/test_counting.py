@@ -8,7 +8,7 @@ import torch
 from weakloc.data.counts import load_count_labels, read_counts_csv
 from weakloc.errors import LabelError
 from weakloc.evaluate.counting import count_metrics, match_instances, prf
-from weakloc.localize.instances import find_peaks, instance_boxes, instances
+from weakloc.localize.instances import find_peaks, instance_boxes, instances, sized_boxes
 from weakloc.train.module import (OptimConfig, counting_loss, crop_consistency_loss, gather_penalty, random_crop_box,
                                   total_variation)
 
@@ -93,6 +93,61 @@ def test_peaks_are_local_maxima_top_count_and_boxes_surround_them():
     assert boxes[0, 1].abs().sum() == 0
     found = instances(m, counts)
     assert found.valid.sum() == 2
+    wide = instance_boxes(m, pts, scores, valid, fraction=0.5, scale=2.0)
+    assert wide[0, 0, 0].tolist() == [2.0, 1.5, 5.0, 2.5]  # centre (4, 2.5) in continuous pixels, twice 2 x 1 pixels
+    assert wide[0, 1].abs().sum() == 0
+
+
+def test_sized_boxes_centre_each_class_size_on_its_peaks():
+    points = torch.tensor([[[[3.0, 2.0], [0.0, 0.0]], [[9.0, 8.0], [5.0, 5.0]]]])  # (1, 2 classes, 2 peaks, 2)
+    valid = torch.tensor([[[True, True], [True, False]]])
+    sizes = torch.tensor([[4.0, 2.0], [3.0, 3.0]])  # class 0: 4 wide, 2 tall; class 1: 3 x 3
+    boxes = sized_boxes(points, valid, sizes, 12, 12)
+    assert boxes[0, 0, 0].tolist() == [1.5, 1.5, 4.5, 2.5]  # centre (3.5, 2.5): x 1.5..5.5, y 1.5..3.5 continuous
+    assert boxes[0, 0, 1].tolist() == [0.0, 0.0, 1.5, 0.5]  # cut at the map's corner
+    assert boxes[0, 1, 0].tolist() == [8.0, 7.0, 10.0, 9.0]
+    assert boxes[0, 1, 1].tolist() == [0.0, 0.0, 0.0, 0.0]  # not a kept peak
+    found = instances(torch.zeros(1, 2, 12, 12).index_put_((torch.tensor([0]), torch.tensor([1]), torch.tensor([8]), torch.tensor([9])),
+                                                           torch.tensor(1.0)), torch.tensor([[0.0, 1.0]]), sizes=sizes)
+    assert found.boxes[0, 1, 0].tolist() == [8.0, 7.0, 10.0, 9.0]
+
+    from weakloc.localize.instances import output_instances
+    from weakloc.models import ModelOutput
+
+    density = torch.zeros(1, 2, 4, 4)
+    density[0, 0, 1, 2] = 1.0
+    out = ModelOutput(logits=torch.ones(1, 2), features=None, class_maps=None, counts=torch.tensor([[1.0, 0.0]]), density=density)
+    _, found = output_instances(out, 16, box_sizes=[[0.5, 0.25], [0.1, 0.1]])
+    x, y = found.points[0, 0, 0].tolist()
+    assert found.boxes[0, 0, 0].tolist() == [x + 0.5 - 4, y + 0.5 - 2, x + 0.5 + 3, y + 0.5 + 1]  # 8 x 4 pixels of 16 x 16
+
+
+def test_box_sizes_are_calibrated_from_a_few_annotated_images(tmp_path):
+    from weakloc.data.annotations import read_annotations
+    from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+    from weakloc.errors import WeaklocError
+    from weakloc.evaluate.calibrate import calibrate_box_sizes, few_box_subset
+    from weakloc.models import ModelConfig, WeaklocNet
+
+    d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=16, size=64, mode="multi", max_instances=3, seed=2))
+    net = WeaklocNet(ModelConfig(backbone="test_resnet", classes=["triangle", "square", "star"], task="multi", input_size=64,
+                                 counting="density", density_stage=-1, density_hidden=8), pretrained="none")
+    assert net.config.instance_box_sizes() is None
+    res = calibrate_box_sizes(net, d, d / "annotations.json", per_class=2, split="train")
+    labels, gt = load_count_labels(d), read_annotations(d / "annotations.json")
+    train = labels.subset([i for i, s in enumerate(labels.splits) if s == "train"])
+    chosen = few_box_subset(train, gt, net.config.classes, 2, 0)
+    assert res["images"] == len(chosen) <= 6
+    for k, cname in enumerate(net.config.classes):
+        boxes = torch.cat([gt.find(train.paths[i]).boxes_of(cname) for i in chosen])
+        wh = (boxes[:, 2:] - boxes[:, :2]) / 64  # the synthetic images are 64 x 64
+        assert res["boxes"][cname] == len(wh)
+        assert net.config.instance_box_sizes()[k] == pytest.approx(wh.median(0).values.tolist(), abs=1e-4)
+    with pytest.raises(WeaklocError, match="split"):
+        calibrate_box_sizes(net, d, d / "annotations.json", split="nope")
+    with pytest.raises(WeaklocError, match="no counting head"):
+        calibrate_box_sizes(WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], input_size=64), pretrained="none"),
+                            d, d / "annotations.json")
 
 
 def test_counting_loss_terms():
@@ -239,6 +294,17 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     assert set(det["images"][0]["counts"]) == {"triangle", "square", "star"}
     assert all("point" in a and "instance" in a for a in det["annotations"])
     assert len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 3
+    r = run.invoke(app, ["calibrate", str(model), str(d), "-a", str(d / "annotations.json"), "--per-class", "2"])
+    assert r.exit_code == 0, r.output
+    assert "instance box sizes" in r.output
+    sizes = json.loads((model / "config.json").read_text())["localization"]["box_sizes"]
+    assert set(sizes) == {"triangle", "square", "star"}
+    r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc2")])
+    assert r.exit_code == 0, r.output
+    det = json.loads((tmp_path / "loc2" / "detections.json").read_text())
+    for a in det["annotations"]:  # each box has its class's calibrated size, unless cut by the image border
+        w, h = sizes[a["label"]]
+        assert a["bbox"][2] <= w * 64 + 0.2 and a["bbox"][3] <= h * 64 + 0.2
     # counts derived from annotations for a labels source
     r = run.invoke(app, ["train", str(d / "labels.csv"), "--counts-from", str(d / "annotations.json"), "-o", str(tmp_path / "run2"),
                          "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--batch-size", "8",

@@ -420,12 +420,20 @@ def calibrate(
     device: Optional[str] = typer.Option(None),
 ):
     """Choose the box threshold (and map method, input size, normalisation) from K annotated images per class;
-    `localize` then uses them."""
+    `localize` then uses them. For a counting model: each class's instance box size."""
     from weakloc.evaluate.calibrate import calibrate as run_calibration
+    from weakloc.evaluate.calibrate import calibrate_box_sizes
 
     from weakloc.models import load_model, save_model
 
     net = load_model(model, _device(device))
+    if net.counting_head is not None:
+        res = calibrate_box_sizes(net, data, annotations, per_class=per_class, split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
+        save_model(net.cpu(), model)
+        console.print(f"instance box sizes (width x height, fraction of the image) from {res['images']} image(s): "
+                      + ", ".join(f"{c} {w:.3f} x {h:.3f} ({res['boxes'][c]} boxes)" for c, (w, h) in res["box_sizes"].items())
+                      + f"; stored in {model}")
+        return
     res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)), split=split, seed=seed,
                           gt_class=_parse_gt_class(gt_class), input_sizes=tuple(_int_list(input_sizes, "--input-sizes")) or None,
                           normalizations=tuple(_names(normalizations)) or None)

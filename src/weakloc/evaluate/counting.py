@@ -152,7 +152,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            _, found = output_instances(out, size, kernel, counts=whole)
+            _, found = output_instances(out, size, kernel, counts=whole, box_sizes=cfg.instance_box_sizes())
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])

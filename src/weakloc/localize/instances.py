@@ -56,12 +56,14 @@ def find_peaks(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, max_in
 
 
 def instance_boxes(maps: torch.Tensor, points: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
-                   fraction: float = 0.5) -> torch.Tensor:
+                   fraction: float = 0.5, scale: float = 1.0) -> torch.Tensor:
     """One box per peak: the extent of the pixels that are nearest to that peak (among the map's valid
-    peaks) and at least ``fraction`` of its value.
+    peaks) and at least ``fraction`` of its value, widened ``scale`` times about its centre (and cut
+    to the map).
 
     Args:
         maps: ``(B, K, H, W)``; points, scores, valid: from :func:`find_peaks`.
+        scale: how many times wider and taller than that extent the box is.
 
     Returns:
         ``(B, K, N, 4)`` boxes ``x0, y0, x1, y1`` (zeros where not valid).
@@ -82,13 +84,54 @@ def instance_boxes(maps: torch.Tensor, points: torch.Tensor, scores: torch.Tenso
     x1 = torch.where(region, gx, -1.0).flatten(3).amax(-1)
     y1 = torch.where(region, gy, -1.0).flatten(3).amax(-1)
     boxes = torch.stack([x0, y0, x1, y1], -1)
+    if scale != 1:
+        centre = (boxes[..., :2] + boxes[..., 2:] + 1) / 2  # continuous coordinates
+        half = (boxes[..., 2:] - boxes[..., :2] + 1) / 2 * scale
+        boxes = _clip_boxes(torch.cat([centre - half, centre + half - 1], -1), h, w)
     return torch.where(valid[..., None] & (x1 >= 0)[..., None], boxes, torch.zeros_like(boxes))
 
 
-def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fraction: float = 0.5) -> Instances:
-    """Peaks (:func:`find_peaks`) and their boxes (:func:`instance_boxes`) of ``(B, K, H, W)`` maps."""
+def sized_boxes(points: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One box of its class's size per peak, centred on the peak's pixel (cut to the map).
+
+    Args:
+        points: ``(B, K, N, 2)`` and valid ``(B, K, N)``: from :func:`find_peaks`.
+        sizes: ``(K, 2)`` box width and height of each class, in map pixels.
+
+    Returns:
+        ``(B, K, N, 4)`` boxes ``x0, y0, x1, y1`` (inclusive pixel extents; zeros where not valid).
+    """
+    centre = points.float() + 0.5
+    half = sizes.to(centre)[None, :, None, :] / 2
+    boxes = _clip_boxes(torch.cat([centre - half, centre + half - 1], -1), height, width)
+    return torch.where(valid[..., None], boxes, torch.zeros_like(boxes))
+
+
+def _clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(..., 4)`` inclusive ``x0, y0, x1, y1`` cut to an ``height × width`` map."""
+    lo = boxes.new_zeros(4)
+    hi = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
+    return torch.minimum(torch.maximum(boxes, lo), hi)
+
+
+# A density map gathers each object's count near the object's centre: the half-peak region around a
+# peak spans 1/2.5 (synthetic shapes) to 1/1.75 (BCCD cells) of the object's width (val splits,
+# docs/results.md). Widening it twice is the uncalibrated default; sizes calibrated from a few
+# annotated boxes (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) do better.
+REGION_BOX_SCALE = 2.0
+
+
+def instances(maps: torch.Tensor, counts: torch.Tensor, kernel: int = 3, fraction: float = 0.5, scale: float = 1.0,
+              sizes: torch.Tensor | None = None) -> Instances:
+    """Peaks (:func:`find_peaks`) of ``(B, K, H, W)`` maps and their boxes: of the classes' ``sizes``
+    ``(K, 2)`` (pixels; :func:`sized_boxes`) when given, else from the region around each peak
+    (:func:`instance_boxes` with ``fraction`` and ``scale``)."""
     points, scores, valid = find_peaks(maps, counts, kernel)
-    return Instances(points, scores, instance_boxes(maps, points, scores, valid, fraction), valid)
+    if sizes is not None:
+        boxes = sized_boxes(points, valid, sizes, *maps.shape[-2:])
+    else:
+        boxes = instance_boxes(maps, points, scores, valid, fraction, scale)
+    return Instances(points, scores, boxes, valid)
 
 
 def _view(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -142,7 +185,7 @@ def predicted_counts(out, task: str = "multi") -> torch.Tensor:
 
 
 def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5,
-                     counts: torch.Tensor | None = None) -> tuple[torch.Tensor, Instances]:
+                     counts: torch.Tensor | None = None, box_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, Instances]:
     """Instances of a counting model's forward pass at ``size × size`` pixels.
 
     Args:
@@ -151,6 +194,9 @@ def output_instances(out, size: int, kernel: int | None = None, fraction: float 
         kernel: suppression window (default: about a sixteenth of ``size``, odd, at least 3).
         counts: ``(B, K)`` whole counts, the number of instances kept per map (default
             :func:`predicted_counts` of ``out``).
+        box_sizes: ``(K, 2)`` width and height of each class's boxes as fractions of the image
+            (``ModelConfig.instance_box_sizes()``, from ``weakloc calibrate``); default: the
+            half-peak region around each peak, widened :data:`REGION_BOX_SCALE` times.
 
     Returns:
         the upsampled maps ``(B, K, size, size)`` and their :class:`Instances`.
@@ -158,4 +204,5 @@ def output_instances(out, size: int, kernel: int | None = None, fraction: float 
     maps = out.density if out.density is not None else out.class_maps.clamp_min(0)
     maps = upsample(maps.float(), (size, size))
     counts = predicted_counts(out) if counts is None else counts
-    return maps, instances(maps, counts, kernel or max(3, size // 16 | 1), fraction)
+    sizes = None if box_sizes is None else torch.as_tensor(box_sizes, dtype=torch.float32, device=maps.device) * size
+    return maps, instances(maps, counts, kernel or max(3, size // 16 | 1), fraction, REGION_BOX_SCALE, sizes)

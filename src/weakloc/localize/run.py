@@ -114,7 +114,7 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
     with torch.no_grad():
         o = counting_forward(model, x, cfg.count_views(count_tta))
     whole = predicted_counts(o, cfg.task)
-    maps, found = output_instances(o, size, counts=whole)
+    maps, found = output_instances(o, size, counts=whole, box_sizes=cfg.instance_box_sizes())
     pts, scores, boxes, valid = (t.cpu() for t in found)
     counts, raw = whole.cpu(), o.counts.float().cpu()
     probs = model.probabilities(o.logits.float()).cpu()

@@ -63,7 +63,7 @@ class ModelConfig:
         localization: settings for ``localize`` / ``evaluate``: the calibrated ``threshold`` and
             ``method``, the test-time ``input_size`` (see :meth:`inference_size`), default map
             ``options`` per method (see :meth:`map_options`) and counting's ``count_tta`` (see
-            :meth:`count_views`).
+            :meth:`count_views`) and ``box_sizes`` (see :meth:`instance_box_sizes`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -109,6 +109,15 @@ class ModelConfig:
         ``dihedral``): ``given``, else the ones ``fine_tune`` stored (``localization["count_tta"]``),
         else ``none``."""
         return given or self.localization.get("count_tta", "none")
+
+    def instance_box_sizes(self) -> list[list[float]] | None:
+        """Counting models: each class's instance box ``[width, height]`` as fractions of the image,
+        in class order, as ``weakloc calibrate`` stored them (``localization["box_sizes"]``); None
+        when not calibrated (boxes then come from the region around each peak)."""
+        stored = self.localization.get("box_sizes")
+        if not stored:
+            return None
+        return [list(map(float, stored[c])) for c in self.classes]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
