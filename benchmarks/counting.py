@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
     ap.add_argument("--box-sizes-from", type=int, default=0,
                     help="also score each head with instance box sizes calibrated on this many annotated train images per class, as extra rows")
+    ap.add_argument("--region-scales", default=None,
+                    help="also print the val split's box F1 of half-peak region boxes widened by each of these factors (e.g. 1,1.5,2,2.5,3)")
     ap.add_argument("--count-tta", default=None, help="also score each head with these test-time views (none | flip | dihedral), as extra rows")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,15 @@ def main() -> None:
             model = load_model(args.out / head / "model")
             calibrate_box_sizes(model, labels, annotations, per_class=args.box_sizes_from, split="train", seed=args.seed)
             record(key, model, results[head]["train_seconds"])
+    if args.region_scales:
+        scales = [float(v) for v in args.region_scales.split(",")]
+        print("\nBox F1 @0.5 of the half-peak region widened by each factor, val split, one view:")
+        print("| model | " + " | ".join(f"x{v:g}" for v in scales) + " |")
+        print("|---|" + "---:|" * len(scales))
+        for head in args.heads.split(","):
+            model = load_model(args.out / head / "model")
+            f1 = [evaluate_counts(model, labels, annotations, split="val", tta="none", box_scale=v)["boxes"]["F1"] for v in scales]
+            print(f"| {head} | " + " | ".join(f"{v:.3f}" for v in f1) + " |")
     device = machine_name()
     results = {h: r for h, r in results.items() if h.split(",")[0] in args.heads.split(",")}
     first = next(iter(results.values()))

@@ -10,7 +10,7 @@ from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
-from weakloc.localize.instances import counting_forward, output_instances, predicted_counts
+from weakloc.localize.instances import REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
 
 
 _PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
@@ -96,7 +96,7 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
                     train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int | None = None,
-                    tta: str | None = None, progress=None) -> dict:
+                    tta: str | None = None, box_scale: float | None = None, progress=None) -> dict:
     """Counting metrics with the mean-count baseline, and instance points/boxes against GT boxes.
 
     Args:
@@ -108,6 +108,9 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         tta: test-time views averaged before counting (``none``, ``flip``, ``dihedral``; see
             :func:`~weakloc.localize.instances.counting_forward`); default: the model's stored
             ``localization["count_tta"]``, else ``none``.
+        box_scale: widening of the half-peak region boxes (default
+            :data:`~weakloc.localize.instances.REGION_BOX_SCALE`); boxes of calibrated sizes
+            (``localization["box_sizes"]``) take precedence.
         train_counts: ``(N, K)`` training counts for the baseline (default: the ``train`` split of
             ``data`` when it has one, else ``data`` itself).
 
@@ -152,7 +155,8 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            _, found = output_instances(out, size, kernel, counts=whole, box_sizes=cfg.instance_box_sizes())
+            _, found = output_instances(out, size, kernel, counts=whole, box_sizes=cfg.instance_box_sizes(),
+                                        box_scale=REGION_BOX_SCALE if box_scale is None else box_scale)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])

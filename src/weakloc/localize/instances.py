@@ -114,9 +114,9 @@ def _clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.minimum(torch.maximum(boxes, lo), hi)
 
 
-# A density map gathers each object's count near the object's centre: the half-peak region around a
-# peak spans 1/2.5 (synthetic shapes) to 1/1.75 (BCCD cells) of the object's width (val splits,
-# docs/results.md). Widening it twice is the uncalibrated default; sizes calibrated from a few
+# A density map gathers each object's count near the object's centre: the widening of the half-peak
+# region with the best box F1 was 2.5x on synthetic shapes and 2x on BCCD cells (val splits; 1x
+# scored 0.002 and 0.094; docs/results.md, "Counting, seventh round"). Widening it twice is the uncalibrated default; sizes calibrated from a few
 # annotated boxes (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) do better.
 REGION_BOX_SCALE = 2.0
 
@@ -185,7 +185,8 @@ def predicted_counts(out, task: str = "multi") -> torch.Tensor:
 
 
 def output_instances(out, size: int, kernel: int | None = None, fraction: float = 0.5,
-                     counts: torch.Tensor | None = None, box_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, Instances]:
+                     counts: torch.Tensor | None = None, box_sizes: torch.Tensor | None = None,
+                     box_scale: float = REGION_BOX_SCALE) -> tuple[torch.Tensor, Instances]:
     """Instances of a counting model's forward pass at ``size × size`` pixels.
 
     Args:
@@ -196,7 +197,7 @@ def output_instances(out, size: int, kernel: int | None = None, fraction: float 
             :func:`predicted_counts` of ``out``).
         box_sizes: ``(K, 2)`` width and height of each class's boxes as fractions of the image
             (``ModelConfig.instance_box_sizes()``, from ``weakloc calibrate``); default: the
-            half-peak region around each peak, widened :data:`REGION_BOX_SCALE` times.
+            half-peak region around each peak, widened ``box_scale`` times.
 
     Returns:
         the upsampled maps ``(B, K, size, size)`` and their :class:`Instances`.
@@ -205,4 +206,4 @@ def output_instances(out, size: int, kernel: int | None = None, fraction: float 
     maps = upsample(maps.float(), (size, size))
     counts = predicted_counts(out) if counts is None else counts
     sizes = None if box_sizes is None else torch.as_tensor(box_sizes, dtype=torch.float32, device=maps.device) * size
-    return maps, instances(maps, counts, kernel or max(3, size // 16 | 1), fraction, REGION_BOX_SCALE, sizes)
+    return maps, instances(maps, counts, kernel or max(3, size // 16 | 1), fraction, box_scale, sizes)
