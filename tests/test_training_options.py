@@ -124,3 +124,29 @@ def test_fine_tune_with_hide_and_seek_and_cutmix(synth_binary, tmp_path):
     res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=1,
                     batch_size=8, progress=False, hide_prob=0.5, cutmix_alpha=1.0)
     assert res.history and all(v == v for v in res.history[-1].values())  # no NaN
+
+
+def test_weight_average_is_validated_and_kept(synth_binary, tmp_path):
+    from weakloc.train.module import ClassifierModule
+
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=2,
+                    batch_size=8, progress=False, ema_decay=0.9, monitor="val_loss")
+    state = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    kept = res.model.state_dict()
+    averaged = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    live = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    assert set(averaged) == set(kept) == set(live)
+    w = next(k for k in kept if k.startswith("classifier") and k.endswith("weight"))  # trained from the first epoch (the backbone starts frozen)
+    assert torch.equal(kept[w], averaged[w]) and not torch.equal(kept[w], live[w])  # the average, not the last step's weights
+    best = min(res.history, key=lambda h: h["val_loss"])
+    assert res.metrics["best_epoch"] == best["epoch"]
+    with pytest.raises(WeaklocError, match="ema_decay"):
+        fine_tune(synth_binary, tmp_path / "bad", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, progress=False,
+                  ema_decay=1.0)
+    # the average follows the trained weights: one update with decay 0 copies them
+    module = ClassifierModule(res.model, OptimConfig(ema_decay=0.5))
+    module.ema.decay, module.ema.use_warmup = 0.0, False
+    with torch.no_grad():
+        next(module.model.parameters()).add_(1.0)
+    module.ema.update(module.model, step=1)
+    assert torch.equal(next(module.ema.module.parameters()), next(module.model.parameters()))

@@ -151,6 +151,7 @@ def fine_tune(
     hide_prob: float = 0.0,
     hide_grid: int = 4,
     cutmix_alpha: float = 0.0,
+    ema_decay: float = 0.0,
     align_weight: float = 0.0,
     consistency_weight: float = 0.0,
     teacher: str | Path | WeaklocNet | None = None,
@@ -195,6 +196,9 @@ def fine_tune(
             width and whether it also reads the last map (see :class:`~weakloc.models.ModelConfig`).
         hide_prob, hide_grid: Hide-and-Seek (hide each of ``hide_grid``² patches with this probability).
         cutmix_alpha: CutMix with Beta(alpha, alpha) areas (0: off; not with counts).
+        ema_decay: keep a moving average of the weights with this decay per step (timm's
+            ``ModelEmaV3`` with warm-up; 0: off, e.g. 0.99 for a few hundred steps, 0.9998 for
+            long runs); validation scores it, and the model kept is the average.
         align_weight, consistency_weight: feature–class-weight alignment and attentive-dropout
             consistency losses (Kim et al. 2022; see :mod:`weakloc.train.alignment`; 0: off).
         teacher: a first-stage model (or its folder): trains a second stage whose localizer head
@@ -256,6 +260,8 @@ def fine_tune(
     if labeled.counts is not None and min(crop_scale) < 1:
         raise WeaklocError(f"random crops (crop_scale {tuple(crop_scale)}) cut objects out of the image, so its counts would be "
                            "wrong: use crop_scale (1.0, 1.0) with counting labels")
+    if not 0 <= ema_decay < 1:
+        raise WeaklocError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if loss not in ("ce", "focal"):
         raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
@@ -295,7 +301,7 @@ def fine_tune(
     optim = OptimConfig(lr=lr, backbone_lr=tuple(backbone_lr), weight_decay=weight_decay, freeze_epochs=freeze_epochs, epochs=epochs, schedule=schedule,
                         loss=loss, focal_gamma=focal_gamma, count_loss=count_loss, count_weight=count_weight,
                         density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, hide_prob=hide_prob, hide_grid=hide_grid,
-                        cutmix_alpha=cutmix_alpha, align_weight=align_weight, consistency_weight=consistency_weight)
+                        cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight, consistency_weight=consistency_weight)
     module = ClassifierModule(model, optim, teacher_model, teacher_method or "cam", 0.2 if teacher_threshold is None else teacher_threshold)
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
@@ -330,7 +336,7 @@ def fine_tune(
     best_path = ckpt.best_model_path or str(last)
     state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    best = module.model.cpu().eval()
+    best = module.evaluated_model.cpu().eval()
     if config.positive_class is not None:
         best.config.decision_threshold = validation_threshold(best, val_loader, config.positive_class)
     is_transformer = hasattr(best.backbone, "patch_embed")  # ViT, DeiT, Swin, ...: fixed position embeddings

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics.functional as TMF
+from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.models.classifier import WeaklocNet
@@ -46,6 +47,9 @@ class OptimConfig:
             whole image's density holds on the same cells.
         hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
         cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
+        ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``, with
+            its warm-up) with this decay per step (0: off); validation, the epoch kept and the
+            saved model then use the averaged weights.
         align_weight: weight of the feature–class-weight alignment loss (Kim et al. 2022; 0: off),
             see :func:`~weakloc.train.alignment.alignment_loss`.
         consistency_weight: weight of the attentive-dropout consistency loss (0: off), see
@@ -70,6 +74,7 @@ class OptimConfig:
     hide_prob: float = 0.0
     hide_grid: int = 4
     cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0
     align_weight: float = 0.0
     consistency_weight: float = 0.0
 
@@ -100,6 +105,19 @@ class ClassifierModule(pl.LightningModule):
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._count_errors: list[torch.Tensor] = []
+        # a submodule, so checkpoints (and resuming) carry the averaged weights as "ema.module.*"
+        self.ema = ModelEmaV3(model, decay=optim.ema_decay, use_warmup=True).requires_grad_(False) if optim.ema_decay else None
+        if self.ema is not None:
+            self.ema.train()  # never run in training; left in train mode so Lightning's mode switching sees one model
+
+    @property
+    def evaluated_model(self) -> WeaklocNet:
+        """The weights validation scores and training keeps: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
 
     # --- loss and steps -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -111,10 +129,11 @@ class ClassifierModule(pl.LightningModule):
 
     def _step(self, batch: dict, training: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and the classification targets of a batch (counting targets split off)."""
-        out = self.model.forward_maps(batch["image"])
+        net = self.model if training else self.evaluated_model
+        out = net.forward_maps(batch["image"])
         target = batch["target"]
-        k = self.model.num_classes
-        if self.model.counting_head is None:
+        k = net.num_classes
+        if net.counting_head is None:
             loss, presence = self.loss(out.logits, target), target
         else:
             presence, counts = target[:, :k], target[:, k:]
@@ -126,7 +145,7 @@ class ClassifierModule(pl.LightningModule):
         if o.align_weight or o.consistency_weight:
             present = present_classes(presence, k)
             if o.align_weight:
-                weight = self.model.classifier.weight[:, :, 0, 0]
+                weight = net.classifier.weight[:, :, 0, 0]
                 loss = loss + o.align_weight * alignment_loss(out.features, out.class_maps, weight, present)
             if o.consistency_weight:
                 loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
