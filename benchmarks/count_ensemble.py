@@ -73,7 +73,6 @@ def main() -> None:
                     help="also score each model alone at these input sizes (comma-separated), with its mean raw count: "
                          "a count that grows with the input's area comes from a map spread over the image, not from objects")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     models = [load_model(model_dir(r)).eval() for r in args.runs]
     classes = models[0].config.classes
     if any(m.config.classes != classes for m in models):

@@ -133,6 +133,9 @@ def test_box_sizes_are_calibrated_from_a_few_annotated_images(tmp_path):
     net = WeaklocNet(ModelConfig(backbone="test_resnet", classes=["triangle", "square", "star"], task="multi", input_size=64,
                                  counting="density", density_stage=-1, density_hidden=8), pretrained="none")
     assert net.config.instance_box_sizes() is None
+    net.config.localization["box_sizes"] = {"triangle": [0.1, 0.1]}
+    with pytest.raises(WeaklocError, match="square, star"):
+        net.config.instance_box_sizes()
     res = calibrate_box_sizes(net, d, d / "annotations.json", per_class=2, split="train")
     labels, gt = load_count_labels(d), read_annotations(d / "annotations.json")
     train = labels.subset([i for i, s in enumerate(labels.splits) if s == "train"])
@@ -297,6 +300,8 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     r = run.invoke(app, ["calibrate", str(model), str(d), "-a", str(d / "annotations.json"), "--per-class", "2"])
     assert r.exit_code == 0, r.output
     assert "instance box sizes" in r.output
+    r = run.invoke(app, ["calibrate", str(model), str(d), "-a", str(d / "annotations.json"), "--methods", "gradcam"])
+    assert r.exit_code != 0 and "box sizes only" in str(r.exception)
     sizes = json.loads((model / "config.json").read_text())["localization"]["box_sizes"]
     assert set(sizes) == {"triangle", "square", "star"}
     r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc2")])

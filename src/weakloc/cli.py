@@ -429,6 +429,9 @@ def calibrate(
 
     net = load_model(model, _device(device))
     if net.counting_head is not None:
+        if methods != "cam" or input_sizes or normalizations:
+            raise WeaklocError("a counting model calibrates its instance box sizes only: --methods, --input-sizes and "
+                               "--normalizations choose a classifier's WSOL maps")
         res = calibrate_box_sizes(net, data, annotations, per_class=per_class, split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
         save_model(net.cpu(), model)
         console.print(f"instance box sizes (width x height, fraction of the image) from {res['images']} image(s): "

@@ -117,6 +117,10 @@ class ModelConfig:
         stored = self.localization.get("box_sizes")
         if not stored:
             return None
+        missing = [c for c in self.classes if c not in stored]
+        if missing:
+            raise WeaklocError(f"localization.box_sizes in the model's config.json has no size for {', '.join(missing)}: "
+                               "run weakloc calibrate again")
         return [list(map(float, stored[c])) for c in self.classes]
 
     def to_json(self) -> str:
