@@ -114,9 +114,11 @@ def _clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.minimum(torch.maximum(boxes, lo), hi)
 
 
-# A density map gathers each object's count near the object's centre: the widening of the half-peak
-# region with the best box F1 was 2.5x on synthetic shapes and 2x on BCCD cells (val splits; 1x
-# scored 0.002 and 0.094; docs/results.md, "Counting, seventh round"). Widening it twice is the uncalibrated default; sizes calibrated from a few
+# A density peak's half-peak region spans about a cell or two of the map, whatever the object's size,
+# so how much to widen it depends on how many cells an object covers. On the val splits the best
+# widening was 2.5x for 30-46 px shapes and 2x for BCCD cells at 256 px (1x scored 0.002 and 0.094),
+# but 1-1.5x for 15-25 px shapes at 128 px, where 2x lost (0.031 against 0.108; docs/results.md,
+# "Counting, seventh round"). Sizes calibrated from a few boxes beat every widening measured. Widening it twice is the uncalibrated default; sizes calibrated from a few
 # annotated boxes (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) do better.
 REGION_BOX_SCALE = 2.0
 
