@@ -96,7 +96,7 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
                     train_counts: torch.Tensor | None = None, batch_size: int = 16, device=None, kernel: int | None = None,
-                    tta: str | None = None, box_scale: float | None = None, progress=None) -> dict:
+                    tta: str | None = None, box_scale: float = REGION_BOX_SCALE, progress=None) -> dict:
     """Counting metrics with the mean-count baseline, and instance points/boxes against GT boxes.
 
     Args:
@@ -108,8 +108,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         tta: test-time views averaged before counting (``none``, ``flip``, ``dihedral``; see
             :func:`~weakloc.localize.instances.counting_forward`); default: the model's stored
             ``localization["count_tta"]``, else ``none``.
-        box_scale: widening of the half-peak region boxes (default
-            :data:`~weakloc.localize.instances.REGION_BOX_SCALE`); boxes of calibrated sizes
+        box_scale: widening of the half-peak region boxes; boxes of calibrated sizes
             (``localization["box_sizes"]``) take precedence.
         train_counts: ``(N, K)`` training counts for the baseline (default: the ``train`` split of
             ``data`` when it has one, else ``data`` itself).
@@ -137,6 +136,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
     size = cfg.input_size
     tta = cfg.count_views(tta)
+    box_sizes = cfg.instance_box_sizes()
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     k = len(cfg.classes)
@@ -155,8 +155,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         raws.append(out.counts.float().cpu())
         truths.append(batch["target"][:, k:].float())
         if gt is not None:
-            _, found = output_instances(out, size, kernel, counts=whole, box_sizes=cfg.instance_box_sizes(),
-                                        box_scale=REGION_BOX_SCALE if box_scale is None else box_scale)
+            _, found = output_instances(out, size, kernel, counts=whole, box_sizes=box_sizes, box_scale=box_scale)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
                 ann = gt.find(labeled.paths[i])

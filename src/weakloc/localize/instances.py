@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import clip_boxes_to_image
 
 from weakloc.errors import WeaklocError
 from weakloc.explain.maps import upsample
@@ -87,7 +88,7 @@ def instance_boxes(maps: torch.Tensor, points: torch.Tensor, scores: torch.Tenso
     if scale != 1:
         centre = (boxes[..., :2] + boxes[..., 2:] + 1) / 2  # continuous coordinates
         half = (boxes[..., 2:] - boxes[..., :2] + 1) / 2 * scale
-        boxes = _clip_boxes(torch.cat([centre - half, centre + half - 1], -1), h, w)
+        boxes = clip_boxes_to_image(torch.cat([centre - half, centre + half - 1], -1), (h - 1, w - 1))  # inclusive extents
     return torch.where(valid[..., None] & (x1 >= 0)[..., None], boxes, torch.zeros_like(boxes))
 
 
@@ -103,23 +104,16 @@ def sized_boxes(points: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, 
     """
     centre = points.float() + 0.5
     half = sizes.to(centre)[None, :, None, :] / 2
-    boxes = _clip_boxes(torch.cat([centre - half, centre + half - 1], -1), height, width)
+    boxes = clip_boxes_to_image(torch.cat([centre - half, centre + half - 1], -1), (height - 1, width - 1))  # inclusive extents
     return torch.where(valid[..., None], boxes, torch.zeros_like(boxes))
-
-
-def _clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(..., 4)`` inclusive ``x0, y0, x1, y1`` cut to an ``height × width`` map."""
-    lo = boxes.new_zeros(4)
-    hi = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
-    return torch.minimum(torch.maximum(boxes, lo), hi)
 
 
 # A density peak's half-peak region spans about a cell or two of the map, whatever the object's size,
 # so how much to widen it depends on how many cells an object covers. On the val splits the best
 # widening was 2.5x for 30-46 px shapes and 2x for BCCD cells at 256 px (1x scored 0.002 and 0.094),
 # but 1-1.5x for 15-25 px shapes at 128 px, where 2x lost (0.031 against 0.108; docs/results.md,
-# "Counting, seventh round"). Sizes calibrated from a few boxes beat every widening measured. Widening it twice is the uncalibrated default; sizes calibrated from a few
-# annotated boxes (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) do better.
+# "Counting, seventh round"). Sizes calibrated from a few boxes
+# (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) beat every widening measured.
 REGION_BOX_SCALE = 2.0
 
 
