@@ -373,15 +373,10 @@ def evaluate(
     net = _load_at_size(model, device, input_size)
     counting = None
     if net.counting_head is not None:
-        from weakloc.data.counts import load_count_labels
+        from weakloc.data.counts import count_labels_or_annotated
         from weakloc.evaluate.counting import evaluate_counts
 
-        from weakloc.errors import LabelError
-
-        try:  # a counts CSV (or a folder holding counts.csv) ...
-            data = load_count_labels(data, classes=net.config.classes)
-        except LabelError:  # ... else count the annotated objects of DATA's images
-            data = load_count_labels(data, annotations=annotations, classes=net.config.classes)
+        data = count_labels_or_annotated(data, annotations, classes=net.config.classes)
         with progress_bar("counting") as update:
             counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, tta=count_tta, progress=update)
     with progress_bar("evaluating") as update:

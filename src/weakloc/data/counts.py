@@ -122,3 +122,13 @@ def load_count_labels(source: str | Path, annotations: str | Path | None = None,
     if source.is_dir() and (source / "counts.csv").is_file():
         source = source / "counts.csv"
     return read_counts_csv(source, classes)
+
+
+def count_labels_or_annotated(source: str | Path, annotations: str | Path | GroundTruth, classes: list[str] | None = None) -> LabeledImages:
+    """The counts a counts CSV (or a folder holding ``counts.csv``) holds; for any other label
+    source, its images' annotated objects counted (``annotations`` is read only then)."""
+    try:
+        return load_count_labels(source, classes=classes)
+    except LabelError:
+        gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
+        return counts_from_annotations(load_labels(source), gt, classes)

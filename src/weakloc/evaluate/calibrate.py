@@ -36,6 +36,16 @@ def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], 
     return sorted(chosen)
 
 
+def _calibration_split(labeled: LabeledImages, split: str) -> LabeledImages:
+    """The images of ``split`` to calibrate on; data without splits is used whole."""
+    if labeled.splits is None:
+        return labeled
+    if split not in labeled.splits:
+        raise WeaklocError(f"the data has no {split!r} split (it has {sorted(set(labeled.splits))}); calibrating on "
+                           f"other images could leak evaluation images")
+    return select_split(labeled, split)
+
+
 def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
               methods: tuple[str, ...] = ("cam",), split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None,
               explain_options: dict | None = None, input_sizes: tuple[int, ...] | None = None,
@@ -59,12 +69,7 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     if per_class < 1:
         raise WeaklocError("--per-class must be at least 1")
     cfg = model.config
-    labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
-    if labeled.splits is not None:
-        if split not in labeled.splits:
-            raise WeaklocError(f"the data has no {split!r} split (it has {sorted(set(labeled.splits))}); calibrating on "
-                               f"other images could leak evaluation images")
-        labeled = select_split(labeled, split)
+    labeled = _calibration_split(data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes), split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
     idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)
     if not idx:
@@ -123,22 +128,10 @@ def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: st
     cfg = model.config
     if getattr(model, "counting_head", None) is None:
         raise WeaklocError("box sizes are calibrated for counting models; this model has no counting head")
-    from weakloc.data.counts import counts_from_annotations, load_count_labels
-    from weakloc.errors import LabelError
+    from weakloc.data.counts import count_labels_or_annotated
 
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
-    if isinstance(data, LabeledImages):
-        labeled = data
-    else:
-        try:  # a counts CSV (or a folder holding counts.csv) ...
-            labeled = load_count_labels(data, classes=cfg.classes)
-        except LabelError:  # ... else the annotated objects of DATA's images
-            labeled = counts_from_annotations(load_labels(data), gt, cfg.classes)
-    if labeled.splits is not None:
-        if split not in labeled.splits:
-            raise WeaklocError(f"the data has no {split!r} split (it has {sorted(set(labeled.splits))}); calibrating on "
-                               f"other images could leak evaluation images")
-        labeled = select_split(labeled, split)
+    labeled = _calibration_split(data if isinstance(data, LabeledImages) else count_labels_or_annotated(data, gt, cfg.classes), split)
     idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)
     mapping = class_mapping(cfg.classes, gt.classes, gt_class)
     sizes: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(cfg.classes))}
