@@ -512,14 +512,48 @@ def _device(name: str | None):
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def main() -> None:
-    """Entry point: user errors become one red line and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one red line and exit code 2; anything unexpected becomes one
+    line naming the exception, a hint to rerun with ``--debug`` for the traceback, and exit code 1."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("WEAKLOC_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
     try:
-        app()
+        app(args, prog_name="weakloc")  # click's standalone mode prints usage errors itself and exits 2
     except WeaklocError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {_printable(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the one place an unexpected error becomes one line
+        if debug:
+            raise
+        where = ""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" (in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        first = _printable(str(e)).splitlines()[0] if str(e).strip() else ""
+        console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {first}{where}; rerun with --debug for the traceback",
+                      soft_wrap=True, highlight=False)
+        sys.exit(1)
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for any terminal: undecodable file-name bytes (surrogates) and control
+    characters escaped, rich markup brackets escaped."""
+    from rich.markup import escape
+
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return escape(text)
 
 
 if __name__ == "__main__":

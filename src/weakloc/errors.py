@@ -23,3 +23,7 @@ class AnnotationError(WeaklocError):
 
 class CheckpointError(WeaklocError):
     """A checkpoint is missing, incomplete or does not match its config."""
+
+
+class OptionError(WeaklocError):
+    """A command-line option or Python argument is out of range, of the wrong type or not a valid choice."""
