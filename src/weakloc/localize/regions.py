@@ -73,9 +73,31 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
 
 
 def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
-    """Rescale ``(R, 4)`` pixel boxes from an ``(H, W)`` map to an ``(H', W')`` image."""
-    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    b = boxes.clone().float()
-    b[:, [0, 2]] = (b[:, [0, 2]] + torch.tensor([0.0, 1.0])) * sx - torch.tensor([0.0, 1.0])
-    b[:, [1, 3]] = (b[:, [1, 3]] + torch.tensor([0.0, 1.0])) * sy - torch.tensor([0.0, 1.0])
-    return b
+    """Rescale inclusive pixel boxes from an ``(H, W)`` map to an ``(H', W')`` image, up or down.
+
+    A box ``x0..x1`` covers the continuous span ``[x0, x1 + 1)``; scaled, that span touches the
+    target pixels ``floor(x0 * s) .. ceil((x1 + 1) * s) - 1``. Taking exactly those keeps the box
+    the same region in any direction of scaling, never inverted (a one-pixel region shrunk by half
+    is still one pixel, not ``[5, 5, 4.5, 4.5]``) and never outside the image.
+
+    Args:
+        boxes: ``(R, 4)`` ``x0, y0, x1, y1`` inclusive pixel corners in the map, ``x0 <= x1``, ``y0 <= y1``.
+        from_size: the map's ``(H, W)``, both >= 1.
+        to_size: the image's ``(H', W')``, both >= 1.
+
+    Returns:
+        ``(R, 4)`` float32 boxes of whole image pixels, ``0 <= x0' <= x1' <= W' - 1`` (likewise y),
+        on the boxes' device.
+    """
+    (fh, fw), (th, tw) = (tuple(int(v) for v in from_size), tuple(int(v) for v in to_size))
+    if min(fh, fw, th, tw) < 1:
+        raise ValueError(f"scale_boxes: sizes must be positive, got from {from_size} to {to_size}")
+    b = boxes.detach().to(torch.float64).reshape(-1, 4)
+    s = torch.tensor([tw / fw, th / fh], dtype=torch.float64, device=b.device)
+    # The tolerance absorbs float error in products such as 10 * 0.1, which would otherwise add a pixel.
+    lo = torch.floor(b[:, :2] * s + 1e-6)
+    hi = torch.ceil((b[:, 2:] + 1) * s - 1e-6) - 1
+    top = torch.tensor([tw - 1, th - 1], dtype=torch.float64, device=b.device)
+    lo = torch.minimum(lo.clamp_min(0), top)
+    hi = torch.maximum(torch.minimum(hi, top), lo)
+    return torch.cat([lo, hi], 1).to(torch.float32)
