@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from weakloc.errors import WeaklocError
+from weakloc.checks import check_choice, check_float, check_int
+from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, normalize_percentile, reduce_maps, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
@@ -35,15 +36,70 @@ class Heatmaps(NamedTuple):
     logits: torch.Tensor
 
 
+# Range of the methods' shared option names; a method that takes one of them gets it checked here,
+# once, instead of failing deep inside (a chunk of 0 never ends, num_samples=0 divides by zero).
+_OPTION_RANGES = {
+    "chunk": ("int", 1, None), "num_samples": ("int", 1, None), "n_compare": ("int", 1, None), "seed": ("int", 0, None),
+    "std": ("float", 0.0, None), "alpha": ("float", None, None), "discard_ratio": ("float", 0.0, 1.0),
+    "differentiable": ("bool",), "positive_weights": ("bool",), "eigen_smooth": ("bool",),
+}
+
+
 def _method_options(m: ExplainMethod, options: dict) -> dict:
     accepted = inspect.signature(m.fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return options
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        allowed = [n for n, p in accepted.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        raise WeaklocError(f"method {m.name!r} takes no option(s) {unknown}; its options: {allowed or 'none'}")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            allowed = [n for n, p in accepted.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            raise WeaklocError(f"method {m.name!r} takes no option(s) {unknown}; its options: {allowed or 'none'}")
+    for name, value in options.items():
+        rule = _OPTION_RANGES.get(name)
+        if rule is None:
+            continue
+        if rule[0] == "bool":
+            if not isinstance(value, bool):
+                raise OptionError(f"option {name}: expected true or false, got {value!r}")
+        elif rule[0] == "int":
+            check_int(f"option {name}", value, rule[1], rule[2])
+        else:
+            check_float(f"option {name}", value, rule[1], rule[2])
     return options
+
+
+def _check_inputs(model, images, size, fusion, dtype, target) -> None:
+    """Refuse arguments that would fail deep inside a method, or give maps of the wrong thing."""
+    if not isinstance(images, torch.Tensor):
+        raise OptionError(f"images: expected a (B, 3, H, W) float tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise OptionError(f"images: expected a (B, C, H, W) batch, got shape {tuple(images.shape)} "
+                          "(add a batch dimension with images[None])")
+    if not images.is_floating_point():
+        raise OptionError(f"images: expected normalised float images, got {images.dtype} "
+                          "(convert with the model's transform, e.g. weakloc.data.dataset.eval_transform)")
+    if images.shape[0] == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
+        raise OptionError(f"images: empty batch or zero-size images, shape {tuple(images.shape)}")
+    want = _in_channels(model)
+    if want is not None and images.shape[1] != want:
+        raise OptionError(f"images: the model takes {want}-channel images, got {images.shape[1]} channel(s)")
+    if size is not None and size != "native":
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise OptionError(f"size: expected (H, W) with both >= 1, or 'native', got {size!r}")
+    if fusion not in ("mean", "max", "product"):
+        raise OptionError(f"unknown fusion {fusion!r}: use mean, max or product")
+    check_choice("dtype", dtype, (None, torch.float16, torch.bfloat16, torch.float32))
+    if isinstance(target, (bool, float)) or (isinstance(target, torch.Tensor) and target.is_floating_point()):
+        raise OptionError(f"target: expected 'predicted', 'all', 'topK', a class name or index, or integer tensors, got {target!r}")
+    if isinstance(target, (list, tuple)) and any(isinstance(t, (bool, float)) for t in target):
+        raise OptionError("target: per-image targets must be class names or integer indices")
+
+
+def _in_channels(model) -> int | None:
+    """Input channels of the model's first convolution (None when it has none)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            return mod.in_channels
+    return None
 
 
 def _layers(layer) -> list[str | None]:
@@ -123,6 +179,7 @@ def explain(
         normalised map.
     """
     m = get_method(method)
+    _check_inputs(model, images, size, fusion, dtype, target)
     relu = m.relu if relu is None else relu
     options = dict(options)
     if eigen_smooth:
