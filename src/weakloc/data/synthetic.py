@@ -75,8 +75,12 @@ class SyntheticConfig:
             raise WeaklocError(f"synthetic classes must be distinct names from {sorted(SHAPES)}, got {list(self.classes)}")
         if self.mode == "binary" and self.target not in self.classes:
             raise WeaklocError(f"binary target {self.target!r} is not among classes {list(self.classes)}")
-        if self.size < 32 or self.n_images < 1 or self.max_instances < 1:
-            raise WeaklocError("synthetic data needs size >= 32, n_images >= 1 and max_instances >= 1")
+        if not 32 <= self.size <= 4096:
+            raise WeaklocError(f"--size: {self.size} is out of range (synthetic images are 32 to 4096 pixels)")
+        if not 1 <= self.n_images <= 1_000_000:
+            raise WeaklocError(f"--n: {self.n_images} is out of range (1 to 1,000,000 images)")
+        if not 1 <= self.max_instances <= 50:
+            raise WeaklocError(f"--max-instances: {self.max_instances} is out of range (1 to 50)")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise WeaklocError("val_fraction + test_fraction must be below 1")
 

@@ -41,19 +41,22 @@ def percentile_threshold(maps: torch.Tensor, q: float) -> torch.Tensor:
 
 def parse_threshold(spec: str | float) -> tuple[str, float]:
     """``0.3`` -> fixed; ``otsu``; ``percentile:90`` / ``p90``; ``calibrated``."""
-    if isinstance(spec, (int, float)):
-        return "fixed", float(spec)
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
+        raise WeaklocError(f"threshold must be a number in [0, 1), 'otsu', 'percentile:Q' or 'calibrated'; got {spec!r}")
     s = str(spec).strip().lower()
     if s in ("otsu", "calibrated"):
         return s, 0.0
     for prefix in ("percentile:", "p"):
         if s.startswith(prefix) and s[len(prefix):].replace(".", "", 1).isdigit():
-            return "percentile", float(s[len(prefix):]) / 100
+            q = float(s[len(prefix):])
+            if not 0 <= q <= 100:
+                raise WeaklocError(f"threshold {spec!r}: the percentile must be in [0, 100]")
+            return "percentile", q / 100
     try:
         v = float(s)
     except ValueError:
         raise WeaklocError(f"threshold must be a number in [0, 1), 'otsu', 'percentile:Q' or 'calibrated'; got {spec!r}") from None
-    if not 0 <= v < 1:
+    if not 0 <= v < 1:  # NaN fails this too
         raise WeaklocError(f"a fixed threshold must be in [0, 1), got {v}")
     return "fixed", v
 
