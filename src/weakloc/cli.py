@@ -300,8 +300,18 @@ def localize(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
     """Heatmaps, boxes and overlays for images: writes overlays/, detections.json (COCO) and index.html."""
+    from weakloc.checks import check_choice
     from weakloc.localize.run import localize_images
+    from weakloc.localize.threshold import parse_threshold
 
+    _check_run_options(batch_size, input_size, count_tta)
+    check_choice("--keep", keep, ("all", "largest"))
+    if method:
+        from weakloc.explain.registry import get_method
+
+        get_method(method)
+    if threshold != "auto":
+        parse_threshold(threshold)
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = _load_at_size(model, device, input_size)
     with progress_bar("localizing") as update:
@@ -330,9 +340,12 @@ def explain_cmd(
     device: Optional[str] = typer.Option(None),
 ):
     """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
+    from weakloc.explain.registry import get_method
     from weakloc.explain.run import explain_images
     from weakloc.models import load_model
 
+    _check_run_options(batch_size)
+    get_method(method)
     opts = map_options(None, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
     with progress_bar(f"explaining ({method})") as update:
@@ -367,8 +380,14 @@ def evaluate(
     device: Optional[str] = typer.Option(None),
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
+    from weakloc.checks import check_float
     from weakloc.evaluate.run import evaluate_model
+    from weakloc.explain.registry import get_method
 
+    _check_run_options(batch_size, input_size, count_tta, split)
+    check_float("--step", step, 0.0, 0.5, low_open=True)
+    check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
+    get_method(method)
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = _load_at_size(model, device, input_size)
     counting = None
@@ -420,8 +439,16 @@ def calibrate(
     from weakloc.evaluate.calibrate import calibrate as run_calibration
     from weakloc.evaluate.calibrate import calibrate_box_sizes
 
+    from weakloc.checks import check_choice, check_int
+    from weakloc.explain.registry import get_method
     from weakloc.models import load_model, save_model
 
+    check_int("--per-class", per_class, 1, 10_000)
+    check_choice("--split", split, SPLITS)
+    for m in _names(methods):
+        get_method(m)
+    for size in _int_list(input_sizes, "--input-sizes"):
+        check_int("--input-sizes", size, 16, 8192)
     net = load_model(model, _device(device))
     if net.counting_head is not None:
         if methods != "cam" or input_sizes or normalizations:
@@ -460,11 +487,21 @@ def explain_eval_cmd(
     device: Optional[str] = typer.Option(None),
 ):
     """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
+    from weakloc.checks import check_choice, check_int
     from weakloc.evaluate.explain_eval import explain_eval
+    from weakloc.explain.registry import get_method
     from weakloc.models import load_model
 
+    _check_run_options(batch_size, split=split)
+    check_int("--limit", limit, 1, 1_000_000)
+    check_int("--steps", steps, 2, 10_000)
+    check_choice("--baseline", baseline, ("blur", "zero", "mean", "black"))
     opts = map_options(layer, "mean", tta, False, dtype, None)
     names = _names(methods)
+    if not names:
+        raise WeaklocError("--methods: give at least one method name (see `weakloc methods`)")
+    for m in names:
+        get_method(m)
     net = load_model(model, _device(device))
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
@@ -500,8 +537,11 @@ def demo(
     seed: int = typer.Option(0),
 ):
     """Offline end to end: synthesise data, fine-tune on image labels only, localize, evaluate, report."""
+    from weakloc.checks import check_int
     from weakloc.demo import run_demo
 
+    check_int("--n", n, 50, 100_000)
+    check_int("--epochs", epochs, 1, 1000)
     _quiet_lightning()
     run_demo(out, n_images=n, epochs=epochs, seed=seed, console=console, progress_bar=progress_bar, print_report=print_report)
 
@@ -509,7 +549,25 @@ def demo(
 def _device(name: str | None):
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from weakloc.checks import check_device
+
+    return check_device("--device", name) if name else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+SPLITS = ("auto", "train", "val", "test", "all")
+
+
+def _check_run_options(batch_size: int | None = None, input_size: int | None = None, count_tta: str | None = None,
+                       split: str | None = None) -> None:
+    """Options several commands share, checked before a model is loaded or an image read."""
+    from weakloc.checks import check_choice, check_int
+
+    if batch_size is not None:
+        check_int("--batch-size", batch_size, 1, 4096)
+    check_int("--input-size", input_size, 16, 8192, allow_none=True)
+    check_choice("--count-tta", count_tta, ("none", "flip", "dihedral"), allow_none=True)
+    if split is not None:
+        check_choice("--split", split, SPLITS)
 
 
 def main(argv: list[str] | None = None) -> None:
