@@ -31,7 +31,22 @@ CALIBRATION_IMAGES = 100
 def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int = 8, seed: int = 0,
              console=None, progress_bar=None, print_report=None, methods: tuple[str, ...] = ("cam", "gradcam")) -> dict:
     """Run the demo; returns the metrics written to ``out/metrics.json``."""
-    out = Path(out)
+    import os
+
+    import torch
+
+    # Same seed, same machine, same figures: deterministic kernels where PyTorch has them (a warning,
+    # not an error, where it has none), and cuBLAS told to use a fixed workspace on a GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run_demo(Path(out), n_images, epochs, seed, console, progress_bar, print_report, methods)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progress_bar, print_report, methods) -> dict:
     say = console.print if console is not None else print
     bar = progress_bar or (lambda _d: nullcontext(None))
     t0 = time.perf_counter()
