@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from weakloc.report.paths import page_link, printable
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px}
@@ -18,26 +20,36 @@ td,th{border:1px solid #ddd;padding:5px 10px;text-align:right}th{background:#f0f
 """
 
 
-def gallery_cards(items: list[dict], base: Path) -> str:
-    """HTML cards for ``items`` (``image``: path, ``title``, ``lines``: list of str)."""
+def gallery_cards(items: list[dict], base: str | Path) -> str:
+    """HTML cards for ``items`` (``image``: path, absolute or from the working directory;
+    ``title``; ``lines``: list of str) on a page in the folder ``base``.
+
+    Image links are relative to ``base`` and percent-encoded (:func:`~weakloc.report.paths.page_link`);
+    titles and lines are shown as text, whatever they hold.
+    """
     cards = []
     for it in items:
-        src = html.escape(Path(it["image"]).relative_to(base).as_posix() if Path(it["image"]).is_absolute() else str(it["image"]))
-        lines = "".join(f"<div>{html.escape(str(line))}</div>" for line in it.get("lines", []))
+        src = html.escape(page_link(it["image"], base))
+        lines = "".join(f"<div>{_text(line)}</div>" for line in it.get("lines", []))
         cards.append(f'<div class="card"><a href="{src}"><img src="{src}" loading="lazy"></a>'
-                     f'<div class="name">{html.escape(it["title"])}</div>{lines}</div>')
+                     f'<div class="name">{_text(it["title"])}</div>{lines}</div>')
     return '<div class="grid">' + "".join(cards) + "</div>"
+
+
+def _text(value) -> str:
+    """Any value as HTML text: escaped, and undecodable bytes / control characters as ``\\xNN``."""
+    return html.escape(printable(str(value)))
 
 
 def metrics_table(rows: list[dict], columns: list[str]) -> str:
     """An HTML table of ``rows`` (dicts) with the given column keys; floats get one decimal."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
     body = []
     for r in rows:
         cells = []
         for c in columns:
             v = r.get(c, "")
-            cells.append(f"<td>{v:.1f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
+            cells.append(f"<td>{v:.1f}</td>" if isinstance(v, float) else f"<td>{_text(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -45,13 +57,14 @@ def metrics_table(rows: list[dict], columns: list[str]) -> str:
 def write_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
     """Write an HTML page with ``(heading, html)`` sections."""
     path = Path(path)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_text(title)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>{_text(title)}</h1>"]
     for heading, body in sections:
         if heading:
-            parts.append(f"<h2>{html.escape(heading)}</h2>")
+            parts.append(f"<h2>{_text(heading)}</h2>")
         parts.append(body)
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(parts), encoding="utf-8")
+    # sections are callers' HTML: a lone surrogate there is written escaped instead of failing
+    path.write_text("".join(parts), encoding="utf-8", errors="backslashreplace")
     return path

@@ -9,7 +9,10 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import clip_boxes_to_image
 from torchvision.utils import draw_bounding_boxes
+
+from weakloc.report.paths import inside
 
 PALETTE = ["#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f"]
 
@@ -41,16 +44,30 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str],
     """Draw ``(R, 4)`` boxes with captions on a ``(3, H, W)`` uint8 image (returns a new CPU image)."""
     if len(boxes) == 0:
         return image.cpu()
+    # torchvision refuses inverted boxes with a ValueError; a box that reaches here inverted or outside
+    # the picture is a rounding artefact of scaling, so it is ordered and clipped rather than allowed
+    # to end a whole run after its work is done.
+    b = boxes.detach().cpu().float().reshape(-1, 4).nan_to_num(0.0)
+    b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], 1)
+    b = clip_boxes_to_image(b, (image.shape[-2] - 1, image.shape[-1] - 1))
     colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
-    return draw_bounding_boxes(image.cpu(), boxes.cpu().float(), labels=labels, colors=colors, width=width)
+    return draw_bounding_boxes(image.cpu(), b, labels=labels, colors=colors, width=width)
 
 
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write a ``(3, H, W)`` (colour) or ``(H, W)`` (grey) uint8 image as PNG."""
+def save_png(image: torch.Tensor, path: str | Path, root: str | Path | None = None) -> Path:
+    """Write a ``(3, H, W)`` (colour) or ``(H, W)`` (grey) uint8 image as PNG.
+
+    With ``root``, ``path`` must resolve inside it (else a :class:`~weakloc.errors.WeaklocError`,
+    nothing written) and its missing folders are made; without, its folder must exist: a name
+    made from data never creates folders of its own choosing.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if root is not None:
+        inside(root, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        inside(root, path)  # a folder that existed may be a symlink out
     arr = image.cpu().numpy() if image.ndim == 2 else image.permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(arr).save(path, optimize=False)
+    Image.fromarray(arr).save(path, format="PNG", optimize=False)
     return path
 
 
