@@ -167,15 +167,18 @@ def test_coco_boxes_masks_points_and_bad_boxes(tmp_path):
            "annotations": [
                {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 4, 5], "segmentation": [[2, 3, 6, 3, 6, 8, 2, 8]], "point": [4, 5]},
                {"id": 2, "image_id": 1, "category_id": 7, "bbox": [5, 5, -3, 2]},  # inverted: dropped with a warning
-               {"id": 3, "image_id": 1, "category_id": 7, "bbox": [1, 1, 0, 0]},  # zero size: kept (area 1 inclusive)
+               {"id": 3, "image_id": 1, "category_id": 7, "bbox": [1, 1, 0, 0]},  # zero size: dropped with a warning
            ]}
-    with pytest.warns(UserWarning, match="invalid"):
+    with pytest.warns(UserWarning) as caught:
         gt = read_coco(_coco(tmp_path, doc))
+    messages = [str(w.message) for w in caught]
+    assert any("1 invalid box" in m and "annotation 2" in m for m in messages)
+    assert any("1 zero-size box(es) dropped" in m and "annotation 3" in m for m in messages)
     ann = gt.find("/data/sub/a.png")
     assert ann is gt.find("a.png")
-    assert ann.boxes.tolist() == [[2, 3, 6, 8], [1, 1, 1, 1]]
+    assert ann.boxes.tolist() == [[2, 3, 6, 8]]
     assert ann.points[0].tolist() == [4, 5]
-    assert not ann.has_masks("cell")  # the zero-size box has no segmentation
+    assert ann.has_masks("cell")
     mask = ann.mask_of("cell", (10, 20))
     assert mask.sum() > 0 and mask[5, 4] and not mask[0, 0]
 

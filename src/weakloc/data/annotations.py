@@ -2,11 +2,19 @@
 
 Readers for COCO JSON, a Pascal VOC XML folder and a YOLO dataset give a :class:`GroundTruth` keyed by image file
 name. Boxes are ``x0, y0, x1, y1`` in pixels of the original image. Training never reads these.
+
+Every entry is checked on first contact. A malformed one (a bbox that is not four finite numbers,
+an odd-length polygon, an RLE whose runs do not fill its size, an undecodable file) is an
+:class:`AnnotationError` naming the file and the annotation id or line. Boxes that real datasets do
+hold -- zero-size or inverted boxes, boxes past the image edge -- are dropped or clipped, with one
+warning per kind giving the count and the first few (the full list is ``GroundTruth.issues``).
+:func:`match_annotations` checks each annotation's image size against the real image.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -16,7 +24,25 @@ import cv2
 import numpy as np
 import torch
 
-from weakloc.errors import AnnotationError
+from weakloc.errors import AnnotationError, ImageReadError
+
+#: How far (pixels) a box may reach past the image edge before it counts as clipped: normalised
+#: YOLO coordinates and VOC's 1-based ones put exact edge boxes up to a pixel out.
+EDGE_TOLERANCE = 1.0
+#: Relative difference of the width and height scale factors under which an image whose size
+#: differs from its annotation's is taken for a resized copy (its boxes are scaled with it).
+RESIZE_TOLERANCE = 0.01
+_SHOWN = 3  # examples quoted in a warning
+
+#: Kinds of box trouble that are repaired, not refused, and how the warning names them.
+BOX_ISSUES = {
+    "zero_size": "zero-size box(es) dropped",
+    "inverted": "invalid box(es) (negative width or height) dropped",
+    "outside": "box(es) entirely outside their image dropped",
+    "clipped": "box(es) reaching past the image edge clipped to it",
+    "no_image": "label file(s) without an image ignored",
+    "unreadable_image": "label file(s) whose image cannot be read ignored",
+}
 
 
 @dataclass
@@ -70,10 +96,20 @@ class ImageAnnotation:
 
 @dataclass
 class GroundTruth:
-    """Annotations of a set of images, looked up by path, relative path or file name."""
+    """Annotations of a set of images, looked up by path, relative path or file name.
+
+    Attributes:
+        images: annotation per file name (full relative name and base name).
+        classes: annotation class names.
+        source: the file or folder read.
+        issues: boxes and files repaired or left out while reading, per kind (:data:`BOX_ISSUES`):
+            ``"file, annotation id / line: box"`` strings.
+    """
 
     images: dict[str, ImageAnnotation]
     classes: list[str]
+    source: str = ""
+    issues: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -88,6 +124,23 @@ class GroundTruth:
         return None
 
 
+class _Issues:
+    """Repairs made while reading one annotation source, warned once per kind at the end."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.kinds: dict[str, list[str]] = {}
+
+    def add(self, kind: str, where: str) -> None:
+        self.kinds.setdefault(kind, []).append(where)
+
+    def finish(self) -> dict[str, list[str]]:
+        for kind, items in self.kinds.items():
+            shown = "; ".join(items[:_SHOWN]) + ("; ..." if len(items) > _SHOWN else "")
+            warnings.warn(f"{self.source}: {len(items)} {BOX_ISSUES[kind]}: {shown}", stacklevel=3)
+        return self.kinds
+
+
 def _add(images: dict[str, ImageAnnotation], ann: ImageAnnotation, source: Path) -> None:
     key = PurePosixPath(ann.file_name.replace("\\", "/")).as_posix()
     if key in images:
@@ -98,17 +151,100 @@ def _add(images: dict[str, ImageAnnotation], ann: ImageAnnotation, source: Path)
         images.setdefault(base, ann)
 
 
-def _clean_boxes(boxes: list[list[float]], width: int, height: int, where: str) -> tuple[list[list[float]], list[int]]:
-    """Drop inverted or non-finite boxes (with a warning), clip the rest to the image."""
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _clean_boxes(raw: list[list[float]], width: int, height: int, wheres: list[str], issues: _Issues,
+                 inclusive: bool = False) -> tuple[list[list[float]], list[int]]:
+    """Drop zero-size, inverted and outside boxes and clip the rest to the image, logging each.
+
+    Args:
+        raw: ``x0, y0, x1, y1`` boxes (finite numbers).
+        wheres: per box, where it comes from (file and annotation id or line).
+        inclusive: the corners are pixel indices (VOC: ``x0 == x1`` is one pixel wide); otherwise
+            continuous coordinates (COCO, YOLO: ``x0 == x1`` has no width).
+
+    Returns:
+        the kept boxes clipped to ``[0, width - 1] x [0, height - 1]``, and their indices in ``raw``.
+    """
+    hi_x, hi_y = (width - 1.0, height - 1.0) if inclusive else (float(width), float(height))
     kept, idx = [], []
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        if not all(np.isfinite([x0, y0, x1, y1])) or x1 < x0 or y1 < y0:
-            warnings.warn(f"{where}: box {i} {[x0, y0, x1, y1]} is invalid and is ignored", stacklevel=3)
+    for i, (x0, y0, x1, y1) in enumerate(raw):
+        where = f"{wheres[i]}: {[round(v, 2) for v in (x0, y0, x1, y1)]}"
+        if x1 < x0 or y1 < y0:
+            issues.add("inverted", where)
             continue
+        if not inclusive and (x1 == x0 or y1 == y0):
+            issues.add("zero_size", where)
+            continue
+        no_overlap = (x0 > hi_x or y0 > hi_y or x1 < 0 or y1 < 0) if inclusive else (x0 >= hi_x or y0 >= hi_y or x1 <= 0 or y1 <= 0)
+        if no_overlap:
+            issues.add("outside", where)
+            continue
+        if min(x0, y0) < -EDGE_TOLERANCE or x1 > hi_x + EDGE_TOLERANCE or y1 > hi_y + EDGE_TOLERANCE:
+            issues.add("clipped", where)
         kept.append([min(max(x0, 0.0), width - 1.0), min(max(y0, 0.0), height - 1.0),
                      min(max(x1, 0.0), width - 1.0), min(max(y1, 0.0), height - 1.0)])
         idx.append(i)
     return kept, idx
+
+
+def _coco_int(value, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise AnnotationError(f"{where}: {what} must be an integer, got {_short(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise AnnotationError(f"{where}: {what} must be an integer, got {_short(value)}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise AnnotationError(f"{where}: {what} must be an integer, got {_short(value)}")
+    return int(number)
+
+
+def _coco_segmentation(seg, height: int, width: int, where: str):
+    """A COCO segmentation checked: None, a list of polygons ``[x0, y0, x1, y1, ...]`` (even length;
+    a flat list is one polygon) or an RLE ``{"size": [h, w], "counts": ...}`` of the image's size."""
+    if seg is None or (isinstance(seg, (list, dict)) and not seg):
+        return None
+    if isinstance(seg, list):
+        polys = [seg] if all(_finite(v) for v in seg) else seg
+        for n, poly in enumerate(polys):
+            if not isinstance(poly, list) or not all(_finite(v) for v in poly):
+                raise AnnotationError(f"{where}: polygon {n} of the segmentation is not a list of finite numbers: {_short(poly)}")
+            if len(poly) % 2:
+                raise AnnotationError(f"{where}: polygon {n} of the segmentation has an odd number ({len(poly)}) of "
+                                      "coordinates; polygons are x, y pairs")
+        return polys
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise AnnotationError(f"{where}: RLE segmentation needs 'size': [height, width], got {_short(size)}")
+        if list(size) != [height, width]:
+            raise AnnotationError(f"{where}: RLE segmentation size {size} differs from the image's [height, width] "
+                                  f"[{height}, {width}]")
+        if isinstance(counts, str):
+            try:
+                runs = _rle_string_counts(counts)
+            except IndexError:
+                runs = None
+            if runs is None or any(ord(ch) < 48 or ord(ch) > 111 for ch in counts):
+                raise AnnotationError(f"{where}: RLE segmentation 'counts' is not a valid compressed RLE string")
+        elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            runs = counts
+        else:
+            raise AnnotationError(f"{where}: RLE segmentation 'counts' must be a list of integers or a compressed "
+                                  f"string, got {_short(counts)}")
+        if any(r < 0 for r in runs) or sum(runs) != height * width:
+            raise AnnotationError(f"{where}: RLE segmentation runs cover {sum(runs)} pixels (some negative: "
+                                  f"{any(r < 0 for r in runs)}), not the {height} x {width} = {height * width} of its size")
+        return seg
+    raise AnnotationError(f"{where}: segmentation must be a list of polygons or an RLE dict, got {_short(seg)}")
 
 
 def read_coco(path: str | Path) -> GroundTruth:
@@ -118,67 +254,118 @@ def read_coco(path: str | Path) -> GroundTruth:
     ``segmentation`` (polygons or RLE) and points from an optional ``point: [x, y]``.
 
     Raises:
-        AnnotationError: unreadable JSON, missing keys, or references to unknown images/categories.
+        AnnotationError: unreadable or non-UTF-8 JSON, missing keys, repeated image or category
+            ids, references to unknown images/categories, or a malformed bbox, segmentation or
+            point (naming the annotation id).
     """
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AnnotationError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or "images" not in doc or "categories" not in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("categories"), list):
         raise AnnotationError(f"{path}: a COCO file needs 'images' and 'categories' lists")
-    try:
-        cats = {int(c["id"]): str(c["name"]) for c in doc["categories"]}
-        imgs = {int(im["id"]): im for im in doc["images"]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise AnnotationError(f"{path}: malformed image or category entry ({e!r})") from None
-    per_image: dict[int, list[dict]] = {i: [] for i in imgs}
-    for n, a in enumerate(doc.get("annotations", [])):
+    cats: dict[int, str] = {}
+    for n, c in enumerate(doc["categories"]):
+        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), (str, int)) or not str(c["name"]).strip():
+            raise AnnotationError(f"{path}: category #{n} needs an id and a name, got {_short(c)}")
+        cid = _coco_int(c["id"], "category id", f"{path}: category #{n}")
+        if cid in cats:
+            raise AnnotationError(f"{path}: category id {cid} appears twice")
+        cats[cid] = str(c["name"]).strip()
+    imgs: dict[int, tuple[str, int, int]] = {}
+    for n, im in enumerate(doc["images"]):
+        where = f"{path}: image entry #{n}"
+        if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
+            raise AnnotationError(f"{where} needs id, file_name, width and height")
+        iid = _coco_int(im["id"], "id", where)
+        w, h = _coco_int(im["width"], "width", where), _coco_int(im["height"], "height", where)
+        if not isinstance(im["file_name"], str) or not im["file_name"].strip():
+            raise AnnotationError(f"{where}: file_name must be a non-empty string, got {_short(im['file_name'])}")
+        if w <= 0 or h <= 0:
+            raise AnnotationError(f"{where} ({im['file_name']}): width and height must be positive, got {w} x {h}")
+        if iid in imgs:
+            raise AnnotationError(f"{path}: image id {iid} appears twice ({imgs[iid][0]!r} and {im['file_name']!r})")
+        imgs[iid] = (im["file_name"].strip(), w, h)
+    annotations = doc.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise AnnotationError(f"{path}: 'annotations' must be a list")
+    issues = _Issues(path)
+    per_image: dict[int, list[tuple[str, list[float], str, object, list[float]]]] = {i: [] for i in imgs}
+    for n, a in enumerate(annotations):
+        ident = f"annotation {a['id']!r}" if isinstance(a, dict) and "id" in a else f"annotation #{n}"
+        if not isinstance(a, dict):
+            raise AnnotationError(f"{path}: {ident} is not an object")
         try:
             iid, cid = int(a["image_id"]), int(a["category_id"])
         except (KeyError, TypeError, ValueError):
-            raise AnnotationError(f"{path}: annotation #{n} lacks image_id/category_id") from None
+            raise AnnotationError(f"{path}: {ident} lacks image_id/category_id") from None
         if iid not in imgs:
-            raise AnnotationError(f"{path}: annotation #{n} refers to unknown image_id {iid}")
+            raise AnnotationError(f"{path}: {ident} refers to unknown image_id {iid}")
         if cid not in cats:
-            raise AnnotationError(f"{path}: annotation #{n} refers to unknown category_id {cid}")
-        per_image[iid].append(a)
+            raise AnnotationError(f"{path}: {ident} refers to unknown category_id {cid}")
+        fname, w, h = imgs[iid]
+        where = f"{path}: {ident} of {fname}"
+        bbox = a.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_finite(v) for v in bbox):
+            raise AnnotationError(f"{where}: needs a 4-number bbox [x, y, width, height] of finite numbers, "
+                                  f"got {_short(bbox)}")
+        seg = _coco_segmentation(a.get("segmentation"), h, w, where)
+        p = a.get("point")
+        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(_finite(v) for v in p)):
+            raise AnnotationError(f"{where}: point must be [x, y], got {_short(p)}")
+        x, y, bw, bh = (float(v) for v in bbox)
+        per_image[iid].append((f"{fname}, {ident}", [x, y, x + bw, y + bh], cats[cid], seg,
+                               [float(p[0]), float(p[1])] if p is not None else [float("nan")] * 2))
     images: dict[str, ImageAnnotation] = {}
-    for iid, im in imgs.items():
-        try:
-            fname, w, h = str(im["file_name"]), int(im["width"]), int(im["height"])
-        except (KeyError, TypeError, ValueError):
-            raise AnnotationError(f"{path}: image entry {iid} needs file_name, width and height") from None
-        raw, labels, segs, pts = [], [], [], []
-        for a in per_image[iid]:
-            if "bbox" not in a or len(a["bbox"]) != 4:
-                raise AnnotationError(f"{path}: annotation {a.get('id', '?')} of {fname} has no 4-number bbox")
-            x, y, bw, bh = (float(v) for v in a["bbox"])
-            raw.append([x, y, x + bw, y + bh])
-            labels.append(cats[int(a["category_id"])])
-            segs.append(a.get("segmentation") or None)
-            p = a.get("point")
-            pts.append([float(p[0]), float(p[1])] if p is not None else [float("nan")] * 2)
-        boxes, keep = _clean_boxes(raw, w, h, f"{path}: {fname}")
+    for iid, (fname, w, h) in imgs.items():
+        entries = per_image[iid]
+        boxes, keep = _clean_boxes([e[1] for e in entries], w, h, [e[0] for e in entries], issues)
         ann = ImageAnnotation(
             fname, w, h,
             torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            [labels[i] for i in keep], [segs[i] for i in keep],
-            torch.tensor([pts[i] for i in keep], dtype=torch.float32).reshape(-1, 2),
+            [entries[i][2] for i in keep], [entries[i][3] for i in keep],
+            torch.tensor([entries[i][4] for i in keep], dtype=torch.float32).reshape(-1, 2),
         )
         _add(images, ann, path)
-    return GroundTruth(images, [cats[k] for k in sorted(cats)])
+    classes = list(dict.fromkeys(cats[k] for k in sorted(cats)))  # two ids of one name are one class
+    return GroundTruth(images, classes, str(path), issues.finish())
+
+
+def _voc_size(root: ET.Element, f: Path, fname: str) -> tuple[int, int]:
+    """``(width, height)`` of a VOC file's ``<size>``; a missing or zero size (some exporters write
+    0) is read from the image in the dataset's ``JPEGImages`` folder when it is there."""
+    size = root.find("size")
+    try:
+        w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+    except (AttributeError, TypeError, ValueError):
+        w = h = 0
+    if w > 0 and h > 0:
+        return w, h
+    image = f.parent.parent / "JPEGImages" / fname
+    if image.is_file():
+        from weakloc.data.images import image_size
+
+        try:
+            return image_size(image)
+        except ImageReadError:
+            pass
+    raise AnnotationError(f"{f}: <size> gives no positive width and height, and the image {image} cannot be read for them")
 
 
 def read_voc(folder: str | Path) -> GroundTruth:
     """Read a folder of Pascal VOC XML files (``<object><name>`` + ``<bndbox>``).
 
-    VOC pixel indices start at 1; boxes are shifted to start at 0.
+    VOC pixel indices start at 1; boxes are shifted to start at 0. A box with ``xmin == xmax`` is
+    one pixel wide (kept).
 
     Raises:
-        AnnotationError: naming the XML file, for unparsable XML or missing fields.
+        AnnotationError: naming the XML file (and object), for unparsable XML or missing or
+            non-numeric fields.
     """
     folder = Path(folder)
     files = sorted(folder.glob("*.xml")) if folder.is_dir() else [folder]
@@ -186,39 +373,45 @@ def read_voc(folder: str | Path) -> GroundTruth:
         raise AnnotationError(f"{folder}: no VOC .xml files found")
     images: dict[str, ImageAnnotation] = {}
     classes: set[str] = set()
+    issues = _Issues(folder)
     for f in files:
         try:
             root = ET.parse(f).getroot()
         except ET.ParseError as e:
             raise AnnotationError(f"{f}: not valid XML ({e})") from None
-        try:
-            fname = root.findtext("filename").strip()
-            size = root.find("size")
-            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
-            raw, labels = [], []
-            for obj in root.iter("object"):
-                name = obj.findtext("name").strip()
-                bb = obj.find("bndbox")
-                raw.append([float(bb.findtext(k)) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax")])
-                labels.append(name)
-        except (AttributeError, TypeError, ValueError) as e:
-            raise AnnotationError(f"{f}: missing or malformed filename/size/object fields ({e})") from None
+        fname = (root.findtext("filename") or "").strip()
+        if not fname:
+            raise AnnotationError(f"{f}: missing <filename>")
         if not Path(fname).suffix:
             fname += ".jpg"
-        boxes, keep = _clean_boxes(raw, w, h, str(f))
+        w, h = _voc_size(root, f, fname)
+        raw, labels, wheres = [], [], []
+        for n, obj in enumerate(root.iter("object"), 1):
+            name = (obj.findtext("name") or "").strip()
+            bb = obj.find("bndbox")
+            try:
+                coords = [float(bb.findtext(k)) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (AttributeError, TypeError, ValueError):
+                coords = None
+            if not name or coords is None or not all(math.isfinite(v) for v in coords):
+                raise AnnotationError(f"{f}: object {n} needs a <name> and a <bndbox> of finite xmin, ymin, xmax, ymax")
+            raw.append(coords)
+            labels.append(name)
+            wheres.append(f"{f.name}, object {n}")
+        boxes, keep = _clean_boxes(raw, w, h, wheres, issues, inclusive=True)
         labels = [labels[i] for i in keep]
         classes.update(labels)
         ann = ImageAnnotation(fname, w, h, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels,
                               [None] * len(labels), torch.full((len(labels), 2), float("nan")))
         _add(images, ann, f)
-    return GroundTruth(images, sorted(classes))
+    return GroundTruth(images, sorted(classes), str(folder), issues.finish())
 
 
 def _yolo_names(yaml_file: Path) -> list[str]:
     import yaml
 
     try:
-        raw = yaml.safe_load(yaml_file.read_text())
+        raw = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{yaml_file}: not valid YAML ({e})") from None
     names = raw.get("names") if isinstance(raw, dict) else None
@@ -229,15 +422,37 @@ def _yolo_names(yaml_file: Path) -> list[str]:
     return [str(n) for n in names]
 
 
+def _yolo_line(cells: list[str], where: str, n_classes: int) -> tuple[int, list[float]]:
+    """``(class, [cx, cy, w, h])`` of a YOLO line ``class cx cy w h``, or of a segment line
+    ``class x1 y1 x2 y2 ...`` (its bounding box), all normalised."""
+    line = " ".join(cells)
+    try:
+        k, values = int(cells[0]), [float(v) for v in cells[1:]]
+    except (ValueError, IndexError):
+        raise AnnotationError(f"{where}: expected 'class cx cy w h', got {line!r}") from None
+    polygon = len(values) >= 6 and len(values) % 2 == 0
+    if not (len(values) == 4 or polygon) or not 0 <= k < n_classes:
+        raise AnnotationError(f"{where}: expected 'class cx cy w h' (or 'class x1 y1 x2 y2 ...') with class in "
+                              f"0..{n_classes - 1}, got {line!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise AnnotationError(f"{where}: coordinates must be finite numbers, got {line!r}")
+    if polygon:
+        xs, ys = values[0::2], values[1::2]
+        values = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+    return k, values
+
+
 def read_yolo(root: str | Path) -> GroundTruth:
     """Read a YOLO dataset: ``data.yaml`` (``names``) and ``labels/*.txt`` beside ``images/``, either
     directly under ``root`` or under split folders (``root/train/labels``, ``root/valid/labels``, ...).
 
     Each label line is ``class cx cy w h`` in coordinates normalised by the image size, which is
-    read from the image's header. An empty label file is an image without objects.
+    read from the image's header (a segment line ``class x1 y1 x2 y2 ...`` gives its bounding box).
+    An empty label file is an image without objects; an image without a label file is unannotated.
 
     Raises:
-        AnnotationError: naming the file and line, for a malformed line or an unknown class index.
+        AnnotationError: naming the file and line, for a non-UTF-8 file, a malformed line or an
+            unknown class index.
     """
     from weakloc.data.images import image_size, is_image_file
 
@@ -251,35 +466,40 @@ def read_yolo(root: str | Path) -> GroundTruth:
     if not label_dirs:
         raise AnnotationError(f"{root}: no labels/ folder of YOLO .txt files")
     images: dict[str, ImageAnnotation] = {}
+    issues = _Issues(root)
     for label_dir in label_dirs:
         image_dir = label_dir.parent / "images"
         by_stem = {p.stem: p for p in image_dir.iterdir() if is_image_file(p)} if image_dir.is_dir() else {}
         for f in sorted(label_dir.glob("*.txt")):
             img = by_stem.get(f.stem)
             if img is None:
-                warnings.warn(f"{f}: no image named {f.stem}.* in {image_dir}; ignored", stacklevel=2)
+                issues.add("no_image", str(f))
                 continue
-            w, h = image_size(img)
-            raw, labels = [], []
-            for n, line in enumerate(f.read_text().splitlines(), 1):
+            try:
+                text = f.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise AnnotationError(f"{f}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+            try:
+                w, h = image_size(img)
+            except ImageReadError as e:
+                issues.add("unreadable_image", str(e))
+                continue
+            raw, labels, wheres = [], [], []
+            for n, line in enumerate(text.splitlines(), 1):
                 cells = line.split()
                 if not cells:
                     continue
-                try:
-                    k, cx, cy, bw, bh = int(cells[0]), *map(float, cells[1:5])
-                except (ValueError, TypeError):
-                    raise AnnotationError(f"{f}:{n}: expected 'class cx cy w h', got {line.strip()!r}") from None
-                if len(cells) != 5 or not 0 <= k < len(names):
-                    raise AnnotationError(f"{f}:{n}: expected 'class cx cy w h' with class in 0..{len(names) - 1}, got {line.strip()!r}")
+                k, (cx, cy, bw, bh) = _yolo_line(cells, f"{f}:{n}", len(names))
                 raw.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
                 labels.append(names[k])
-            boxes, keep = _clean_boxes(raw, w, h, str(f))
+                wheres.append(f"{f.relative_to(root).as_posix()}:{n}")
+            boxes, keep = _clean_boxes(raw, w, h, wheres, issues)
             labels = [labels[i] for i in keep]
             rel = img.relative_to(root).as_posix()
             ann = ImageAnnotation(rel, w, h, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels,
                                   [None] * len(labels), torch.full((len(labels), 2), float("nan")))
             _add(images, ann, f)
-    return GroundTruth(images, names)
+    return GroundTruth(images, names, str(root), issues.finish())
 
 
 def read_annotations(source: str | Path) -> GroundTruth:
@@ -295,6 +515,57 @@ def read_annotations(source: str | Path) -> GroundTruth:
     if source.exists():
         return read_voc(source)
     raise AnnotationError(f"{source}: no such annotation file or folder")
+
+
+def match_annotations(gt: GroundTruth, paths: list[Path]) -> tuple[list[ImageAnnotation | None], list[str]]:
+    """Each image's annotation, its size checked against the image's; and the images that have none.
+
+    The size is read from the image's header (after EXIF rotation). An image of another size than
+    its annotation says is accepted as a resized copy when both sides are scaled alike (its boxes
+    are scaled with it; one warning gives the count); otherwise the boxes cannot be placed on it.
+    An image whose header cannot be read is left to the image loader, which skips and reports it.
+
+    Returns:
+        per path its :class:`ImageAnnotation` or None, and the paths (as strings) without one.
+
+    Raises:
+        AnnotationError: naming the first image whose size disagrees with its annotation's beyond
+            a resize (both sizes given), and how many do.
+    """
+    from weakloc.data.images import image_size
+
+    anns: list[ImageAnnotation | None] = []
+    unannotated: list[str] = []
+    resized: list[str] = []
+    wrong: list[str] = []
+    for p in paths:
+        ann = gt.find(p)
+        anns.append(ann)
+        if ann is None:
+            unannotated.append(str(p))
+            continue
+        try:
+            w, h = image_size(p)
+        except ImageReadError:
+            continue
+        if (w, h) == (ann.width, ann.height):
+            continue
+        sx, sy = w / ann.width, h / ann.height
+        what = f"{p}: the image is {w}x{h} pixels but {gt.source or 'the annotations'} give {ann.width}x{ann.height}"
+        if abs(sx - sy) <= RESIZE_TOLERANCE * max(sx, sy):
+            resized.append(what)
+        elif (w, h) == (ann.height, ann.width):
+            wrong.append(what + " (width and height swapped: was the image rotated, e.g. by its EXIF orientation, "
+                                "after it was annotated?)")
+        else:
+            wrong.append(what)
+    if wrong:
+        more = f" ({len(wrong)} images disagree like this)" if len(wrong) > 1 else ""
+        raise AnnotationError(f"{wrong[0]}; its boxes cannot be placed on it{more}")
+    if resized:
+        warnings.warn(f"{len(resized)} image(s) are resized copies of the annotated ones; their boxes are scaled with "
+                      f"them: {'; '.join(resized[:_SHOWN])}{'; ...' if len(resized) > _SHOWN else ''}", stacklevel=2)
+    return anns, unannotated
 
 
 def decode_rle(rle: dict) -> np.ndarray:

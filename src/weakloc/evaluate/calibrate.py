@@ -5,20 +5,23 @@ K annotated images per class, or a counting model's instance box sizes, stored i
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import torch
 
-from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.labels import LabeledImages, load_labels, select_split
 from weakloc.errors import WeaklocError
 from weakloc.evaluate.run import class_mapping, evaluate_model
 
 
 def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], per_class: int, seed: int = 0,
-                   gt_class: dict[str, str] | None = None) -> list[int]:
-    """Indices of up to ``per_class`` images per model class that have boxes of that class (seeded draw)."""
-    mapping = class_mapping(classes, gt.classes, gt_class)
+                   gt_class: dict[str, str] | None = None, positive: int | None = None) -> list[int]:
+    """Indices of up to ``per_class`` images per model class that have boxes of that class (seeded
+    draw); for a yes/no model (``positive``: its positive class), of that class alone, the only one
+    evaluation localizes."""
+    mapping = {g: k for g, k in class_mapping(classes, gt.classes, gt_class).items() if positive is None or k == positive}
     by_class: dict[int, list[int]] = {}
     for i, path in enumerate(labeled.paths):
         ann = gt.find(path)
@@ -34,6 +37,29 @@ def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], 
         rng.shuffle(pool)
         chosen.update(pool[:per_class])
     return sorted(chosen)
+
+
+def calibrated_threshold(report: dict) -> float:
+    """The box threshold an evaluation report supports: its best IoU-50 threshold (``IoU50_tau``).
+
+    When no threshold gives a single box with IoU >= 0.5, every threshold ties at 0% and the
+    sweep's first, 0.00 -- a box around the whole image -- would be "chosen". The best IoU-30
+    threshold is taken then (with a warning), and when no threshold reaches IoU 0.3 either,
+    none is: the maps miss every object.
+
+    Raises:
+        WeaklocError: no threshold localizes any of the report's samples at IoU 0.3.
+    """
+    loc = report["localization"]
+    if loc.get("IoU50", 0.0) > 0.0:
+        return float(loc["IoU50_tau"])
+    n = report["localization_samples"]
+    if loc.get("IoU30", 0.0) > 0.0:
+        warnings.warn(f"no threshold gives a box with IoU >= 0.5 on any of the {n} annotated sample(s) (method "
+                      f"{loc['method']}); the threshold is the best at IoU 0.3", stacklevel=2)
+        return float(loc["IoU30_tau"])
+    raise WeaklocError(f"no threshold gives a box with IoU >= 0.3 on any of the {n} annotated sample(s) (method "
+                       f"{loc['method']}), so there is no threshold to store; check the annotations or train the model longer")
 
 
 def _calibration_split(labeled: LabeledImages, split: str) -> LabeledImages:
@@ -65,13 +91,17 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     Returns:
         ``{"method", "threshold", "input_size", "normalization", "images",
         "per_method": {method[@size][/normalization]: MaxBoxAccV2}}``.
+
+    Raises:
+        WeaklocError: no candidate localizes any calibration box (see :func:`calibrated_threshold`);
+            the model is left unchanged.
     """
     if per_class < 1:
         raise WeaklocError("--per-class must be at least 1")
     cfg = model.config
     labeled = _calibration_split(data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes), split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
-    idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)
+    idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class, cfg.positive_class)
     if not idx:
         raise WeaklocError(f"no {split} image has a box of a model class to calibrate on")
     subset = labeled.subset(idx)
@@ -89,9 +119,10 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
                                                                 explain_options=opts)
     finally:
         cfg.localization = current
-    best = max(reports, key=lambda key: reports[key]["localization"]["MaxBoxAccV2"])
+    # a candidate whose IoU-50 curve is all zero has no IoU-50 threshold to give, whatever its MaxBoxAccV2
+    best = max(reports, key=lambda key: (reports[key]["localization"]["IoU50"] > 0, reports[key]["localization"]["MaxBoxAccV2"]))
     method, size, norm = best
-    tau = reports[best]["localization"]["IoU50_tau"]
+    tau = calibrated_threshold(reports[best])
     cfg.localization = {**current, "threshold": tau, "method": method, "calibrated_on": len(idx), "per_class": per_class}
     cfg.localization.pop("input_size", None)
     if size != cfg.input_size:
@@ -134,6 +165,7 @@ def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: st
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
     labeled = _calibration_split(data if isinstance(data, LabeledImages) else count_labels_or_annotated(data, gt, cfg.classes), split)
     idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class)
+    match_annotations(gt, [labeled.paths[i] for i in idx])  # sizes as fractions need the annotated image's own size
     mapping = class_mapping(cfg.classes, gt.classes, gt_class)
     sizes: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(cfg.classes))}
     for i in idx:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, resolve_split, select_split
 from weakloc.errors import WeaklocError
+from weakloc.evaluate.run import skipped_images
 from weakloc.localize.instances import REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
 
 
@@ -115,8 +116,10 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
 
     Returns:
         ``{"split", "images", "counting", "counting_raw", "baseline", "baseline_rounded", "points",
-        "boxes"}``: ``counting`` scores whole counts as ILC's evaluation does (rounded, 0 where the
-        classifier says absent; :func:`~weakloc.localize.instances.predicted_counts`),
+        "boxes", "unannotated_images", "skipped_images"}`` (the last two as in
+        :func:`~weakloc.evaluate.run.evaluate_model`): ``counting`` scores whole counts as ILC's
+        evaluation does (rounded, 0 where the classifier says absent;
+        :func:`~weakloc.localize.instances.predicted_counts`),
         ``counting_raw`` the model's unrounded counts; ``baseline`` predicts the mean training count
         (wsol-protocol section 5), ``baseline_rounded`` that mean rounded (a stronger baseline when
         most images hold the same count).
@@ -134,6 +137,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         train_counts = select_split(labeled, "train").counts if has_train else labeled.counts
     labeled, split = resolve_split(labeled, split)
     gt = annotations if isinstance(annotations, GroundTruth) or annotations is None else read_annotations(annotations)
+    anns, unannotated = match_annotations(gt, labeled.paths) if gt is not None else ([None] * len(labeled), [])
     size = cfg.input_size
     tta = cfg.count_views(tta)
     box_sizes = cfg.instance_box_sizes()
@@ -144,10 +148,12 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     point_stats = {c: [0, 0, 0] for c in cfg.classes}
     box_stats = {c: [0, 0, 0] for c in cfg.classes}
     done = 0
+    seen: set[int] = set()
     for batch in loader:
         done += batch["skipped"] + (0 if batch["index"] is None else len(batch["index"]))
         if batch["image"] is None:
             continue
+        seen.update(batch["index"].tolist())
         with torch.no_grad():
             out = counting_forward(model, batch["image"].to(device), tta)
         whole = predicted_counts(out, cfg.task)
@@ -158,7 +164,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
             _, found = output_instances(out, size, kernel, counts=whole, box_sizes=box_sizes, box_scale=box_scale)
             found = type(found)(*(t.cpu() for t in found))
             for j, i in enumerate(batch["index"].tolist()):
-                ann = gt.find(labeled.paths[i])
+                ann = anns[i]
                 if ann is None:
                     continue
                 scale = torch.tensor([size / ann.width, size / ann.height] * 2)
@@ -177,7 +183,9 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     report = {"split": split, "images": len(pred), "tta": tta, "counting": count_metrics(pred, truth, cfg.classes),
               "counting_raw": count_metrics(torch.cat(raws), truth, cfg.classes),
               "baseline": count_metrics(baseline, truth, cfg.classes),
-              "baseline_rounded": count_metrics(baseline.round(), truth, cfg.classes), "points": None, "boxes": None}
+              "baseline_rounded": count_metrics(baseline.round(), truth, cfg.classes), "points": None, "boxes": None,
+              "unannotated_images": unannotated,
+              "skipped_images": skipped_images(labeled.paths, seen)}
     if gt is not None:
         for key, stats in (("points", point_stats), ("boxes", box_stats)):
             per = {c: prf(*v) for c, v in stats.items()}

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from weakloc.data.annotations import GroundTruth, read_annotations
+from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
+from weakloc.data.images import read_image
 from weakloc.data.labels import LabeledImages, load_labels, resolve_split
-from weakloc.errors import WeaklocError
+from weakloc.errors import ImageReadError, WeaklocError
 from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, threshold_list, wsol_box_metrics
 from weakloc.explain import centre_gaussian, explain
 from weakloc.train.module import classification_metrics
@@ -51,13 +52,20 @@ def class_mapping(model_classes: list[str], gt_classes: list[str], explicit: dic
     return out
 
 
-def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size: int, positive: int | None) -> tuple[list[_Sample], int]:
-    samples, unmatched = [], 0
-    for i, path in enumerate(data.paths):
-        ann = gt.find(path)
+def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size: int,
+             positive: int | None) -> tuple[list[_Sample], list[str], dict[str, int]]:
+    """The (image, class) pairs to score, the images without an annotation, and the boxes left
+    unscored per annotation class (no model class, or not the positive class of a yes/no model)."""
+    samples: list[_Sample] = []
+    unscored: dict[str, int] = {}
+    anns, unannotated = match_annotations(gt, data.paths)
+    for i, ann in enumerate(anns):
         if ann is None:
-            unmatched += 1
             continue
+        for g in dict.fromkeys(ann.labels):
+            k = mapping.get(g)
+            if k is None or (positive is not None and k != positive):
+                unscored[g] = unscored.get(g, 0) + len(ann.boxes_of(g))
         for g, k in mapping.items():
             if positive is not None and k != positive:
                 continue
@@ -66,7 +74,22 @@ def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size
                 continue
             mask = ann.mask_of(g, (size, size)).to(torch.uint8) if ann.has_masks(g) else None
             samples.append(_Sample(i, k, scale_gt_boxes(boxes, ann.width, ann.height, size), mask))
-    return samples, unmatched
+    return samples, unannotated, unscored
+
+
+def skipped_images(paths: list[Path], seen: set[int]) -> list[dict]:
+    """``{"file", "reason"}`` of each image the loader skipped (read again for its reason)."""
+    out = []
+    for i, p in enumerate(paths):
+        if i in seen:
+            continue
+        try:
+            read_image(p)
+            reason = "could not be read"
+        except ImageReadError as e:
+            reason = str(e)
+        out.append({"file": str(p), "reason": reason})
+    return out
 
 
 def evaluate_model(
@@ -87,7 +110,9 @@ def evaluate_model(
     """Evaluate classification and localization.
 
     Localization samples are (image, class) pairs: each annotated class of the image that the model
-    knows (for a yes/no model, only its positive class). The map is the GT class's (GT-known).
+    knows -- every class with boxes, except for a yes/no model (``config.positive_class``), whose
+    positive class alone is localized. The map is the GT class's (GT-known). Each annotation's image
+    size is checked against the image (:func:`~weakloc.data.annotations.match_annotations`).
 
     Args:
         data: labels (CSV / folder / :class:`LabeledImages`); with splits, ``split`` chooses one
@@ -104,7 +129,12 @@ def evaluate_model(
 
     Returns:
         dict with ``classification``, ``localization`` (``method`` and ``centre_baseline`` metrics,
-        and ``PxAP`` where masks exist) and bookkeeping counts.
+        and ``PxAP`` where masks exist) and what was and was not scored: ``images`` (of the
+        split), ``localization_samples``, ``samples_per_class`` (model class -> samples),
+        ``unscored_boxes`` (annotation class -> boxes of the evaluated images left out: no model
+        class matches it, or it is not a yes/no model's positive class), ``unannotated_images``
+        (paths without an annotation) and ``skipped_images`` (``{"file", "reason"}`` of images
+        that could not be decoded).
     """
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
@@ -121,9 +151,10 @@ def evaluate_model(
     if not mapping:
         raise WeaklocError(f"no annotation class matches a model class (annotations: {gt.classes}; model: {cfg.classes}); use --gt-class GT=MODEL")
     size = cfg.inference_size()
-    samples, unmatched = _samples(labeled, gt, mapping, size, cfg.positive_class)
+    samples, unannotated, unscored = _samples(labeled, gt, mapping, size, cfg.positive_class)
     if not samples:
-        raise WeaklocError(f"none of the {len(labeled)} images has an annotation of an evaluated class")
+        raise WeaklocError(f"none of the {len(labeled)} images has an annotation of an evaluated class "
+                           f"({len(unannotated)} have no annotation at all)")
     by_image: dict[int, list[int]] = {}
     for s_idx, s in enumerate(samples):
         by_image.setdefault(s.image, []).append(s_idx)
@@ -137,14 +168,15 @@ def evaluate_model(
     pxap_acc = PxAPAccumulator(taus, device)
     pxap_base = PxAPAccumulator(taus, device)
     has_masks = False
-    skipped = done = 0
+    seen: set[int] = set()
+    done = 0
     for batch in loader:
-        skipped += batch["skipped"]
         done += len(batch["index"]) + batch["skipped"] if batch["index"] is not None else batch["skipped"]
         if batch["image"] is None:
             continue
         x = batch["image"].to(device)
         idx = batch["index"].tolist()
+        seen.update(idx)
         rows = [(r, s) for r, i in enumerate(idx) for s in by_image.get(i, [])]
         if rows:
             t_max = max(len(by_image.get(i, [])) for i in idx)
@@ -195,12 +227,18 @@ def evaluate_model(
         loc["PxAP"] = pxap_acc.compute()
         base["PxAP"] = pxap_base.compute()
     cls_metrics = classification_metrics(torch.cat(probs_all), torch.cat(targets_all), cfg.task, cfg.positive_class)
+    per_class: dict[str, int] = {}
+    for s in samples:
+        if s.image in seen:
+            per_class[cfg.classes[s.cls]] = per_class.get(cfg.classes[s.cls], 0) + 1
     return {
         "split": split,
         "images": len(labeled),
-        "skipped_images": skipped,
         "localization_samples": len(hits),
-        "images_without_annotation": unmatched,
+        "samples_per_class": per_class,
+        "unscored_boxes": unscored,
+        "unannotated_images": unannotated,
+        "skipped_images": skipped_images(labeled.paths, seen),
         "classification": cls_metrics,
         "localization": loc,
         "centre_baseline": base,
