@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
-from weakloc.data.labels import LabeledImages, load_labels, split_train_val
+from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
 from weakloc.errors import WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE
 from weakloc.models.checkpoint import load_model, save_model
@@ -159,6 +159,7 @@ def fine_tune(
     teacher_threshold: float | None = None,
     test_scale: float = 2.0,
     map_options: dict | None = None,
+    positive: str | None = None,
 ) -> TrainResult:
     """Fine-tune a pretrained timm backbone on image-level labels.
 
@@ -221,6 +222,9 @@ def fine_tune(
             unless overridden; default :data:`DEFAULT_MAP_OPTIONS` (CAM with negative class weights
             clamped: +3.0 MaxBoxAccV2 on the demo data, +1.2 to +3.6 on Aquarium; docs/results.md).
             ``{}`` stores none.
+        positive: the "yes" class of a two-class task (``--positive``), stored in the model as
+            ``positive_class``; by default two classes are yes/no only when one is a 'no' word
+            (``LabeledImages.task_description`` says which and why).
 
     For a yes/no task the decision threshold that maximises the positive class's F1 on the
     validation images is stored in the checkpoint (``decision_threshold``).
@@ -229,7 +233,7 @@ def fine_tune(
         :class:`TrainResult` with the best model.
     """
     out = Path(out)
-    labeled = data if isinstance(data, LabeledImages) else load_labels(data)
+    labeled = with_positive(data, positive) if isinstance(data, LabeledImages) else load_labels(data, positive=positive)
     if val_data is not None:
         train_set = labeled
         if isinstance(val_data, LabeledImages):
