@@ -6,21 +6,32 @@ is a checkpoint folder (``model.safetensors`` + ``config.json``) of the best val
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
-from weakloc.errors import WeaklocError
+from weakloc.checks import check_choice, check_device, check_float, check_int
+from weakloc.errors import CheckpointError, OptionError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE
 from weakloc.models.checkpoint import load_model, save_model
 from weakloc.models.classifier import ModelConfig, WeaklocNet
@@ -99,6 +110,375 @@ def validation_threshold(model: WeaklocNet, loader: DataLoader, positive: int) -
 
 #: explain options ``fine_tune`` stores with every model (method -> options); see ``map_options``
 DEFAULT_MAP_OPTIONS: dict[str, dict] = {"cam": {"positive_weights": True}}
+
+
+# --- crash-safe training state -------------------------------------------------------------------
+
+#: suffix of the temporary file :func:`atomic_write` renames over its target
+TMP_SUFFIX = ".tmp"
+#: what a checkpoint must hold for Lightning to resume training from it
+RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` with ``write(file)`` so that it holds its old or its complete new contents,
+    whenever the process dies: a temporary file in the same folder, flushed to disk, then renamed
+    over ``path``. Same folder, because a rename is atomic only within one filesystem: fsspec's
+    transaction, which Lightning uses, writes to the system temporary folder and then moves the
+    file, which becomes a copy in place when the output folder is on another filesystem. The
+    temporary file is removed on any error; only a kill (SIGKILL, power loss) leaves one behind,
+    and :func:`remove_stale_temporaries` clears it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:  # not mkstemp: the file gets the umask's permissions, not 0600
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    # the rename is on disk only once the folder is (POSIX); folders cannot be opened on Windows
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through :func:`atomic_write`: a run killed while it writes
+    ``last.ckpt`` leaves the previous ``last.ckpt`` whole, not a 0-byte or half-written one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def _load_problem(path: Path, error: Exception) -> str:
+    """Why ``path`` did not load, in a few words."""
+    if path.stat().st_size == 0:
+        return "empty (0 bytes; an interrupted write?)"
+    first = (str(error).strip().splitlines() or [""])[0][:160]
+    return f"truncated or corrupt ({type(error).__name__}: {first})"
+
+
+def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
+    """The checkpoint to resume from: the newest ``*.ckpt`` of ``folder`` (by training step; at a tie,
+    ``last.ckpt``) that loads completely with ``torch.load(weights_only=True)`` and holds a training
+    state. Broken files are skipped with a warning that names them.
+
+    Returns:
+        its path and ``{"epoch", "global_step"}``.
+
+    Raises:
+        CheckpointError: no checkpoint, or none usable (every file named with its problem).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*.ckpt") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        raise CheckpointError(f"cannot resume: no checkpoint (*.ckpt) in {folder}; train without --resume first")
+    usable, broken = [], []
+    for path in files:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's zip reader and unpickler raise many kinds
+            broken.append(f"{path.name}: {_load_problem(path, e)}")
+            continue
+        missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RESUME_KEYS)
+        if missing:
+            broken.append(f"{path.name}: not a training checkpoint (no {', '.join(missing)})")
+            continue
+        info = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
+        usable.append(((info["global_step"], info["epoch"], path.name == "last.ckpt"), path, info))
+        del ckpt
+    if not usable:
+        raise CheckpointError(f"cannot resume: no usable checkpoint in {folder} ({'; '.join(broken)})")
+    _, path, info = max(usable, key=lambda u: u[0])
+    if broken:
+        warnings.warn(f"resuming from {path.name}; skipped broken checkpoint(s) in {folder}: {'; '.join(broken)}", stacklevel=2)
+    return path, info
+
+
+class TrainingHistory(pl.Callback):
+    """Every validated epoch's metrics, stored in the checkpoints so they survive a resume (and the
+    best checkpoint holds its own epoch's metrics)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+
+    @property
+    def state_key(self) -> str:
+        return "weakloc_history"
+
+    # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
+    # module's, so metrics the module logs at epoch end (val_acc, val_map, val_count_mae) would be
+    # the previous epoch's there. Checkpoint callbacks run after this one, so an epoch's checkpoint
+    # holds its own entry.
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        entry = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+        self.epochs = [h for h in self.epochs if h["epoch"] < entry["epoch"]] + [entry]  # a re-run epoch replaces its entry
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(h) for h in self.epochs]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = [dict(h) for h in state_dict.get("history", [])]
+
+
+class TrainingInterrupted(WeaklocError):
+    """Training stopped by SIGTERM or SIGINT; ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM (what a scheduler or ``timeout`` sends) and SIGINT (Ctrl+C) stop training between two
+    batches with a resumable checkpoint at ``path``.
+
+    Lightning's own SIGTERM handler only sets a flag its loops stop at, by raising
+    ``SIGTERMException`` -- a ``SystemExit`` with status 0, so a terminated run used to end quietly,
+    as if it had succeeded. Here its state is saved (through the trainer, so atomically) when the
+    stop comes between training batches; a stop during validation keeps the previous epoch's
+    checkpoint. Ctrl+C goes through the same flag, so it never lands inside an optimiser step;
+    a second Ctrl+C stops at once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.signal: signal.Signals | None = None
+        self.saved = False
+        self.epochs_done = 0
+
+    def record(self, signum, frame=None) -> None:
+        """A signal handler: remember the first signal."""
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.record(signum)
+        lightning_handler = signal.getsignal(signal.SIGTERM)
+        if callable(lightning_handler):
+            lightning_handler(signum, frame)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning installs its SIGTERM handler just before the loops start (and puts the previous
+        # handlers back after them, SIGINT's included)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_sigint)
+        if self.signal is not None:  # came while Lightning was setting up, before its handler was there
+            raise SIGTERMException
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.record(signal.SIGINT)
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.record(signal.SIGTERM)
+        self.epochs_done = trainer.current_epoch
+        if trainer.state.stage == RunningStage.TRAINING:  # between two training batches, or after an epoch's end
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved = True
+
+    def error(self, epochs: int) -> TrainingInterrupted:
+        """The one-line error for an interrupted run of ``epochs`` epochs."""
+        head = f"training interrupted by {self.signal.name} after {self.epochs_done} of {epochs} epoch(s)"
+        if self.saved:
+            tail = f"its state was saved to {self.path}: run the same command with --resume to continue"
+        elif self.path.is_file():
+            tail = f"{self.path} holds the last validated epoch: run the same command with --resume to continue from it"
+        else:
+            tail = "before any checkpoint was written, so there is nothing to resume: run it again"
+        return TrainingInterrupted(f"{head}; {tail}", int(self.signal))
+
+
+@contextlib.contextmanager
+def _signals_to(stopper: StopOnSignal):
+    """SIGTERM recorded by ``stopper`` for the duration (Lightning's handler, installed when its
+    loops start, calls it after its own); SIGTERM's and SIGINT's handlers put back after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, stopper.record)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+# --- argument checks -----------------------------------------------------------------------------
+
+#: ``weakloc train``'s spelling of the :func:`fine_tune` arguments not spelt ``--`` + name with '-' for '_'
+CLI_NAMES = {"hide_prob": "--hide-and-seek", "cutmix_alpha": "--cutmix", "align_weight": "--align",
+             "consistency_weight": "--consistency", "num_workers": "--workers", "cbam_stages": "--cbam",
+             "adl_stages": "--adl", "val_data": "--val"}
+#: :func:`fine_tune` arguments the command line does not have
+PYTHON_ONLY = frozenset({"backbone_lr", "weight_decay", "hide_grid", "limit_batches", "monitor", "map_options", "progress"})
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def option_name(name: str) -> str:
+    """How an error names :func:`fine_tune`'s argument ``name``: its ``weakloc train`` option, with the
+    Python name beside it where the two differ in more than '-' for '_'."""
+    if name in PYTHON_ONLY:
+        return name
+    if name in CLI_NAMES:
+        return f"{CLI_NAMES[name]} ({name})"
+    return "--" + name.replace("_", "-")
+
+
+def lightning_precisions() -> tuple:
+    """The values ``Trainer(precision=)`` accepts, read from Lightning's own type."""
+    import typing
+
+    try:
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    except ImportError:  # moved in another Lightning version: the 2.x values
+        return (64, 32, 16, "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+
+    def flat(t) -> list:
+        args = typing.get_args(t)
+        return list(args) if typing.get_origin(t) is typing.Literal else [v for a in args for v in flat(a)]
+
+    return tuple(flat(_PRECISION_INPUT))
+
+
+def _check_pair(name: str, value, low: float, high: float | None, low_open: bool) -> tuple[float, float]:
+    """``value`` as ``(a, b)`` with ``a <= b``, both in the range."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise OptionError(f"{name}: expected two numbers MIN MAX, got {value!r}")
+    lo, hi = (check_float(name, v, low, high, low_open=low_open) for v in value)
+    if lo > hi:
+        raise OptionError(f"{name}: the minimum {lo:g} is above the maximum {hi:g} (give MIN MAX with MIN <= MAX)")
+    return lo, hi
+
+
+def check_hardware(accelerator: str, devices) -> None:
+    """Refuse an accelerator this machine lacks, and more devices than it has. Several devices on a
+    machine without a GPU would start that many CPU processes, each training the whole model and
+    writing the same output folder."""
+    check_choice("--accelerator", accelerator, ACCELERATORS)
+    if accelerator in ("gpu", "cuda"):
+        check_device("--accelerator", "cuda")
+    elif accelerator == "mps":
+        check_device("--accelerator", "mps")
+    gpus = torch.cuda.device_count() if accelerator != "mps" and accelerator != "cpu" and torch.cuda.is_available() else 0
+    shown = repr(devices) if isinstance(devices, str) else str(devices)
+    if isinstance(devices, str) and devices != "auto":
+        try:
+            parts = [int(p) for p in devices.split(",") if p.strip()]
+        except ValueError:
+            raise OptionError(f"--devices: {shown} is not auto, a number of devices or a comma-separated list of GPU indices") from None
+        devices = parts if "," in devices else (parts[0] if parts else devices)
+    if devices == "auto":
+        return
+    if isinstance(devices, (list, tuple)):
+        if not devices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in devices):
+            raise OptionError(f"--devices: {shown} is not a list of GPU indices")
+        if not gpus:
+            raise OptionError(f"--devices: {shown} names GPUs, but no CUDA GPU is used on this machine (use --devices 1 or auto)")
+        if max(devices) >= gpus:
+            raise OptionError(f"--devices: GPU {max(devices)} asked for, but this machine has {gpus} CUDA GPU(s) (indices 0..{gpus - 1})")
+        return
+    n = check_int("--devices", devices, -1)
+    if n == 0:
+        raise OptionError("--devices: 0 is not a number of devices (use auto, a count >= 1, or -1 for every GPU)")
+    if not gpus and n != 1:
+        count = "one per CPU core" if n == -1 else str(n)
+        raise OptionError(f"--devices: {shown} would start {count} CPU training processes, each training the whole model "
+                          "and writing the same output folder; without a GPU use --devices 1 (or auto)")
+    if gpus and n > gpus:
+        raise OptionError(f"--devices: {n} GPUs asked for, but this machine has {gpus}")
+
+
+def check_train_options(args: dict) -> None:
+    """Refuse out-of-range, unknown or impossible :func:`fine_tune` arguments before any work starts.
+
+    Args:
+        args: :func:`fine_tune`'s arguments by name.
+
+    Raises:
+        OptionError: naming the option (its ``weakloc train`` spelling) and the allowed values.
+    """
+    from weakloc.models.classifier import INPUT_SIZES
+    from weakloc.models.heads import COUNTING, HEADS
+
+    a, o = args, option_name
+    check_int(o("epochs"), a["epochs"], 1)
+    check_int(o("freeze_epochs"), a["freeze_epochs"], 0)
+    check_int(o("batch_size"), a["batch_size"], 1)
+    check_float(o("lr"), a["lr"], 0, low_open=True)
+    check_float(o("weight_decay"), a["weight_decay"], 0)
+    if a["backbone_lr"] is not None:
+        _check_pair(o("backbone_lr"), a["backbone_lr"], 0, None, low_open=True)
+    check_choice(o("schedule"), a["schedule"], ("onecycle", "cosine"))
+    check_int(o("image_size"), a["image_size"], 32, 4096)
+    check_int(o("output_stride"), a["output_stride"], allow_none=True)
+    check_choice(o("output_stride"), a["output_stride"], (8, 16, 32), allow_none=True)
+    if a["crop_scale"] is not None:
+        _check_pair(o("crop_scale"), a["crop_scale"], 0, 1, low_open=True)
+    check_float(o("val_fraction"), a["val_fraction"], 0, 1, low_open=True, high_open=True)
+    check_int(o("seed"), a["seed"], 0, 2**32 - 1)
+    check_choice(o("precision"), a["precision"], lightning_precisions(), allow_none=True)
+    check_hardware(a["accelerator"], a["devices"])
+    check_int(o("num_workers"), a["num_workers"], 0, allow_none=True)
+    if a["limit_batches"] is not None:
+        if isinstance(a["limit_batches"], float):
+            check_float(o("limit_batches"), a["limit_batches"], 0, 1, low_open=True)
+        else:
+            check_int(o("limit_batches"), a["limit_batches"], 1)
+    check_choice(o("head"), a["head"], HEADS)
+    check_choice(o("attention_norm"), a["attention_norm"], ("softmax", "sigmoid"))
+    check_float(o("tap_threshold"), a["tap_threshold"], 0, 1)
+    check_choice(o("loss"), a["loss"], ("ce", "focal"))
+    check_float(o("focal_gamma"), a["focal_gamma"], 0)
+    check_choice(o("counting"), a["counting"], COUNTING, allow_none=True)
+    check_choice(o("count_loss"), a["count_loss"], ("poisson", "huber"))
+    for weight in ("count_weight", "density_l1", "density_tv", "density_gather", "crop_consistency", "cutmix_alpha",
+                   "align_weight", "consistency_weight"):
+        check_float(o(weight), a[weight], 0)
+    check_int(o("density_stage"), a["density_stage"], allow_none=True)
+    check_int(o("density_hidden"), a["density_hidden"], 0, 4096)
+    check_float(o("hide_prob"), a["hide_prob"], 0, 1)
+    check_int(o("hide_grid"), a["hide_grid"], 1)
+    check_float(o("ema_decay"), a["ema_decay"], 0, 1, high_open=True)
+    check_float(o("teacher_threshold"), a["teacher_threshold"], 0, 1, allow_none=True)
+    if a["teacher_method"] is not None:
+        from weakloc.explain.registry import METHODS
+
+        check_choice(o("teacher_method"), a["teacher_method"], sorted(METHODS))
+    scale = check_float(o("test_scale"), a["test_scale"], 0, low_open=True)
+    size = max(32, int(round(a["image_size"] * scale / 32)) * 32)
+    if size > INPUT_SIZES[1]:
+        raise OptionError(f"{o('test_scale')}: {scale:g} times the {a['image_size']}-px training size gives {size}-px inputs, "
+                          f"above the largest, {INPUT_SIZES[1]}")
 
 
 def fine_tune(
@@ -232,7 +612,9 @@ def fine_tune(
     Returns:
         :class:`TrainResult` with the best model.
     """
+    check_train_options(dict(locals()))  # first: before any data is read or model built
     out = Path(out)
+    resume_from, resume_info = resume_checkpoint(out / "checkpoints") if resume else (None, None)
     labeled = with_positive(data, positive) if isinstance(data, LabeledImages) else load_labels(data, positive=positive)
     if val_data is not None:
         train_set = labeled
@@ -264,10 +646,6 @@ def fine_tune(
     if labeled.counts is not None and min(crop_scale) < 1:
         raise WeaklocError(f"random crops (crop_scale {tuple(crop_scale)}) cut objects out of the image, so its counts would be "
                            "wrong: use crop_scale (1.0, 1.0) with counting labels")
-    if not 0 <= ema_decay < 1:
-        raise WeaklocError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if loss not in ("ce", "focal"):
-        raise WeaklocError(f"unknown loss {loss!r}: use ce or focal")
     if freeze_epochs >= epochs:
         freeze_epochs = max(0, epochs - 1)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -308,20 +686,17 @@ def fine_tune(
                         cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight, consistency_weight=consistency_weight)
     module = ClassifierModule(model, optim, teacher_model, teacher_method or "cam", 0.2 if teacher_threshold is None else teacher_threshold)
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode, save_last=True)
-    history: list[dict] = []
-
-    class _History(pl.Callback):
-        # on_validation_end, not on_validation_epoch_end: callbacks' epoch-end hooks run before the
-        # module's, so metrics the module logs at epoch end (val_acc, val_map, val_count_mae) would be
-        # the previous epoch's there
-        def on_validation_end(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                history.append({"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}})
-
+    checkpoints = out / "checkpoints"
+    # fixed names, no best-v1.ckpt beside an older run's best.ckpt: the folder holds one run's state.
+    # last.ckpt from a checkpoint callback of its own, written every epoch: Lightning's save_last
+    # writes it only in epochs that improved the best one, so a resume would redo the others.
+    ckpt = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=monitor, mode=mode, enable_version_counter=False)
+    every_epoch = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False)
+    last = checkpoints / "last.ckpt"
+    history, stopper = TrainingHistory(), StopOnSignal(last)
     if precision is None:
         precision = "16-mixed" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "32-true"
-    callbacks = [ckpt, FreezeBackbone(freeze_epochs), _History()]
+    callbacks = [ckpt, every_epoch, FreezeBackbone(freeze_epochs), history, stopper]  # best.ckpt written before last.ckpt
     if progress:
         callbacks.append(_progress_bar())
     trainer = pl.Trainer(
@@ -329,17 +704,31 @@ def fine_tune(
         callbacks=callbacks, logger=CSVLogger(out, name="logs"), enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=max(1, min(5, len(train_loader))), num_sanity_val_steps=0,
         limit_train_batches=limit_batches, limit_val_batches=limit_batches, deterministic=False,
+        plugins=[AtomicCheckpointIO()],
     )
-    last = out / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise WeaklocError(f"cannot resume: {last} does not exist")
-    with warnings.catch_warnings():
+    remove_stale_temporaries(checkpoints)
+    remove_stale_temporaries(out)
+    if resume_from is None:  # a fresh run: an older run's checkpoints must be neither resumed later nor taken as its best
+        for old in checkpoints.glob("*.ckpt"):
+            old.unlink()
+    elif progress:
+        print(f"resuming from {resume_from} (epoch {resume_info['epoch']}, step {resume_info['global_step']})", file=sys.stderr)
+    with warnings.catch_warnings(), _signals_to(stopper):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume else None, weights_only=True)
+        # resuming a run stopped by SIGTERM within an epoch: the epoch's remaining steps come from a
+        # fresh shuffle, which is what the warning is about, and is fine
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming: it should be
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
+        except (SystemExit, KeyboardInterrupt):  # Lightning's SIGTERMException is a SystemExit; Ctrl+C ends in sys.exit(1)
+            if stopper.signal is None:
+                raise
+            raise stopper.error(epochs) from None
     best_path = ckpt.best_model_path or str(last)
-    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(best_ckpt["state_dict"])
     best = module.evaluated_model.cpu().eval()
     if config.positive_class is not None:
         best.config.decision_threshold = validation_threshold(best, val_loader, config.positive_class)
@@ -352,9 +741,12 @@ def fine_tune(
     if stored:
         best.config.localization["options"] = {m: dict(o) for m, o in stored.items()}
     model_dir = save_model(best, out / "model")
-    best_epoch = min(history, key=lambda h: h.get(monitor, float("inf"))) if mode == "min" and history else (
-        max(history, key=lambda h: h.get(monitor, float("-inf"))) if history else {})
+    # the best epoch and its metrics as the checkpoint the model comes from recorded them, so they
+    # are the saved model's whatever resumes came in between
+    best_history = best_ckpt.get("callbacks", {}).get(history.state_key, {}).get("history", [])
+    best_epoch = next((h for h in best_history if h["epoch"] == best_ckpt["epoch"]), {})
     metrics = {"best_epoch": best_epoch.get("epoch"), **{k: v for k, v in best_epoch.items() if k.startswith("val_")},
                "skipped_images": module.skipped, "train_images": len(train_set), "val_images": len(val_set)}
-    (out / "metrics.json").write_text(json.dumps({"best": metrics, "history": history}, indent=2))
-    return TrainResult(load_model(model_dir), model_dir, metrics, history)
+    report = json.dumps({"best": metrics, "history": history.epochs}, indent=2)
+    atomic_write(out / "metrics.json", lambda f: f.write(report.encode()))
+    return TrainResult(load_model(model_dir), model_dir, metrics, history.epochs)
