@@ -169,7 +169,11 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
         dh, dw = shown.shape[-2:]
         drawn, labels, points = [], [], []
         for k, cname in enumerate(cfg.classes):
-            for n in torch.nonzero(valid[j, k])[:, 0].tolist():
+            keep_n = torch.nonzero(valid[j, k])[:, 0]
+            drawn.append(scale_boxes(boxes[j, k, keep_n], (size, size), (dh, dw)))
+            for n in keep_n.tolist():
+                # instance boxes are continuous (sized boxes sit on a peak's centre), so the COCO box is
+                # their span scaled, not snapped to whole pixels as region boxes are
                 x0, y0, x1, y1 = boxes[j, k, n].tolist()
                 px, py = pts[j, k, n].tolist()
                 result["annotations"].append({
@@ -178,7 +182,6 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
                     "bbox": [round(x0 * sx, 1), round(y0 * sy, 1), round((x1 - x0 + 1) * sx, 1), round((y1 - y0 + 1) * sy, 1)],
                     "score": round(float(scores[j, k, n]), 5),
                 })
-                drawn.append([x0 * dw / size, y0 * dh / size, (x1 + 1) * dw / size, (y1 + 1) * dh / size])
                 points.append([(px + 0.5) * dw / size, (py + 0.5) * dh / size])
                 labels.append(f"{cname} {n + 1}")
         if out is None:
@@ -187,7 +190,7 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
         picture = blend(shown[None].to(device), disp)[0].cpu()
         summary = " · ".join(f"{c} {int(counts[j, k])}" for k, c in enumerate(cfg.classes))
         banner = torch.tensor([[0.0, 0.0, dw - 1.0, 0.0]])  # a flat box carries the counts as its caption
-        picture = draw_detections(picture, torch.cat([banner, torch.tensor(drawn).view(-1, 4)]), [summary] + labels)
+        picture = draw_detections(picture, torch.cat([banner, *drawn]), [summary] + labels)
         if points:
             picture = draw_keypoints(picture, torch.tensor(points)[None], colors="white", radius=3)
         png = save_png(picture, out.file("overlays", f"{image_id:05d}_{safe_component(Path(paths[i]).stem)}", ".png"), out.root)
