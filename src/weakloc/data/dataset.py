@@ -1,18 +1,22 @@
 """A torch ``Dataset`` over :class:`LabeledImages`, with the train/eval transforms.
 
-An image that fails to decode is returned as ``None`` and dropped by :func:`collate_skip_bad`,
-which counts it, so one bad file never stops an epoch.
+An image that fails to decode is returned as a :class:`SkippedImage` (its index, path and reason)
+and dropped by :func:`collate_skip_bad`, which lists it in the batch, so one bad file never stops
+an epoch and every skipped file can be reported by name (:class:`SkipLog`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from weakloc.data.images import read_image
+from weakloc.data.images import display_path, read_image
 from weakloc.report.overlay import fit_size
 from weakloc.data.labels import LabeledImages
 from weakloc.errors import ImageReadError
@@ -61,8 +65,22 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Transf
     ])
 
 
+class SkippedImage(NamedTuple):
+    """An image a loader could not decode: its index in the dataset, its path and why (one line,
+    without the file name)."""
+
+    index: int
+    path: Path
+    reason: str
+
+    @property
+    def message(self) -> str:
+        """``"<file>: <reason>"``, the file named by :func:`~weakloc.data.images.display_path`."""
+        return f"{display_path(self.path)}: {self.reason}"
+
+
 class ImageDataset(Dataset):
-    """``(image, target, index)`` per item, or ``None`` when the image cannot be decoded.
+    """``(image, target, index)`` per item, or a :class:`SkippedImage` when the image cannot be decoded.
 
     Args:
         data: labelled images; ``targets`` may be None for unlabelled inference.
@@ -86,30 +104,108 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         try:
             img = read_image(self.paths[i])
-        except ImageReadError:
-            return None
+        except ImageReadError as e:
+            return SkippedImage(i, Path(self.paths[i]), getattr(e, "reason", None) or str(e))
         target = self.targets[i] if self.targets is not None else torch.tensor(-1)
         return self.transform(img), target, i
 
 
 def collate_skip_bad(items: list) -> dict:
-    """Stack the good items of a batch; count the ones that failed to decode.
+    """Stack the good items of a batch; list the ones that failed to decode.
+
+    Items are ``(image, target, index)`` or :class:`SkippedImage` (``None`` also counts as skipped,
+    without a name).
 
     Returns:
-        dict with ``image (B, 3, S, S)``, ``target``, ``index (B,)`` and ``skipped`` (int).
-        When every item failed, ``image`` is None.
+        dict with ``image (B, 3, S, S)``, ``target``, ``index (B,)``, ``skipped`` (int: items that
+        failed) and ``skipped_images`` (the :class:`SkippedImage` of each, in batch order). When
+        every item failed, ``image``, ``target`` and ``index`` are None.
     """
-    good = [it for it in items if it is not None]
+    good = [it for it in items if it is not None and not isinstance(it, SkippedImage)]
+    skipped_images = [it for it in items if isinstance(it, SkippedImage)]
     skipped = len(items) - len(good)
     if not good:
-        return {"image": None, "target": None, "index": None, "skipped": skipped}
+        return {"image": None, "target": None, "index": None, "skipped": skipped, "skipped_images": skipped_images}
     images, targets, idx = zip(*good)
     return {
         "image": torch.stack(images),
         "target": torch.stack(targets),
         "index": torch.tensor(idx, dtype=torch.long),
         "skipped": skipped,
+        "skipped_images": skipped_images,
     }
+
+
+class SkipLog:
+    """The images a run's loaders skipped: each file once (its first reason), in the order met.
+
+    Feed it the batches of :func:`collate_skip_bad` in the main process -- ``log.add_batch(batch)``
+    in a training/validation step, or ``for batch in log.track(loader)``. The batch carries the
+    skipped files out of data-loader worker processes, where a list kept on the dataset would stay
+    (each worker holds its own copy of the dataset).
+
+    ``len(log)`` is the number of distinct files, ``log.events`` how many times any was skipped (a
+    training image is met again every epoch). ``log.write(out / "skipped.txt")`` lists them, one
+    line per file: the file (:func:`~weakloc.data.images.display_path`: no tab, newline or
+    undecodable byte left), a tab, the reason; :meth:`summary` is the line to print.
+    """
+
+    def __init__(self, items: Iterable[SkippedImage] = ()):
+        self._items: dict[str, SkippedImage] = {}
+        self.events = 0
+        for it in items:
+            self.add(it)
+
+    def add(self, item: SkippedImage) -> None:
+        """Record one skipped image (a file already listed keeps its first reason)."""
+        self.events += 1
+        self._items.setdefault(os.fspath(item.path), item)
+
+    def add_batch(self, batch: dict) -> dict:
+        """Record the skipped images of a :func:`collate_skip_bad` batch; returns the batch."""
+        for item in batch.get("skipped_images", ()):
+            self.add(item)
+        self.events += batch.get("skipped", 0) - len(batch.get("skipped_images", ()))  # unnamed (None) items
+        return batch
+
+    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """The batches, each recorded as it passes."""
+        for batch in batches:
+            yield self.add_batch(batch)
+
+    def update(self, other: "SkipLog") -> None:
+        """Add the files (and events) of another log."""
+        for item in other:
+            self._items.setdefault(os.fspath(item.path), item)
+        self.events += other.events
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[SkippedImage]:
+        return iter(self._items.values())
+
+    def __repr__(self) -> str:
+        return f"SkipLog({len(self)} file(s), {self.events} skip(s))"
+
+    def records(self) -> list[dict]:
+        """``{"file", "reason"}`` per file, the file as :func:`~weakloc.data.images.display_path` writes it (for JSON)."""
+        return [{"file": display_path(it.path), "reason": it.reason} for it in self]
+
+    def lines(self) -> list[str]:
+        """``"<file>\t<reason>"`` per file."""
+        return [f"{display_path(it.path)}\t{' '.join(it.reason.split())}" for it in self]
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`lines` (UTF-8, one per file) to ``path``; returns it."""
+        path = Path(path)
+        path.write_text("".join(line + "\n" for line in self.lines()), encoding="utf-8")
+        return path
+
+    def summary(self, listed_in: str | os.PathLike | None = None) -> str:
+        """``"N image(s) could not be decoded and were skipped"``, with ``", listed in <file>"``."""
+        where = f", listed in {display_path(listed_in)}" if listed_in is not None else ""
+        return f"{len(self)} image(s) could not be decoded and were skipped{where}"
 
 
 class PredictDataset(Dataset):
