@@ -500,6 +500,21 @@ def test_list_images_names_special_sources(tmp_path):
         list_images(tmp_path / "d")
 
 
+def test_image_size_reads_the_header_only(tmp_path, monkeypatch):
+    from weakloc.data.images import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert image_size(_write(tmp_path, "r.jpg", _encode(Image.fromarray(_pattern(64, 48)), "JPEG", exif=exif.tobytes()))) == (48, 64)
+    noisy = np.random.default_rng(0).integers(0, 256, (700, 600, 3), dtype=np.uint8)  # over 1 MiB as PNG
+    big = _write(tmp_path, "big.png", _encode(Image.fromarray(noisy), "PNG"))
+    assert big.stat().st_size > 1 << 20 and image_size(big) == (600, 700)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "10")  # no pixel limit on a header
+    assert image_size(big) == (600, 700)
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        image_size("/dev/zero")
+
+
 def test_animated_gif_reads_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (20, 10), c).convert("P") for c in ((255, 0, 0), (0, 0, 255))]
     buf = io.BytesIO()

@@ -193,8 +193,8 @@ class SkipLog:
         return [{"file": display_path(it.path), "reason": it.reason} for it in self]
 
     def lines(self) -> list[str]:
-        """``"<file>\t<reason>"`` per file."""
-        return [f"{display_path(it.path)}\t{' '.join(it.reason.split())}" for it in self]
+        """One line per file: the file, a tab, the reason (controls in either escaped)."""
+        return [f"{display_path(it.path)}\t{display_path(' '.join(it.reason.split()))}" for it in self]
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write :meth:`lines` (UTF-8, one per file) to ``path``; returns it."""
@@ -211,8 +211,10 @@ class SkipLog:
 class PredictDataset(Dataset):
     """For inference on unlabelled files: ``(index, model input, (H, W) original size, display image)``.
 
-    An unreadable file gives ``(index, None, reason, None)`` so callers can report and skip it. The
-    display image is the original resized for pictures (longest side 256..``display`` px).
+    An unreadable file gives ``(index, None, message, None)`` (the :class:`ImageReadError`'s one
+    line, naming the file by :func:`~weakloc.data.images.display_path`) so callers can report and
+    skip it. The display image is the original resized for pictures (longest side
+    256..``display`` px).
     """
 
     def __init__(self, paths: list[Path], size: int, mean, std, display: int = 512):

@@ -206,8 +206,9 @@ def _check_pixels(path: Path, size: tuple[int, int], limit: int | None) -> None:
 # --- the file -------------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> bytes:
-    """The bytes of a regular file; a clear error for anything else (never blocks on a FIFO)."""
+def _read_file(path: Path, head: int | None = None) -> bytes:
+    """The bytes of a regular file (the first ``head`` only, if given); a clear error for anything
+    else (never blocks on a FIFO)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -231,7 +232,7 @@ def _read_file(path: Path) -> bytes:
             raise _error(path, "is not a regular file (a pipe, socket or device)")
         with os.fdopen(fd, "rb") as f:
             fd = None
-            data = f.read()
+            data = f.read(head) if head else f.read()
     except MemoryError:
         raise _error(path, "file is too large to read into memory") from None
     except OSError as e:
@@ -618,8 +619,15 @@ def _describe_pillow_error(e: BaseException) -> str:
 def image_size(path: str | bytes | os.PathLike) -> tuple[int, int]:
     """``(width, height)`` of an image after EXIF rotation, read from the header only (no pixel limit)."""
     path = _as_path(path)
-    data = _read_file(path)
-    with _open_header(data, path) as im:
+    head = 1 << 20  # headers (with EXIF, ICC profiles) fit; the pixel data need not be read
+    data = _read_file(path, head)
+    try:
+        im = _open_header(data, path)
+    except ImageReadError:
+        if len(data) < head:
+            raise
+        im = _open_header(_read_file(path), path)
+    with im:
         w, h = im.size
         try:
             orientation = im.getexif().get(0x0112, 1)
