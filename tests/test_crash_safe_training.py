@@ -193,13 +193,14 @@ def test_sigterm_saves_a_resumable_state_and_exits_non_zero(data, tmp_path):
 # --- resume choice and atomic writes -------------------------------------------------------------
 
 def _fake_checkpoint(path: Path, epoch: int, step: int) -> None:
-    torch.save({k: {} for k in RESUME_KEYS} | {"epoch": epoch, "global_step": step}, path)
+    torch.save({k: {} for k in RESUME_KEYS} | {"epoch": epoch, "global_step": step, "state_dict": {"w": torch.zeros(2)}}, path)
 
 
 def test_resume_picks_the_newest_complete_checkpoint_and_names_broken_ones(tmp_path):
     _fake_checkpoint(tmp_path / "best.ckpt", 1, 6)
     _fake_checkpoint(tmp_path / "last.ckpt", 2, 9)
-    assert resume_checkpoint(tmp_path) == (tmp_path / "last.ckpt", {"epoch": 2, "global_step": 9})
+    path, info = resume_checkpoint(tmp_path)
+    assert path == tmp_path / "last.ckpt" and (info["epoch"], info["global_step"]) == (2, 9)
     (tmp_path / "last.ckpt").write_bytes(b"")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.warns(UserWarning, match=r"resuming from best\.ckpt.*last\.ckpt: empty.*other\.ckpt: not a training checkpoint"):
@@ -277,3 +278,40 @@ def test_cli_names_the_option(tmp_path, capsys, args, message):
         cli.main(["train", str(tmp_path / "no-such-data"), "-o", str(tmp_path / "out"), *args])
     assert exit_.value.code == 2
     assert message in " ".join(capsys.readouterr().out.split())
+
+
+# --- undecodable images --------------------------------------------------------------------------
+
+def test_undecodable_training_and_validation_images_are_listed_and_survive_a_resume(data, tmp_path):
+    import csv
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    rows = list(csv.DictReader((copy / "labels.csv").open()))
+    broken = {split: next(r["path"] for r in rows if r["split"] == split) for split in ("train", "val")}
+    for name in broken.values():
+        image = copy / name
+        image.write_bytes(image.read_bytes()[:200])  # a truncated JPEG
+    out = tmp_path / "run"
+    fine_tune(copy, out, epochs=1, **TINY)
+    for name in broken.values():  # repaired before the resume: the first epoch's skips are still reported
+        shutil.copy(data / name, copy / name)
+    result = fine_tune(copy, out, epochs=2, resume=True, **TINY)
+    assert result.metrics["skipped_images"] == 2 and len(result.skipped) == 2
+    listed = (out / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in listed) == sorted(Path(n).name for n in broken.values())
+    assert all(line.split("\t")[1].strip() for line in listed)  # each with why
+    assert json.loads((out / "metrics.json").read_text())["best"]["skipped_images"] == 2
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*last\.ckpt: it holds another model"):
+        fine_tune(copy, out, epochs=3, resume=True, **(TINY | {"backbone": "test_efficientnet"}))
+
+
+def test_resuming_another_model_is_refused_by_name(tmp_path):
+    from weakloc.train.fit import check_resumable
+
+    check_resumable(torch.nn.Linear(2, 3), tmp_path / "last.ckpt", {"weight": (3, 2), "bias": (3,)})
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: it holds another model \(weight is \(4, 2\) there, \(3, 2\) here\)"):
+        check_resumable(torch.nn.Linear(2, 3), tmp_path / "last.ckpt", {"weight": (4, 2), "bias": (3,)})
+    with pytest.raises(CheckpointError, match=r"it lacks bias"):
+        check_resumable(torch.nn.Linear(2, 3), tmp_path / "last.ckpt", {"weight": (3, 2)})

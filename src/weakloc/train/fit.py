@@ -28,7 +28,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform, train_transform
+from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
 from weakloc.checks import check_choice, check_device, check_float, check_int
 from weakloc.errors import CheckpointError, OptionError, WeaklocError
@@ -45,14 +45,17 @@ class TrainResult:
     Attributes:
         model: the best model (eval mode, on the CPU).
         model_dir: its checkpoint folder.
-        metrics: validation metrics of the best epoch.
-        history: per-epoch validation metrics.
+        metrics: validation metrics of the best epoch (``best_epoch``: its number), and
+            ``skipped_images``: how many images could not be decoded.
+        history: per-epoch validation metrics, every epoch of the run once, resumes included.
+        skipped: those images, each with why (also in ``skipped.txt`` beside ``model/``).
     """
 
     model: WeaklocNet
     model_dir: Path
     metrics: dict
     history: list[dict] = field(default_factory=list)
+    skipped: SkipLog = field(default_factory=SkipLog)
 
 
 def default_workers() -> int:
@@ -116,6 +119,8 @@ DEFAULT_MAP_OPTIONS: dict[str, dict] = {"cam": {"positive_weights": True}}
 
 #: suffix of the temporary file :func:`atomic_write` renames over its target
 TMP_SUFFIX = ".tmp"
+#: the file beside ``model/`` listing the images training skipped: path, a tab, why
+SKIPPED_FILE = "skipped.txt"
 #: what a checkpoint must hold for Lightning to resume training from it
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
 
@@ -188,7 +193,8 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     state. Broken files are skipped with a warning that names them.
 
     Returns:
-        its path and ``{"epoch", "global_step"}``.
+        its path and ``{"epoch", "global_step", "shapes"}`` (``shapes``: of its ``state_dict``'s
+        tensors, for :func:`check_resumable`).
 
     Raises:
         CheckpointError: no checkpoint, or none usable (every file named with its problem).
@@ -208,7 +214,8 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
         if missing:
             broken.append(f"{path.name}: not a training checkpoint (no {', '.join(missing)})")
             continue
-        info = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
+        info = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"]),
+                "shapes": {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}}
         usable.append(((info["global_step"], info["epoch"], path.name == "last.ckpt"), path, info))
         del ckpt
     if not usable:
@@ -217,6 +224,23 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     if broken:
         warnings.warn(f"resuming from {path.name}; skipped broken checkpoint(s) in {folder}: {'; '.join(broken)}", stacklevel=2)
     return path, info
+
+
+def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple]) -> None:
+    """Refuse to resume ``module``'s training from a checkpoint of another model (other backbone,
+    head, classes or options), which Lightning would stop at with a long state-dict traceback.
+
+    Args:
+        shapes: the checkpoint's tensor shapes by name (:func:`resume_checkpoint`'s ``shapes``).
+    """
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, extra = sorted(own.keys() - shapes.keys()), sorted(shapes.keys() - own.keys())
+    differ = sorted(k for k in own.keys() & shapes.keys() if own[k] != shapes[k])
+    if missing or extra or differ:
+        what = (f"{differ[0]} is {shapes[differ[0]]} there, {own[differ[0]]} here" if differ else
+                f"it lacks {missing[0]}" if missing else f"it has {extra[0]}, which this model lacks")
+        raise CheckpointError(f"cannot resume from {path}: it holds another model ({what}); resume with the options "
+                              "of the interrupted run, or train without --resume")
 
 
 class TrainingHistory(pl.Callback):
@@ -551,12 +575,18 @@ def fine_tune(
         data: a labels CSV, a folder holding ``labels.csv``, a folder-per-class tree, or
             :class:`LabeledImages`. Its own split (CSV ``split`` column, ``train/``/``val/`` folders)
             is used; otherwise a seeded split of ``val_fraction``.
-        out: output folder: ``model/`` (best checkpoint), ``checkpoints/``, ``logs/``, ``metrics.json``.
+        out: output folder: ``model/`` (best checkpoint), ``checkpoints/`` (``best.ckpt``, and
+            ``last.ckpt`` of every epoch; written atomically, so a killed run leaves them whole),
+            ``logs/``, ``metrics.json`` (the best epoch and every epoch's metrics), ``skipped.txt``
+            (images that could not be decoded, if any). A fresh run deletes an older run's checkpoints.
         backbone_lr: (earliest, latest) multipliers of ``lr`` for the backbone's layer groups
             (default: (0.01, 0.3); (0.3, 1.0) with counting, whose early layers must learn to tell
             single objects apart -- on synthetic counting it lowered the validation MAE from 1.57
             to 1.41 in the same budget).
-        resume: continue from ``out/checkpoints/last.ckpt`` after an interruption.
+        resume: continue after an interruption, from the newest checkpoint in ``out/checkpoints``
+            that loads completely (a broken one is named in a warning and skipped). SIGTERM or
+            Ctrl+C stop training between two batches with a resumable ``last.ckpt`` and raise
+            :class:`TrainingInterrupted`; the history and the best epoch carry over.
         limit_batches: cap batches per epoch (for smoke tests).
         crop_scale: random resized crop area range (default (0.35, 1.0); (1.0, 1.0) -- no crop -- with
             counting labels, where a crop would change the counts, so a smaller value is refused).
@@ -685,6 +715,8 @@ def fine_tune(
                         density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, hide_prob=hide_prob, hide_grid=hide_grid,
                         cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight, consistency_weight=consistency_weight)
     module = ClassifierModule(model, optim, teacher_model, teacher_method or "cam", 0.2 if teacher_threshold is None else teacher_threshold)
+    if resume_from is not None:
+        check_resumable(module, resume_from, resume_info["shapes"])
     mode = "min" if monitor.endswith(("loss", "mae", "rmse")) else "max"
     checkpoints = out / "checkpoints"
     # fixed names, no best-v1.ckpt beside an older run's best.ckpt: the folder holds one run's state.
@@ -709,8 +741,8 @@ def fine_tune(
     remove_stale_temporaries(checkpoints)
     remove_stale_temporaries(out)
     if resume_from is None:  # a fresh run: an older run's checkpoints must be neither resumed later nor taken as its best
-        for old in checkpoints.glob("*.ckpt"):
-            old.unlink()
+        for old in [*checkpoints.glob("*.ckpt"), out / SKIPPED_FILE]:
+            old.unlink(missing_ok=True)
     elif progress:
         print(f"resuming from {resume_from} (epoch {resume_info['epoch']}, step {resume_info['global_step']})", file=sys.stderr)
     with warnings.catch_warnings(), _signals_to(stopper):
@@ -747,6 +779,9 @@ def fine_tune(
     best_epoch = next((h for h in best_history if h["epoch"] == best_ckpt["epoch"]), {})
     metrics = {"best_epoch": best_epoch.get("epoch"), **{k: v for k, v in best_epoch.items() if k.startswith("val_")},
                "skipped_images": module.skipped, "train_images": len(train_set), "val_images": len(val_set)}
+    if module.skip_log:
+        listing = "".join(line + "\n" for line in module.skip_log.lines())
+        atomic_write(out / SKIPPED_FILE, lambda f: f.write(listing.encode("utf-8")))
     report = json.dumps({"best": metrics, "history": history.epochs}, indent=2)
     atomic_write(out / "metrics.json", lambda f: f.write(report.encode()))
-    return TrainResult(load_model(model_dir), model_dir, metrics, history.epochs)
+    return TrainResult(load_model(model_dir), model_dir, metrics, history.epochs, module.skip_log)

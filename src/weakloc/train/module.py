@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -13,6 +14,7 @@ import torchmetrics.functional as TMF
 from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
+from weakloc.data.dataset import SkipLog, SkippedImage
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
@@ -101,7 +103,8 @@ class ClassifierModule(pl.LightningModule):
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
         self.teacher_method = teacher_method
         self.teacher_threshold = teacher_threshold
-        self.skipped = 0
+        self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
+        self._skips_warned = 0
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._count_errors: list[torch.Tensor] = []
@@ -109,6 +112,22 @@ class ClassifierModule(pl.LightningModule):
         self.ema = ModelEmaV3(model, decay=optim.ema_decay, use_warmup=True).requires_grad_(False) if optim.ema_decay else None
         if self.ema is not None:
             self.ema.train()  # never run in training; left in train mode so Lightning's mode switching sees one model
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct images could not be decoded, in training or validation."""
+        return len(self.skip_log)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain types, so a resumed run still lists the images skipped before it (weights_only loads)
+        checkpoint["weakloc_skipped"] = {"events": self.skip_log.events, "files": [
+            {"index": it.index, "path": str(it.path), "reason": it.reason} for it in self.skip_log]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("weakloc_skipped", {})
+        self.skip_log = SkipLog(SkippedImage(f["index"], Path(f["path"]), f["reason"]) for f in saved.get("files", []))
+        self.skip_log.events = saved.get("events", len(self.skip_log))
+        self._skips_warned = len(self.skip_log)
 
     @property
     def evaluated_model(self) -> WeaklocNet:
@@ -175,7 +194,7 @@ class ClassifierModule(pl.LightningModule):
         return batch
 
     def training_step(self, batch: dict, batch_idx: int):
-        self.skipped += batch["skipped"]
+        self.skip_log.add_batch(batch)
         if batch["image"] is None:
             return None
         batch = self._augment(batch)
@@ -185,6 +204,7 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
+        self.skip_log.add_batch(batch)
         if batch["image"] is None:
             return
         loss, logits, target = self._step(batch, training=False)
@@ -206,8 +226,10 @@ class ClassifierModule(pl.LightningModule):
             self._count_errors.clear()
 
     def on_train_epoch_end(self) -> None:
-        if self.skipped:
-            warnings.warn(f"{self.skipped} image(s) could not be decoded and were skipped so far", stacklevel=1)
+        if self.skipped > self._skips_warned:  # once per new file, not again every epoch
+            new = list(self.skip_log)[self._skips_warned:]
+            warnings.warn(f"{self.skip_log.summary()} so far, e.g. {new[0].message}", stacklevel=1)
+            self._skips_warned = self.skipped
         self.log("skipped_images", float(self.skipped))
 
     # --- optimiser ------------------------------------------------------------------------------
