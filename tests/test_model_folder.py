@@ -189,7 +189,7 @@ def test_config_not_utf8_or_unreadable(tmp_path, good_config, monkeypatch):
 
 
 def test_missing_folder_and_folder_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no such model folder"):
+    with pytest.raises(CheckpointError, match=r"nowhere: no config.json \(no such folder\)"):
         load_config(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_config(tmp_path)

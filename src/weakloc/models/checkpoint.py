@@ -125,7 +125,7 @@ def load_config(path: str | Path) -> ModelConfig:
     """
     folder = _resolve(Path(path))
     if not folder.exists():
-        raise CheckpointError(f"{folder}: no such model folder")
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} (no such folder)")
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} (is this a weakloc model folder?)")
