@@ -390,6 +390,10 @@ def evaluate(
     get_method(method)
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
     net = _load_at_size(model, device, input_size)
+    if calibrate:
+        from weakloc.models.checkpoint import ensure_writable
+
+        ensure_writable(model)
     counting = None
     if net.counting_head is not None:
         from weakloc.data.counts import count_labels_or_annotated
@@ -442,6 +446,7 @@ def calibrate(
     from weakloc.checks import check_choice, check_int
     from weakloc.explain.registry import get_method
     from weakloc.models import load_model, save_model
+    from weakloc.models.checkpoint import ensure_writable
 
     check_int("--per-class", per_class, 1, 10_000)
     check_choice("--split", split, SPLITS)
@@ -450,6 +455,7 @@ def calibrate(
     for size in _int_list(input_sizes, "--input-sizes"):
         check_int("--input-sizes", size, 16, 8192)
     net = load_model(model, _device(device))
+    ensure_writable(model)  # a read-only model folder fails now, not after the calibration's work
     if net.counting_head is not None:
         if methods != "cam" or input_sizes or normalizations:
             raise WeaklocError("a counting model calibrates its instance box sizes only: --methods, --input-sizes and "

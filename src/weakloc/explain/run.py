@@ -15,6 +15,7 @@ from weakloc.data.images import list_images
 from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain import explain, resolve_targets, upsample
 from weakloc.explain.registry import get_method
+from weakloc.models.classifier import check_finite
 from weakloc.report.html import gallery_cards, write_page
 from weakloc.report.overlay import blend, save_png
 from weakloc.report.paths import OutputFolder, printable, safe_component
@@ -71,7 +72,8 @@ def explain_images(model, images, out: str | Path, *, method: str = "gradcam", t
         if good:
             x = torch.stack([b[1] for b in good]).to(device)
             heat = explain(model, x, method=method, target=target, layer=layer, **explain_options)
-            probs = model.probabilities(heat.logits.float()).cpu()
+            probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability",
+                                 [str(paths[i]) for i, *_ in good]).cpu()
             for j, (i, _, (h, w), shown) in enumerate(good):
                 key = f"{len(index['images']):05d}_{safe_component(paths[i].stem)}"
                 tensors[f"{key}.raw"] = heat.raw[j].float().cpu().clone()

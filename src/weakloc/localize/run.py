@@ -20,6 +20,7 @@ from weakloc.explain.run import check_method, check_target, class_file_names
 from weakloc.localize.instances import COUNT_TTA, counting_forward, output_instances, predicted_counts
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import parse_threshold, thresholds_for
+from weakloc.models.classifier import check_finite
 from weakloc.report.html import gallery_cards, write_page
 from weakloc.report.overlay import blend, draw_detections, save_png
 from weakloc.report.paths import OutputFolder, printable, safe_component
@@ -157,7 +158,9 @@ def _count_batch(model, good, paths, result, cards, out, device, count_tta=None)
     maps, found = output_instances(o, size, counts=whole, box_sizes=cfg.instance_box_sizes())
     pts, scores, boxes, valid = (t.cpu() for t in found)
     counts, raw = whole.cpu(), o.counts.float().cpu()
-    probs = model.probabilities(o.logits.float()).cpu()
+    names = [str(paths[i]) for i, *_ in good]
+    check_finite(o.counts, "the model's count", names)
+    probs = check_finite(model.probabilities(o.logits.float()), "the model's probability", names).cpu()
     heat = normalize_minmax(maps.sum(1))  # (B, S, S): all classes' density
     for j, (i, _, (oh, ow), shown) in enumerate(good):
         image_id = len(result["images"]) + 1
@@ -204,7 +207,7 @@ def _localize_batch(model, good, paths, result, cards, out, method, target, thre
     cfg = model.config
     x = torch.stack([b[1] for b in good]).to(device)
     heat = explain(model, x, method=method, target=target, **(explain_options or {}))
-    probs = model.probabilities(heat.logits.float())
+    probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability", [str(paths[i]) for i, *_ in good])
     score = probs.gather(1, heat.targets)  # (B, T)
     if cfg.task == "multi" and heat.targets.shape[1] > 1:
         present = score >= 0.5
