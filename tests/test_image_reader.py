@@ -252,7 +252,7 @@ def test_jpeg_cut_short_and_closed_with_an_end_marker_is_refused(tmp_path, kw, f
     sos = data.index(b"\xff\xda")
     cut = sos + int((len(data) - sos) * frac)
     p = _write(tmp_path, "cut.jpg", data[:cut] + b"\xff\xd9")
-    with pytest.raises(ImageReadError, match=r"cut\.jpg: truncated or corrupt JPEG"):
+    with pytest.raises(ImageReadError, match=r"cut\.jpg: cannot decode: truncated or corrupt JPEG"):
         read_image(p)
 
 
@@ -335,7 +335,7 @@ def test_float_tiff_of_another_range_is_stretched(tmp_path):
 def test_float_tiff_with_nan_is_refused(tmp_path):
     v = np.ones((8, 8), np.float32)
     v[3, 3] = np.nan
-    with pytest.raises(ImageReadError, match="nan.tif: cannot convert to 8-bit: .*NaN"):
+    with pytest.raises(ImageReadError, match="nan.tif: cannot decode: .*NaN"):
         read_image(_write(tmp_path, "nan.tif", _encode(Image.fromarray(v, mode="F"), "TIFF")))
 
 
@@ -542,7 +542,7 @@ def test_collate_lists_skipped_images_with_path_and_reason(tmp_path):
     skipped = batch["skipped_images"]
     assert [s.index for s in skipped] == [1, 3] and [s.path for s in skipped] == [paths[1], paths[3]]
     assert "truncated or corrupt JPEG" in skipped[0].reason and "cut.jpg" not in skipped[0].reason
-    assert skipped[0].message.startswith(str(paths[1]) + ": truncated")
+    assert skipped[0].message.startswith(str(paths[1]) + ": cannot decode: truncated")
     empty = collate_skip_bad([ds[1]])
     assert empty["image"] is None and empty["skipped"] == 1 and len(empty["skipped_images"]) == 1
 
@@ -560,7 +560,7 @@ def test_skip_log_counts_each_file_once_across_workers_and_epochs(tmp_path):
     out = log.write(tmp_path / "skipped.txt")
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2  # the newline in the name is escaped: one line per file
-    assert lines[0].startswith(f"{paths[1]}\ttruncated or corrupt JPEG")
+    assert lines[0].startswith(f"{paths[1]}\tcannot decode: truncated or corrupt JPEG")
     assert lines[1].startswith(display_path(paths[3]) + "\t") and "\\xff\\x0aname.png" in lines[1]
     assert log.summary(tmp_path / "skipped.txt") == f"2 image(s) could not be decoded and were skipped, listed in {tmp_path / 'skipped.txt'}"
     assert log.records()[1]["file"] == display_path(paths[3])

@@ -196,7 +196,7 @@ def _pillow_bomb_limit(limit: int | None) -> Iterator[None]:
 def _check_pixels(path: Path, size: tuple[int, int], limit: int | None) -> None:
     w, h = size
     if w <= 0 or h <= 0:
-        raise _error(path, f"image has zero size ({w}x{h})")
+        raise _error(path, f"cannot decode: image has zero size ({w}x{h})")
     if limit is not None and w * h > limit:
         raise _error(path, f"image is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} pixels; to read it, raise "
                            f"the limit: environment variable {MAX_PIXELS_ENV}={w * h} (0 = no limit) or "
@@ -253,14 +253,14 @@ def _open_header(data: bytes, path: Path) -> Image.Image:
     except UnidentifiedImageError:
         # Pillow's openers refuse a damaged header as "not mine": name the damage where the signature is known
         if data.startswith(_PNG_SIGNATURE):
-            raise _error(path, png_chunk_problem(data) or "corrupt PNG (its header cannot be read)") from None
+            raise _error(path, f"cannot decode: {png_chunk_problem(data) or 'corrupt PNG (its header cannot be read)'}") from None
         if data.startswith(b"\xff\xd8\xff"):
-            raise _error(path, "truncated or corrupt JPEG (its header cannot be read)") from None
+            raise _error(path, "cannot decode: truncated or corrupt JPEG (its header cannot be read)") from None
         said = f" (the name says {path.suffix})" if is_image_file(path) else ""
         raise _error(path, f"cannot decode: not an image of a supported kind{said}") from None
     except Exception as e:  # noqa: BLE001 -- Pillow's plugins raise many kinds on malformed headers
-        kind = "truncated or corrupt JPEG" if data.startswith(b"\xff\xd8\xff") else "cannot decode"
-        raise _error(path, f"{kind}: unreadable image header ({_reason(e)})") from None
+        kind = "truncated or corrupt JPEG, " if data.startswith(b"\xff\xd8\xff") else ""
+        raise _error(path, f"cannot decode: {kind}unreadable image header ({_reason(e)})") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -381,7 +381,7 @@ def _decode_jpeg(data: bytes, path: Path) -> torch.Tensor:
     """``(3, H, W)`` uint8 RGB by torchvision, EXIF orientation applied; damaged data refused."""
     problem = jpeg_scan_problem(data)
     if problem:
-        raise _error(path, problem)
+        raise _error(path, f"cannot decode: {problem}")
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     messages: list[str] = []
     try:
@@ -390,11 +390,11 @@ def _decode_jpeg(data: bytes, path: Path) -> torch.Tensor:
             # RGB: libjpeg expands grayscale; CMYK goes through Pillow's (Adobe) formula, as Pillow would
             out = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception as e:  # noqa: BLE001 -- torchvision raises RuntimeError (and others) on bad data
-        raise _error(path, f"truncated or corrupt JPEG ({_reason(e)})") from None
+        raise _error(path, f"cannot decode: truncated or corrupt JPEG ({_reason(e)})") from None
     messages += [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
     damage = [m for m in messages if _LIBJPEG_DAMAGE.search(m)]
     if damage:
-        raise _error(path, f"truncated or corrupt JPEG (libjpeg: {' '.join(damage[0].split())})")
+        raise _error(path, f"cannot decode: truncated or corrupt JPEG (libjpeg: {' '.join(damage[0].split())})")
     return out.contiguous()  # torchvision's is a channels-last view
 
 
@@ -413,7 +413,9 @@ def png_chunk_problem(data: bytes) -> str | None:
             return "truncated PNG (it ends before its IEND chunk)"
         length = int.from_bytes(data[pos:pos + 4], "big")
         kind = bytes(data[pos + 4:pos + 8])
-        name = display_path(kind.decode("latin-1"))
+        if not kind.isalpha():  # chunk types are four ASCII letters
+            return f"corrupt PNG (no chunk starts at byte {pos}, where one should)"
+        name = kind.decode("ascii")
         end = pos + 12 + length
         if length > 0x7FFFFFFF or end > n:
             return f"truncated PNG (its {name} chunk is cut short)"
@@ -484,7 +486,7 @@ def to_uint8(values: np.ndarray, bits: int | None = None) -> np.ndarray:
     if values.dtype.kind == "f":
         v = values.astype(np.float32, copy=False)
         if not np.isfinite(v).all():
-            raise ValueError("the image holds NaN or infinite values")
+            raise ValueError("the image holds NaN or infinite values (no 8-bit conversion is faithful)")
         lo, hi = float(v.min()), float(v.max())
         if lo >= 0.0 and hi <= 1.0:
             out = v * np.float32(255)
@@ -538,7 +540,7 @@ def _decode_with_pillow(im: Image.Image, data: bytes, path: Path) -> torch.Tenso
         try:
             im = _wide_to_image(wide, bits, im.info)
         except ValueError as e:
-            raise _error(path, f"cannot convert to 8-bit: {e}") from None
+            raise _error(path, f"cannot decode: {e}") from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001 -- an unreadable EXIF block: read unrotated, as torchvision does
@@ -589,7 +591,7 @@ def read_image(path: str | bytes | os.PathLike, *, max_pixels: int | None = None
             else:
                 problem = png_chunk_problem(data) if im.format == "PNG" else None
                 if problem:
-                    raise _error(path, problem)
+                    raise _error(path, f"cannot decode: {problem}")
                 out = _plain_png(data, im) if im.format == "PNG" else None
                 try:
                     if out is None:
@@ -601,7 +603,7 @@ def read_image(path: str | bytes | os.PathLike, *, max_pixels: int | None = None
     finally:
         im.close()
     if out.ndim != 3 or out.shape[0] != 3 or out.shape[1] == 0 or out.shape[2] == 0:
-        raise _error(path, f"image has zero size or an unexpected layout {tuple(out.shape)}")
+        raise _error(path, f"cannot decode: image has zero size or an unexpected layout {tuple(out.shape)}")
     return out
 
 
