@@ -23,6 +23,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(width=None if sys.stdout.isatty() else 140)  # logs keep whole table headers
 
 
+@app.callback()
+def _options(
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", help="Refuse images with more pixels than this, read from the header before decoding "
+        "(default 89,478,485 or $WEAKLOC_MAX_PIXELS; 0: no limit)."),
+):
+    """Where is it, and how many? Weakly-supervised localization from image-level labels."""
+    if max_pixels is not None:
+        from weakloc.checks import check_int
+        from weakloc.data.images import set_max_pixels
+
+        set_max_pixels(check_int("--max-pixels", max_pixels, 0) or None)
+
+
 def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda"):
@@ -94,6 +108,26 @@ def print_counting(rep: dict) -> None:
         fmt = lambda d: f"{d['precision']:.2f}/{d['recall']:.2f}/{d['F1']:.2f}" if d else "-"  # noqa: E731
         per.add_row(c, f"{m['MAE']:.3f}", f"{rep['baseline']['per_class'][c]['MAE']:.3f}", fmt(pts), fmt(bxs))
     console.print(per)
+
+
+def _print_left_out(report: dict, out: Path | None) -> None:
+    """Images an evaluation could not score, by name: those without annotations and those that could
+    not be read (the full lists are in the ``-o`` report), and boxes of classes the model does not score."""
+    where = f"; all listed in {out}" if out else "; write the report with -o to list them all"
+    unannotated = report.get("unannotated_images") or []
+    if unannotated:
+        shown = ", ".join(_printable(str(p)) for p in unannotated[:5])
+        console.print(f"[yellow]{len(unannotated)} image(s) have no annotation and were not scored for localization: "
+                      f"{shown}{', ...' if len(unannotated) > 5 else ''}{where}[/]", highlight=False)
+    skipped = report.get("skipped_images") or []
+    if skipped:
+        shown = "; ".join(f"{_printable(str(s['file']))}: {_printable(str(s['reason']))}" for s in skipped[:5])
+        console.print(f"[yellow]{len(skipped)} image(s) could not be read and were skipped: {shown}{'; ...' if len(skipped) > 5 else ''}"
+                      f"{where}[/]", highlight=False)
+    unscored = report.get("unscored_boxes") or {}
+    if unscored:
+        console.print("[yellow]boxes of classes this model does not localize were not scored: "
+                      + ", ".join(f"{_printable(str(c))} {n}" for c, n in unscored.items()) + "[/]", highlight=False)
 
 
 def _names(text: str | None) -> list[str]:
@@ -251,8 +285,11 @@ def train(
     density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
     density_context: bool = typer.Option(True, help="The density head also reads the last feature map (what each object is)."),
     test_scale: float = typer.Option(2.0, help="Maps and boxes are made on inputs this many times the training size (1: same)."),
+    positive: Optional[str] = typer.Option(None, help="With two classes: the 'yes' class, making a yes/no task (default: yes/no only "
+                                           "when the other class is a 'no' word such as no, negative, normal, absent)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
+    from weakloc.data.labels import load_labels
     from weakloc.train import fine_tune
 
     _quiet_lightning()
@@ -260,7 +297,10 @@ def train(
         from weakloc.data.counts import load_count_labels
 
         data = load_count_labels(data, annotations=counts_from)
-    result = fine_tune(data, out, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
+    else:
+        data = load_labels(data, positive=positive)
+        console.print(f"task: {_printable(data.task_description)}", highlight=False)
+    result = fine_tune(data, out, positive=positive, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
                        image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
                        batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, dihedral=dihedral, seed=seed, precision=precision,
                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
@@ -273,9 +313,12 @@ def train(
                        density_context=density_context,
                        density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
     m = result.metrics
-    console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val_")))
-    if m["skipped_images"]:
-        console.print(f"[yellow]{m['skipped_images']} image(s) could not be decoded and were skipped[/]")
+    console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()
+                                                            if k.startswith("val_") and k != "val_images"))
+    if len(result.skipped):
+        from weakloc.train.fit import SKIPPED_FILE
+
+        console.print(f"[yellow]{_printable(result.skipped.summary(out / SKIPPED_FILE))}[/]", highlight=False)
     console.print(f"model saved to {result.model_dir}")
 
 
@@ -410,12 +453,15 @@ def evaluate(
     if counting is not None:
         print_counting(counting)
         report["counting"] = counting
+    _print_left_out(report, out)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {out}")
     if calibrate:
-        tau = report["localization"]["IoU50_tau"]
+        from weakloc.evaluate.calibrate import calibrated_threshold
+
+        tau = calibrated_threshold(report)
         net.config.localization = {**net.config.localization, "threshold": tau, "method": method,
                                    "calibrated_on": report["localization_samples"]}
         from weakloc.models import save_model
