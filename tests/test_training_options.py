@@ -75,7 +75,7 @@ def test_attention_head_cbam_focal_balanced_train_end_to_end(synth_binary, tmp_p
     x = torch.randn(2, 3, 64, 64)
     h = explain(res.model, x, "attention")
     assert h.normalized.shape == (2, 1, 64, 64)
-    with pytest.raises(WeaklocError, match="unknown loss"):
+    with pytest.raises(WeaklocError, match="--loss: 'hinge'"):
         fine_tune(synth_binary, tmp_path / "x", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, loss="hinge")
 
 
@@ -140,7 +140,7 @@ def test_weight_average_is_validated_and_kept(synth_binary, tmp_path):
     assert torch.equal(kept[w], averaged[w]) and not torch.equal(kept[w], live[w])  # the average, not the last step's weights
     best = min(res.history, key=lambda h: h["val_loss"])
     assert res.metrics["best_epoch"] == best["epoch"]
-    with pytest.raises(WeaklocError, match="ema_decay"):
+    with pytest.raises(WeaklocError, match="--ema-decay"):
         fine_tune(synth_binary, tmp_path / "bad", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, progress=False,
                   ema_decay=1.0)
     # the average follows the trained weights: one update with decay 0 copies them

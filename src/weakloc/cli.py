@@ -254,7 +254,7 @@ def train(
     accelerator: str = typer.Option("auto"),
     devices: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.ckpt."),
+    resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint in OUT/checkpoints."),
     head: str = typer.Option("cam", help="cam (GAP + linear as a 1x1 classifier) | attention (trainable attention) | tap (thresholded average pooling)."),
     attention_stages: str = typer.Option("-3,-2", help="Stages (feature_info indices) the attention head attends."),
     attention_norm: str = typer.Option("softmax", help="softmax | sigmoid attention."),
@@ -289,10 +289,28 @@ def train(
                                            "when the other class is a 'no' word such as no, negative, normal, absent)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
+    import inspect
+
     from weakloc.data.labels import load_labels
     from weakloc.train import fine_tune
+    from weakloc.train.fit import check_train_options
 
     _quiet_lightning()
+    options = dict(positive=positive, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
+                   image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
+                   batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, dihedral=dihedral, seed=seed, precision=precision,
+                   accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
+                   head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
+                   cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
+                   balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
+                   density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, ema_decay=ema_decay, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
+                   align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
+                   teacher_threshold=teacher_threshold, density_hidden=density_hidden, test_scale=test_scale,
+                   density_context=density_context,
+                   density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
+    bound = inspect.signature(fine_tune).bind(data, out, **options)
+    bound.apply_defaults()
+    check_train_options(dict(bound.arguments))  # before the labels (and any annotations) are read
     if counts or counts_from:
         from weakloc.data.counts import load_count_labels
 
@@ -300,18 +318,7 @@ def train(
     else:
         data = load_labels(data, positive=positive)
         console.print(f"task: {_printable(data.task_description)}", highlight=False)
-    result = fine_tune(data, out, positive=positive, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
-                       image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
-                       batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, dihedral=dihedral, seed=seed, precision=precision,
-                       accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
-                       head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
-                       cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
-                       balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
-                       density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, ema_decay=ema_decay, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
-                       align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
-                       teacher_threshold=teacher_threshold, density_hidden=density_hidden, test_scale=test_scale,
-                       density_context=density_context,
-                       density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
+    result = fine_tune(data, out, **options)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()
                                                             if k.startswith("val_") and k != "val_images"))
@@ -635,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {_printable(str(e))}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # an interrupted training exits 143 (SIGTERM) or 130 (Ctrl+C)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         sys.exit(130)
