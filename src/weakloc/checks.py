@@ -77,3 +77,32 @@ def check_device(name: str, device) -> str:
     elif dev.type != "cpu":
         raise OptionError(f"{name}: {text!r} is not supported (use cpu, cuda, cuda:N or mps)")
     return text
+
+
+def check_output_folder(name: str, path) -> None:
+    """``path`` can be (or already is) a folder: it is not a file, and its nearest existing parent is a
+    folder. Checked before the work, so a typo in ``-o`` does not end a run when its results are written."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OptionError(f"{name}: {p} exists and is not a folder")
+    _check_parents(name, p)
+
+
+def check_output_file(name: str, path) -> None:
+    """``path`` can be written as a file: it is not a folder, and its nearest existing parent is a folder."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise OptionError(f"{name}: {p} is a folder; give a file name, e.g. {p / 'report.json'}")
+    _check_parents(name, p)
+
+
+def _check_parents(name: str, p) -> None:
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OptionError(f"{name}: cannot create {p}: {parent} is a file, not a folder")
+            return

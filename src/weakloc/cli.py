@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from weakloc.checks import check_output_file, check_output_folder
 from weakloc.errors import WeaklocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -311,6 +312,7 @@ def train(
     bound = inspect.signature(fine_tune).bind(data, out, **options)
     bound.apply_defaults()
     check_train_options(dict(bound.arguments))  # before the labels (and any annotations) are read
+    check_output_folder("--out", out)
     if counts or counts_from:
         from weakloc.data.counts import load_count_labels
 
@@ -355,6 +357,7 @@ def localize(
     from weakloc.localize.threshold import parse_threshold
 
     _check_run_options(batch_size, input_size, count_tta)
+    check_output_folder("--out", out)
     check_choice("--keep", keep, ("all", "largest"))
     if method:
         from weakloc.explain.registry import get_method
@@ -395,6 +398,7 @@ def explain_cmd(
     from weakloc.models import load_model
 
     _check_run_options(batch_size)
+    check_output_folder("--out", out)
     get_method(method)
     opts = map_options(None, fusion, tta, eigen_smooth, dtype, option)
     net = load_model(model, _device(device))
@@ -435,6 +439,8 @@ def evaluate(
     from weakloc.explain.registry import get_method
 
     _check_run_options(batch_size, input_size, count_tta, split)
+    if out:
+        check_output_file("--out", out)
     check_float("--step", step, 0.0, 0.5, low_open=True)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
     get_method(method)
@@ -552,6 +558,8 @@ def explain_eval_cmd(
     from weakloc.models import load_model
 
     _check_run_options(batch_size, split=split)
+    if out:
+        check_output_file("--out", out)
     check_int("--limit", limit, 1, 1_000_000)
     check_int("--steps", steps, 2, 10_000)
     check_choice("--baseline", baseline, ("blur", "zero", "mean", "black"))
@@ -599,6 +607,7 @@ def demo(
     from weakloc.checks import check_int
     from weakloc.demo import run_demo
 
+    check_output_folder("--out", out)
     check_int("--n", n, 50, 100_000)
     check_int("--epochs", epochs, 1, 1000)
     _quiet_lightning()

@@ -79,6 +79,8 @@ class SyntheticConfig:
             raise WeaklocError(f"--size: {self.size} is out of range (synthetic images are 32 to 4096 pixels)")
         if not 1 <= self.n_images <= 1_000_000:
             raise WeaklocError(f"--n: {self.n_images} is out of range (1 to 1,000,000 images)")
+        if not 0 <= self.seed < 2**63:
+            raise WeaklocError(f"--seed: {self.seed} is out of range (0 to 2**63 - 1)")
         if not 1 <= self.max_instances <= 50:
             raise WeaklocError(f"--max-instances: {self.max_instances} is out of range (1 to 50)")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):

@@ -68,6 +68,9 @@ def _method_options(m: ExplainMethod, options: dict) -> dict:
 
 def _check_inputs(model, images, size, fusion, dtype, target) -> None:
     """Refuse arguments that would fail deep inside a method, or give maps of the wrong thing."""
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"model: expected a torch module (a weakloc model or a timm classifier), got {type(model).__name__}; "
+                          "load a model folder with weakloc.load_model(PATH)")
     if not isinstance(images, torch.Tensor):
         raise OptionError(f"images: expected a (B, 3, H, W) float tensor, got {type(images).__name__}")
     if images.ndim != 4:
@@ -180,6 +183,10 @@ def explain(
     """
     m = get_method(method)
     _check_inputs(model, images, size, fusion, dtype, target)
+    if relu is not None and not isinstance(relu, bool):
+        raise OptionError(f"relu: expected True, False or None, got {relu!r}")
+    if images.dtype == torch.float64:  # the models' weights are float32; a float64 batch is the same images
+        images = images.float()
     relu = m.relu if relu is None else relu
     options = dict(options)
     if eigen_smooth:

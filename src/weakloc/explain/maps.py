@@ -96,7 +96,16 @@ def normalize_maps(maps: torch.Tensor, how: str = "minmax", relu: bool = False) 
 
     A constant or non-finite map gives zeros (never NaN).
     """
+    if not isinstance(how, str):
+        raise ValueError(f"normalization must be a string such as minmax or pas:0.9, got {how!r}")
     name, _, q = how.partition(":")
+    if q:
+        try:
+            qv = float(q)
+        except ValueError:
+            qv = float("nan")
+        if name not in ("pas", "ivr") or not 0 < qv < 1:  # NaN fails too
+            raise ValueError(f"normalization {how!r}: only pas and ivr take a quantile, which must be in (0, 1), e.g. pas:0.9")
     if name == "minmax":
         return normalize_minmax(maps, relu=relu)
     x = maps.float().clamp_min(0) if relu else maps.float()

@@ -12,6 +12,9 @@ import cv2
 import numpy as np
 import torch
 
+from weakloc.checks import check_choice, check_int
+from weakloc.errors import OptionError
+
 
 @dataclass
 class Detection:
@@ -30,6 +33,9 @@ class Detection:
 
 def binarize(maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Foreground masks ``maps > threshold``: ``(..., H, W)`` bool; thresholds ``(...)``."""
+    if maps.ndim < 2 or thresholds.shape != maps.shape[:-2]:
+        raise OptionError(f"binarize: thresholds of shape {tuple(thresholds.shape)} do not match maps of shape "
+                          f"{tuple(maps.shape)} (one threshold per map: shape {tuple(maps.shape[:-2])})")
     return maps > thresholds[..., None, None]
 
 
@@ -45,8 +51,10 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
     Returns:
         N :class:`Detection` (CPU tensors); a map with no foreground gives no box.
     """
-    if keep not in ("largest", "all"):
-        raise ValueError(f"keep must be 'largest' or 'all', got {keep!r}")
+    check_choice("keep", keep, ("largest", "all"))
+    check_int("min_area", min_area, 1)
+    if masks.ndim != 3 or masks.shape != maps.shape:
+        raise OptionError(f"region_boxes: masks {tuple(masks.shape)} and maps {tuple(maps.shape)} must both be (N, H, W)")
     masks_np = masks.to(torch.uint8).cpu().numpy()
     maps_np = maps.detach().float().cpu().numpy()
     out: list[Detection] = []
@@ -91,7 +99,7 @@ def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[
     """
     (fh, fw), (th, tw) = (tuple(int(v) for v in from_size), tuple(int(v) for v in to_size))
     if min(fh, fw, th, tw) < 1:
-        raise ValueError(f"scale_boxes: sizes must be positive, got from {from_size} to {to_size}")
+        raise OptionError(f"scale_boxes: sizes must be positive, got from {from_size} to {to_size}")
     b = boxes.detach().to(torch.float64).reshape(-1, 4)
     s = torch.tensor([tw / fw, th / fh], dtype=torch.float64, device=b.device)
     # The tolerance absorbs float error in products such as 10 * 0.1, which would otherwise add a pixel.

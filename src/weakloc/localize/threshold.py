@@ -8,17 +8,23 @@ from weakloc.errors import WeaklocError
 from weakloc.explain.maps import rowwise_quantile
 
 
+def _check_maps(maps: torch.Tensor) -> None:
+    if maps.ndim < 2 or maps.shape[-1] == 0 or maps.shape[-2] == 0:
+        raise WeaklocError(f"thresholds need maps of shape (..., H, W) with H, W >= 1, got {tuple(maps.shape)}")
+
+
 def otsu_threshold(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu's threshold of each map: the cut maximising between-class variance.
 
     Args:
-        maps: ``(..., H, W)`` values in [0, 1].
+        maps: ``(..., H, W)`` values in [0, 1] (NaN counts as 0), H and W >= 1.
 
     Returns:
         ``(...)`` thresholds in [0, 1].
     """
+    _check_maps(maps)
     lead = maps.shape[:-2]
-    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float().clamp(0, 1)
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float().nan_to_num(0.0).clamp(0, 1)
     idx = (flat * (bins - 1)).round().long()
     hist = torch.zeros(flat.shape[0], bins, device=maps.device).scatter_add_(1, idx, torch.ones_like(flat))
     p = hist / hist.sum(1, keepdim=True)
@@ -33,9 +39,10 @@ def otsu_threshold(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
 
 def percentile_threshold(maps: torch.Tensor, q: float) -> torch.Tensor:
     """The ``q``-quantile (0..1) of each map's values: keeps the top ``1 - q`` of the pixels. ``(...)``."""
-    if not 0 <= q <= 1:
+    if not 0 <= q <= 1:  # NaN fails this too
         raise WeaklocError(f"percentile must be in [0, 100], got {q * 100}")
-    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float()
+    _check_maps(maps)
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).float().nan_to_num(0.0)
     return rowwise_quantile(flat, q).reshape(maps.shape[:-2])
 
 

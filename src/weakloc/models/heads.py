@@ -84,7 +84,7 @@ class ADL(nn.Module):
         return x * (use_drop * drop_mask + (1 - use_drop) * importance)
 
 
-def insert_after_stages(backbone: nn.Module, stages: list[int], make_block) -> list[str]:
+def insert_after_stages(backbone: nn.Module, stages: list[int], make_block, option: str = "stages") -> list[str]:
     """Put ``make_block(channels)`` after each chosen stage (indices into ``backbone.feature_info``).
 
     The stage module ``m`` becomes ``nn.Sequential(m, block)``; call this after loading pretrained
@@ -98,7 +98,8 @@ def insert_after_stages(backbone: nn.Module, stages: list[int], make_block) -> l
     names = []
     for s in stages:
         if not -len(dicts) <= s < len(dicts):
-            raise WeaklocError(f"stage {s} out of range: the backbone has stages 0..{len(dicts) - 1}")
+            raise WeaklocError(f"{option}: stage {s} out of range: the backbone has stages 0..{len(dicts) - 1} "
+                               f"(or -{len(dicts)}..-1 from the end)")
         name, channels = dicts[s]["module"], dicts[s]["num_chs"]
         backbone.set_submodule(name, nn.Sequential(backbone.get_submodule(name), make_block(channels)))
         names.append(name)
@@ -107,12 +108,12 @@ def insert_after_stages(backbone: nn.Module, stages: list[int], make_block) -> l
 
 def insert_cbam(backbone: nn.Module, stages: list[int]) -> list[str]:
     """A :class:`CBAM` after each chosen stage (see :func:`insert_after_stages`)."""
-    return insert_after_stages(backbone, stages, CBAM)
+    return insert_after_stages(backbone, stages, CBAM, "--cbam (cbam_stages)")
 
 
 def insert_adl(backbone: nn.Module, stages: list[int], drop_rate: float = 0.75, drop_threshold: float = 0.8) -> list[str]:
     """An :class:`ADL` after each chosen stage (see :func:`insert_after_stages`)."""
-    return insert_after_stages(backbone, stages, lambda _c: ADL(drop_rate, drop_threshold))
+    return insert_after_stages(backbone, stages, lambda _c: ADL(drop_rate, drop_threshold), "--adl (adl_stages)")
 
 
 class AttentionHead(nn.Module):

@@ -115,6 +115,9 @@ class OutputFolder:
     """
 
     def __init__(self, root: str | Path):
+        from weakloc.checks import check_output_folder
+
+        check_output_folder("out", root)  # before any work, not when the first result is written
         self.root = Path(root)
         self._used: dict[tuple[str | None, str], set[str]] = {}
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
-from weakloc.checks import check_choice, check_device, check_float, check_int
+from weakloc.checks import check_choice, check_device, check_float, check_int, check_output_folder
 from weakloc.errors import CheckpointError, OptionError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE
 from weakloc.models.checkpoint import load_model, save_model
@@ -364,6 +364,9 @@ CLI_NAMES = {"hide_prob": "--hide-and-seek", "cutmix_alpha": "--cutmix", "align_
              "consistency_weight": "--consistency", "num_workers": "--workers", "cbam_stages": "--cbam",
              "adl_stages": "--adl", "val_data": "--val"}
 #: :func:`fine_tune` arguments the command line does not have
+#: what ``monitor`` may name: the validation metrics the training module logs
+MONITORS = ("val_loss", "val_acc", "val_auroc", "val_prauc", "val_map", "val_count_mae")
+
 PYTHON_ONLY = frozenset({"backbone_lr", "weight_decay", "hide_grid", "limit_batches", "monitor", "map_options", "progress"})
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -494,10 +497,17 @@ def check_train_options(args: dict) -> None:
     check_int(o("hide_grid"), a["hide_grid"], 1)
     check_float(o("ema_decay"), a["ema_decay"], 0, 1, high_open=True)
     check_float(o("teacher_threshold"), a["teacher_threshold"], 0, 1, allow_none=True)
-    if a["teacher_method"] is not None:
-        from weakloc.explain.registry import METHODS
+    from weakloc.explain.registry import METHODS
 
+    if a["teacher_method"] is not None:
         check_choice(o("teacher_method"), a["teacher_method"], sorted(METHODS))
+    if a["map_options"] is not None:
+        if not isinstance(a["map_options"], dict) or not all(isinstance(v, dict) for v in a["map_options"].values()):
+            raise OptionError("map_options: expected {method: {option: value}}")
+        for name in a["map_options"]:
+            check_choice("map_options", name, sorted(METHODS))
+    check_choice(o("monitor"), a["monitor"], MONITORS)
+    check_output_folder("--out (out)", a["out"])
     scale = check_float(o("test_scale"), a["test_scale"], 0, low_open=True)
     size = max(32, int(round(a["image_size"] * scale / 32)) * 32)
     if size > INPUT_SIZES[1]:

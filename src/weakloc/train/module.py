@@ -15,6 +15,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.data.dataset import SkipLog, SkippedImage
+from weakloc.errors import WeaklocError
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
@@ -214,6 +215,11 @@ class ClassifierModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_probs:
+            if self.trainer is not None and not self.trainer.sanity_checking and len(self.skip_log):
+                # every validation image was unreadable: there is nothing to choose the best epoch by
+                first = next(iter(self.skip_log))
+                raise WeaklocError(f"no validation image could be read ({len(self.skip_log)} image(s) skipped, e.g. "
+                                   f"{first.message}); check the images or give readable validation data")
             return
         probs = torch.cat(self._val_probs)
         targets = torch.cat(self._val_targets)
