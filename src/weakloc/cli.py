@@ -645,6 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("WEAKLOC_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    if not debug:  # a warning is one line for users, not Python's two-line form with a source path
+        warnings.showwarning = _show_warning
     try:
         app(args, prog_name="weakloc")  # click's standalone mode prints usage errors itself and exits 2
     except WeaklocError as e:
@@ -670,6 +672,11 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {first}{where}; rerun with --debug for the traceback",
                       soft_wrap=True, highlight=False)
         sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip().replace("\n", " ")
+    console.print(f"[yellow]warning:[/] {_printable(text)}", soft_wrap=True, highlight=False)
 
 
 def _printable(text: str) -> str:
