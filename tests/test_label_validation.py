@@ -132,6 +132,11 @@ def test_class_names_that_could_not_name_a_class_are_refused(tmp_path, label, me
         read_labels_csv(_csv(tmp_path, f"path,label\na.png,cat\nb.png,{label}\n"))
 
 
+def test_a_line_break_inside_a_quoted_label_is_not_glued_into_a_new_class(tmp_path):
+    with pytest.raises(LabelError, match=r"row 3: class name 'star\\nsquare' holds a control character"):
+        read_labels_csv(_csv(tmp_path, 'path,label\na.png,star\nb.png,"star\nsquare"\nc.png,square\n'))
+
+
 def test_non_utf8_csv_files_are_an_error(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "labels.csv").write_bytes("path,label\na.png,caf\u00e9\n".encode("latin-1"))
@@ -260,6 +265,62 @@ def test_yolo_non_utf8_file_is_an_error_and_edge_boxes_are_clipped_once(tmp_path
     a = gt.find("a.jpg")
     assert a.labels == ["fish", "shark", "fish"]
     assert torch.allclose(a.boxes, torch.tensor([[8.0, 3.0, 12.0, 7.0], [16.0, 3.0, 19.0, 7.0], [2.0, 1.0, 6.0, 3.0]]))
+
+
+@pytest.mark.parametrize("names, message", [
+    ("{0: fish, x: shark}", r"keys of 'names' must be class indices.*'x'"),
+    ("{0: fish, 2: shark}", r"class indices 0\.\.1 without gaps, got \[0, 2\]"),
+    ("{-1: fish}", r"class indices 0\.\.0"),
+    ("{true: fish}", r"keys of 'names' must be class indices"),
+    ("{0: fish, 0: shark}", r"line 1, column \d+: key 0 appears twice"),
+    ("[fish, fish]", r"'names' gives 'fish' to classes 0 and 1"),
+    ("{0: fish, 1: [shark]}", r"class 1 in 'names' must be a non-empty name"),
+    ("[fish, null]", r"class 1 in 'names' must be a non-empty name"),
+    ("[fish, '  ']", r"class 1 in 'names' must be a non-empty name"),
+    ("[]", r"needs a 'names' list"),
+    ("fish", r"needs a 'names' list"),
+    ("[" * 5000, r"nested too deeply|not valid YAML"),
+])
+def test_yolo_names_that_cannot_be_class_indices_are_an_error_naming_data_yaml(tmp_path, names, message):
+    root = _yolo(tmp_path / "ds", "0 0.5 0.5 0.2 0.4\n")
+    (root / "data.yaml").write_text(f"names: {names}\n")
+    with pytest.raises(AnnotationError, match=r"data.yaml: .*" + message):
+        read_yolo(root)
+
+
+def test_yolo_names_mapping_is_read_by_index(tmp_path):
+    root = _yolo(tmp_path / "ds", "0 0.5 0.5 0.2 0.4\n1 0.5 0.5 0.2 0.4\n")
+    (root / "data.yaml").write_text("names: {1: shark, 0: fish}\n")
+    gt = read_yolo(root)
+    assert gt.classes == ["fish", "shark"] and gt.find("a.jpg").labels == ["fish", "shark"]
+
+
+def test_deeply_nested_coco_json_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "deep.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(AnnotationError, match=r"deep.json: JSON nested too deeply"):
+        read_annotations(tmp_path / "deep.json")
+
+
+def test_coco_with_a_byte_order_mark_reads_and_degenerate_polygons_are_dropped_by_name(tmp_path):
+    doc = _coco_doc([("a.png", 16, 16)], [(1, 1, [1, 1, 8, 8]), (1, 1, [2, 2, 4, 4])])
+    doc["annotations"][0]["segmentation"] = [[1, 1, 8, 8]]  # two points: no area
+    doc["annotations"][1]["segmentation"] = [[2, 2, 6, 2, 6, 6], [1, 1, 2, 2]]
+    (tmp_path / "gt.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    with pytest.warns(UserWarning, match=r"gt.json: 2 segmentation polygon\(s\) of fewer than 3 points dropped.*a.png, annotation 1"):
+        gt = read_coco(tmp_path / "gt.json")
+    a = gt.find("a.png")
+    assert a.segmentations == [None, [[2, 2, 6, 2, 6, 6]]] and len(a.boxes) == 2
+    assert not a.has_masks("cell")  # the first object has no mask left: not scored as background by PxAP
+
+
+def test_evaluate_names_the_annotation_file_when_no_image_has_a_box(tmp_path):
+    from weakloc.evaluate.run import evaluate_model
+
+    model, labels, names = _eval_setup(tmp_path, ["raccoon", "kangaroo"])
+    doc = _coco_doc([(n, 64, 64) for n in names], [], cats=["raccoon", "kangaroo"])
+    (tmp_path / "empty.json").write_text(json.dumps(doc))
+    with pytest.raises(WeaklocError, match=r"empty.json: none of the 7 images has a box of an evaluated class"):
+        evaluate_model(model, labels, tmp_path / "empty.json", split="all", batch_size=4)
 
 
 def test_annotation_image_sizes_are_checked_against_the_images(tmp_path):

@@ -42,6 +42,7 @@ BOX_ISSUES = {
     "clipped": "box(es) reaching past the image edge clipped to it",
     "no_image": "label file(s) without an image ignored",
     "unreadable_image": "label file(s) whose image cannot be read ignored",
+    "degenerate_polygon": "segmentation polygon(s) of fewer than 3 points dropped (no area; their boxes are kept)",
 }
 
 
@@ -207,9 +208,13 @@ def _coco_int(value, what: str, where: str) -> int:
     return int(number)
 
 
-def _coco_segmentation(seg, height: int, width: int, where: str):
+def _coco_segmentation(seg, height: int, width: int, where: str, issues: _Issues | None = None, short: str = ""):
     """A COCO segmentation checked: None, a list of polygons ``[x0, y0, x1, y1, ...]`` (even length;
-    a flat list is one polygon) or an RLE ``{"size": [h, w], "counts": ...}`` of the image's size."""
+    a flat list is one polygon) or an RLE ``{"size": [h, w], "counts": ...}`` of the image's size.
+
+    A polygon of fewer than 3 points encloses nothing: it is dropped and logged in ``issues`` (an
+    instance left without polygons has no mask, so it is not scored as all background); ``short``
+    names the annotation there."""
     if seg is None or (isinstance(seg, (list, dict)) and not seg):
         return None
     if isinstance(seg, list):
@@ -220,7 +225,10 @@ def _coco_segmentation(seg, height: int, width: int, where: str):
             if len(poly) % 2:
                 raise AnnotationError(f"{where}: polygon {n} of the segmentation has an odd number ({len(poly)}) of "
                                       "coordinates; polygons are x, y pairs")
-        return polys
+        kept = [poly for poly in polys if len(poly) >= 6]
+        if len(kept) < len(polys) and issues is not None:
+            issues.add("degenerate_polygon", f"{short or where}: {len(polys) - len(kept)} of {len(polys)} polygon(s)")
+        return kept or None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
@@ -260,13 +268,15 @@ def read_coco(path: str | Path) -> GroundTruth:
     """
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark some editors write is not content
     except FileNotFoundError:
         raise AnnotationError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json decodes nested lists and objects recursively
+        raise AnnotationError(f"{path}: JSON nested too deeply to be a COCO file") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("categories"), list):
         raise AnnotationError(f"{path}: a COCO file needs 'images' and 'categories' lists")
     cats: dict[int, str] = {}
@@ -314,7 +324,7 @@ def read_coco(path: str | Path) -> GroundTruth:
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_finite(v) for v in bbox):
             raise AnnotationError(f"{where}: needs a 4-number bbox [x, y, width, height] of finite numbers, "
                                   f"got {_short(bbox)}")
-        seg = _coco_segmentation(a.get("segmentation"), h, w, where)
+        seg = _coco_segmentation(a.get("segmentation"), h, w, where, issues, f"{fname}, {ident}")
         p = a.get("point")
         if p is not None and not (isinstance(p, list) and len(p) == 2 and all(_finite(v) for v in p)):
             raise AnnotationError(f"{where}: point must be [x, y], got {_short(p)}")
@@ -407,19 +417,76 @@ def read_voc(folder: str | Path) -> GroundTruth:
     return GroundTruth(images, sorted(classes), str(folder), issues.finish())
 
 
+def _yaml_loader():
+    """A safe YAML loader that refuses a mapping with a repeated key (PyYAML keeps the last one
+    silently, which would drop a class name)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        seen = set()
+        for k, (key_node, _) in zip(keys, node.value):
+            try:
+                repeated = k in seen
+                seen.add(k)
+            except TypeError:  # an unhashable key; the constructor below names it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"key {k!r} appears twice", key_node.start_mark)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
 def _yolo_names(yaml_file: Path) -> list[str]:
+    """The class names of a YOLO ``data.yaml``: ``names`` as a list, or as a mapping whose keys are
+    exactly the class indices ``0..K-1`` (label lines index it, so a gap or a word key would shift
+    or lose classes). Names are non-empty strings (numbers are taken as their text), all different.
+
+    Raises:
+        AnnotationError: naming ``yaml_file`` and what is wrong with ``names``.
+    """
     import yaml
 
     try:
-        raw = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AnnotationError(f"{yaml_file}: not valid YAML ({e})") from None
+        raw = yaml.load(yaml_file.read_text(encoding="utf-8-sig"), Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{yaml_file}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise AnnotationError(f"{yaml_file}: not valid YAML ({where}{e.problem or e.context})") from None
+    except yaml.YAMLError as e:
+        raise AnnotationError(f"{yaml_file}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise AnnotationError(f"{yaml_file}: YAML nested too deeply to be a data.yaml") from None
     names = raw.get("names") if isinstance(raw, dict) else None
     if isinstance(names, dict):  # {0: fish, 1: ...}
-        names = [names[k] for k in sorted(names)]
-    if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
-        raise AnnotationError(f"{yaml_file}: needs a 'names' list of class names")
-    return [str(n) for n in names]
+        keys = list(names)
+        bad = [k for k in keys if not isinstance(k, int) or isinstance(k, bool)]
+        if bad:
+            raise AnnotationError(f"{yaml_file}: the keys of 'names' must be class indices 0, 1, ..., got {_short(bad[0])} "
+                                  f"(keys: {_short(keys)})")
+        if sorted(keys) != list(range(len(keys))):
+            raise AnnotationError(f"{yaml_file}: the keys of 'names' must be the class indices 0..{len(keys) - 1} without "
+                                  f"gaps, got {sorted(keys)[:10]}")
+        names = [names[k] for k in range(len(keys))]
+    if not isinstance(names, list) or not names:
+        raise AnnotationError(f"{yaml_file}: needs a 'names' list (or 0: name mapping) of class names, got {_short(names)}")
+    for k, n in enumerate(names):
+        if not isinstance(n, (str, int)) or isinstance(n, bool) or not str(n).strip():
+            raise AnnotationError(f"{yaml_file}: class {k} in 'names' must be a non-empty name, got {_short(n)}")
+    out = [str(n).strip() for n in names]
+    first: dict[str, int] = {}
+    for k, n in enumerate(out):
+        if n in first:
+            raise AnnotationError(f"{yaml_file}: 'names' gives {n!r} to classes {first[n]} and {k}; each class needs its own name")
+        first[n] = k
+    return out
 
 
 def _yolo_line(cells: list[str], where: str, n_classes: int) -> tuple[int, list[float]]:

@@ -12,6 +12,7 @@ an error naming the row or folder; a row repeated exactly is kept once, with one
 from __future__ import annotations
 
 import csv
+import io
 import random
 import unicodedata
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from weakloc.checks import check_choice
 from weakloc.data.images import is_image_file
 from weakloc.errors import LabelError
 
@@ -256,7 +258,7 @@ def read_csv_rows(path: Path, what: str) -> list[list[str]]:
         raise LabelError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except OSError as e:
         raise LabelError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # a quoted cell keeps its line breaks (splitting lines first would glue them away)
     try:
         return list(reader)
     except csv.Error as e:
@@ -425,8 +427,19 @@ def split_train_val(data: LabeledImages, val_fraction: float = 0.2, seed: int = 
     return data.subset(sorted(tr)), data.subset(sorted(va))
 
 
+EVAL_SPLITS = ("auto", *SPLIT_NAMES, "all")
+"""Split choices of the evaluation commands: ``auto`` (test, else val, else all), a named split, or ``all``."""
+
+
+def check_split(split, choices: tuple[str, ...] = EVAL_SPLITS, name: str = "split") -> str:
+    """``split`` if it is one of ``choices``; else :class:`~weakloc.errors.OptionError` naming ``name``
+    (an unknown name must not quietly mean "every image" when the source has no splits)."""
+    return check_choice(name, split, choices)
+
+
 def select_split(data: LabeledImages, split: str) -> LabeledImages:
     """The images of one named split, or all images when the source names no splits."""
+    check_split(split, SPLIT_NAMES)
     if data.splits is None:
         return data
     keep = [i for i, s in enumerate(data.splits) if s == split]
@@ -438,6 +451,7 @@ def select_split(data: LabeledImages, split: str) -> LabeledImages:
 def resolve_split(data: LabeledImages, split: str = "auto") -> tuple[LabeledImages, str]:
     """The images evaluation should use: ``auto`` means test, else val, else all (when the source
     names no splits, every image). Returns the selected images and the split's name."""
+    check_split(split)
     if split == "auto":
         present = set(data.splits or [])
         split = "test" if "test" in present else "val" if "val" in present else "all"

@@ -10,10 +10,18 @@ from pathlib import Path
 
 import torch
 
+from weakloc.checks import check_int
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
-from weakloc.data.labels import LabeledImages, load_labels, select_split
-from weakloc.errors import WeaklocError
-from weakloc.evaluate.run import class_mapping, evaluate_model
+from weakloc.data.labels import SPLIT_NAMES, LabeledImages, check_split, load_labels, select_split
+from weakloc.errors import OptionError, WeaklocError
+from weakloc.evaluate.run import check_explain_options, check_gt_class, check_methods, class_mapping, evaluate_model
+from weakloc.explain.maps import normalize_maps
+
+CALIBRATION_SPLITS = (*SPLIT_NAMES, "all")
+"""Splits calibration may draw its few boxes from; ``all`` takes every image, whatever its split."""
+
+INPUT_SIZES = (16, 8192)
+"""Smallest and largest test-time input side ``calibrate`` tries (as the CLI's ``--input-sizes``)."""
 
 
 def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], per_class: int, seed: int = 0,
@@ -62,9 +70,30 @@ def calibrated_threshold(report: dict) -> float:
                        f"{loc['method']}), so there is no threshold to store; check the annotations or train the model longer")
 
 
+def _check_common(per_class, split, seed, gt_class) -> None:
+    """Arguments both calibrations take, checked before any file is read."""
+    check_int("per_class", per_class, 1)
+    check_split(split, CALIBRATION_SPLITS)
+    check_int("seed", seed)
+    check_gt_class(gt_class)
+
+
+def _check_normalizations(normalizations) -> tuple[str, ...]:
+    """Each of ``normalizations`` a map normalisation :func:`~weakloc.explain.maps.normalize_maps` knows."""
+    norms = (normalizations,) if isinstance(normalizations, str) else normalizations
+    if not isinstance(norms, (list, tuple)):
+        raise OptionError(f"normalizations: expected a list of names such as minmax or pas:0.9, got {normalizations!r}")
+    for n in norms:
+        try:
+            normalize_maps(torch.zeros(1, 2, 2), n)  # the parser itself, on a dummy map
+        except ValueError as e:
+            raise OptionError(f"normalizations: {e}") from None
+    return tuple(norms)
+
+
 def _calibration_split(labeled: LabeledImages, split: str) -> LabeledImages:
-    """The images of ``split`` to calibrate on; data without splits is used whole."""
-    if labeled.splits is None:
+    """The images of ``split`` to calibrate on; data without splits (or ``split="all"``) is used whole."""
+    if labeled.splits is None or split == "all":
         return labeled
     if split not in labeled.splits:
         raise WeaklocError(f"the data has no {split!r} split (it has {sorted(set(labeled.splits))}); calibrating on "
@@ -93,17 +122,29 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
         "per_method": {method[@size][/normalization]: MaxBoxAccV2}}``.
 
     Raises:
+        OptionError: before any work, for ``per_class`` < 1, no or unknown ``methods``, a ``split``
+            not in :data:`CALIBRATION_SPLITS`, ``input_sizes`` outside :data:`INPUT_SIZES`, unknown
+            ``normalizations``, or a malformed ``gt_class`` / ``explain_options``.
         WeaklocError: no candidate localizes any calibration box (see :func:`calibrated_threshold`);
             the model is left unchanged.
     """
-    if per_class < 1:
-        raise WeaklocError("--per-class must be at least 1")
+    _check_common(per_class, split, seed, gt_class)
+    methods = tuple(check_methods(methods))
+    check_explain_options(explain_options)
+    if input_sizes is not None:
+        input_sizes = (input_sizes,) if isinstance(input_sizes, int) else input_sizes
+        if not isinstance(input_sizes, (list, tuple)):
+            raise OptionError(f"input_sizes: expected a list of input sizes, got {input_sizes!r}")
+        for z in input_sizes:
+            check_int("input_sizes", z, *INPUT_SIZES)
+    if normalizations is not None:
+        normalizations = _check_normalizations(normalizations)
     cfg = model.config
     labeled = _calibration_split(data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes), split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
     idx = few_box_subset(labeled, gt, cfg.classes, per_class, seed, gt_class, cfg.positive_class)
     if not idx:
-        raise WeaklocError(f"no {split} image has a box of a model class to calibrate on")
+        raise WeaklocError(f"{gt.source or 'the annotations'}: no {split} image has a box of a model class to calibrate on")
     subset = labeled.subset(idx)
     current = dict(cfg.localization)
     sizes = tuple(input_sizes) if input_sizes else (cfg.inference_size(),)
@@ -155,8 +196,7 @@ def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: st
     Returns:
         ``{"box_sizes": {class: [width, height]}, "boxes": {class: number of boxes}, "images"}``.
     """
-    if per_class < 1:
-        raise WeaklocError("--per-class must be at least 1")
+    _check_common(per_class, split, seed, gt_class)
     cfg = model.config
     if getattr(model, "counting_head", None) is None:
         raise WeaklocError("box sizes are calibrated for counting models; this model has no counting head")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from weakloc.checks import check_choice, check_device, check_float, check_int
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
-from weakloc.data.labels import LabeledImages, resolve_split, select_split
-from weakloc.errors import WeaklocError
-from weakloc.evaluate.run import skipped_images
-from weakloc.localize.instances import REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
+from weakloc.data.labels import LabeledImages, check_split, resolve_split, select_split
+from weakloc.errors import OptionError, WeaklocError
+from weakloc.evaluate.run import check_batch_size, skipped_images
+from weakloc.localize.instances import COUNT_TTA, REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
 
 
 _PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
@@ -123,9 +124,26 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         ``counting_raw`` the model's unrounded counts; ``baseline`` predicts the mean training count
         (wsol-protocol section 5), ``baseline_rounded`` that mean rounded (a stronger baseline when
         most images hold the same count).
+
+    Raises:
+        OptionError: before any work, for an unknown ``split`` or ``tta``, a ``batch_size`` < 1, a
+            ``kernel`` that is not an odd number >= 1, a ``box_scale`` that is not a positive
+            number, or ``train_counts`` that are not ``(N, classes)``.
     """
     if getattr(model, "counting_head", None) is None:
         raise WeaklocError("this model has no counting head (train it with counts: weakloc train DATA --counts)")
+    check_split(split)
+    batch_size = check_batch_size(batch_size)
+    check_choice("tta", tta, tuple(COUNT_TTA), allow_none=True)
+    if check_int("kernel", kernel, 1, allow_none=True) is not None and kernel % 2 == 0:
+        raise OptionError(f"kernel: the peak window must be odd (a peak is the centre of its window), got {kernel}")
+    box_scale = check_float("box_scale", box_scale, 0.0, low_open=True)
+    if train_counts is not None and (not isinstance(train_counts, torch.Tensor) or train_counts.ndim != 2
+                                     or train_counts.shape[1] != len(model.config.classes) or not len(train_counts)):
+        raise OptionError(f"train_counts: expected an (N, {len(model.config.classes)}) tensor of counts, got "
+                          f"{tuple(train_counts.shape) if isinstance(train_counts, torch.Tensor) else type(train_counts).__name__}")
+    if device is not None:
+        device = check_device("device", device)
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from weakloc.checks import check_device, check_int
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
-from weakloc.data.labels import LabeledImages, load_labels, resolve_split
-from weakloc.evaluate.faithfulness import compare_methods
-from weakloc.explain import get_method
+from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
+from weakloc.evaluate.faithfulness import check_settings, compare_methods
+from weakloc.evaluate.run import check_batch_size, check_methods
 
 
 def explain_eval(model, data: str | Path | LabeledImages, methods: list[str], *, split: str = "auto", limit: int | None = 64,
@@ -27,9 +28,19 @@ def explain_eval(model, data: str | Path | LabeledImages, methods: list[str], *,
 
     Returns:
         ``{"split", "images", "steps", "baseline", "rows": [one dict per method]}``.
+
+    Raises:
+        OptionError: before any work, for no or unknown ``methods``, an unknown ``split`` or
+            ``baseline``, a ``limit``, ``batch_size`` or ``chunk`` < 1, or ``steps`` outside
+            ``1..MAX_STEPS`` (:func:`~weakloc.evaluate.faithfulness.check_settings`).
     """
-    for name in methods:
-        get_method(name)
+    methods = check_methods(methods)
+    check_split(split)
+    check_int("limit", limit, 1, allow_none=True)
+    check_settings(steps, baseline, chunk)
+    batch_size = check_batch_size(batch_size)
+    if device is not None:
+        device = check_device("device", device)
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config

@@ -25,12 +25,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from weakloc.errors import WeaklocError
+from weakloc.checks import check_int
+from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain import explain, get_method
 from weakloc.explain.targets import TargetSpec
 
 BASELINES = ("blur", "zero", "mean", "black")
 """Kinds of substrate for deletion/insertion (see :func:`baseline_images`)."""
+
+MAX_STEPS = 10_000
+"""Most deletion / insertion steps: each step is one forward pass per map, so the work grows with
+``steps`` (the CLI's ``--steps`` has the same bound)."""
 
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
@@ -185,8 +190,26 @@ def _chunked_scores(model, total: int, fill: Callable[[int, int, torch.Tensor], 
 
 
 def _check_chunk(chunk: int) -> None:
-    if not isinstance(chunk, int) or chunk < 1:
-        raise WeaklocError(f"chunk must be a positive integer, got {chunk!r}")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise OptionError(f"chunk: must be a positive integer, got {chunk!r}")
+
+
+def check_settings(steps, baseline, chunk) -> tuple[str, str]:
+    """Check deletion / insertion's ``steps`` (1..MAX_STEPS), ``baseline`` (a name of
+    :data:`BASELINES` or a ``(deletion, insertion)`` pair) and ``chunk`` (>= 1) before any work.
+
+    Returns:
+        the ``(deletion, insertion)`` baseline kinds.
+
+    Raises:
+        OptionError: naming the argument.
+    """
+    check_int("steps", steps, 1, MAX_STEPS)
+    _check_chunk(chunk)
+    kinds = (baseline, baseline) if isinstance(baseline, str) else tuple(baseline) if isinstance(baseline, (tuple, list)) else ()
+    if len(kinds) != 2 or any(k not in BASELINES for k in kinds):
+        raise OptionError(f"baseline: unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or a (deletion, insertion) pair")
+    return kinds
 
 
 def trapezoid_auc(curves: torch.Tensor) -> torch.Tensor:
@@ -273,15 +296,11 @@ def deletion_insertion(
         :class:`DeletionInsertion`, tensors float32 on the images' device.
 
     Raises:
-        WeaklocError: shapes that do not match, an unknown baseline, ``steps`` or ``chunk`` < 1.
+        WeaklocError: shapes that do not match; OptionError (a subclass): an unknown baseline,
+            ``steps`` outside ``1..MAX_STEPS`` or ``chunk`` < 1 (:func:`check_settings`).
     """
     targets = _check_inputs(images, maps, targets)
-    if not isinstance(steps, int) or steps < 1:
-        raise WeaklocError(f"steps must be a positive integer, got {steps!r}")
-    _check_chunk(chunk)
-    kinds = (baseline, baseline) if isinstance(baseline, str) else tuple(baseline)
-    if len(kinds) != 2 or any(k not in BASELINES for k in kinds):
-        raise WeaklocError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} or a (deletion, insertion) pair")
+    kinds = check_settings(steps, baseline, chunk)
     if check_targets:
         _check_classes(model, targets)
     b, t = targets.shape
@@ -476,11 +495,14 @@ def compare_methods(
     Raises:
         WeaklocError: an unknown method, no methods, or no images.
     """
-    methods = list(methods)
+    methods = [methods] if isinstance(methods, str) else list(methods)
     if not methods:
-        raise WeaklocError("no explanation methods to compare")
+        raise OptionError("methods: no explanation methods to compare")
     for name in methods:
+        if not isinstance(name, str):
+            raise OptionError(f"methods: method names are strings, got {name!r}")
         get_method(name)  # unknown names fail before any work
+    check_settings(steps, baseline, chunk)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     dtype = torch.float32 if device.type == "mps" else torch.float64
@@ -523,6 +545,6 @@ def compare_methods(
 
 
 __all__ = [
-    "BASELINES", "DeletionInsertion", "DropIncrease", "average_drop_increase", "baseline_images", "compare_methods",
+    "BASELINES", "MAX_STEPS", "DeletionInsertion", "DropIncrease", "average_drop_increase", "baseline_images", "check_settings", "compare_methods",
     "deletion_insertion", "explanation_quality", "gaussian_blur", "pixel_ranks", "step_counts", "trapezoid_auc",
 ]

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from weakloc.checks import check_device, check_float, check_int
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.images import read_image
-from weakloc.data.labels import LabeledImages, load_labels, resolve_split
-from weakloc.errors import ImageReadError, WeaklocError
-from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, threshold_list, wsol_box_metrics
-from weakloc.explain import centre_gaussian, explain
+from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
+from weakloc.errors import CheckpointError, ImageReadError, OptionError, WeaklocError
+from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, check_step, threshold_list, wsol_box_metrics
+from weakloc.explain import centre_gaussian, explain, get_method
 from weakloc.train.module import classification_metrics
 
 
@@ -35,6 +36,49 @@ def scale_gt_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> t
     sx, sy = size / width, size / height
     scaled = boxes.double() * torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
     return scaled.trunc()
+
+
+def check_methods(methods, name: str = "methods") -> list[str]:
+    """``methods`` (one name or a sequence of names) as a non-empty list of registered method names
+    (:func:`~weakloc.explain.get_method` names the unknown one)."""
+    names = [methods] if isinstance(methods, str) else methods
+    if not isinstance(names, (list, tuple)) or not names:
+        raise OptionError(f"{name}: give at least one method name (see `weakloc methods`), got {methods!r}")
+    for m in names:
+        if not isinstance(m, str):
+            raise OptionError(f"{name}: method names are strings, got {m!r}")
+        get_method(m)
+    return list(names)
+
+
+def check_gt_class(gt_class, name: str = "gt_class") -> dict[str, str] | None:
+    """``gt_class`` as a ``{annotation class: model class}`` dict of strings, or None."""
+    if gt_class is None:
+        return None
+    if not isinstance(gt_class, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in gt_class.items()):
+        raise OptionError(f"{name}: expected a dict of annotation class name -> model class name, got {gt_class!r}")
+    return gt_class
+
+
+def check_explain_options(options, name: str = "explain_options") -> dict | None:
+    """``options`` as a dict of keyword arguments for :func:`~weakloc.explain.explain`, or None."""
+    if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        raise OptionError(f"{name}: expected a dict of explain() keyword arguments, got {options!r}")
+    return options
+
+
+def check_batch_size(batch_size, name: str = "batch_size") -> int:
+    """``batch_size`` as an int >= 1 (a DataLoader would fail on 0 deep inside)."""
+    return check_int(name, batch_size, 1)
+
+
+def stored_threshold(cfg) -> float:
+    """The model's calibrated box threshold (``localization["threshold"]``), else 0.2 as in the CAM
+    paper; a hand-edited value outside [0, 1] is a :class:`~weakloc.errors.CheckpointError`."""
+    try:
+        return check_float("localization.threshold in the model's config.json", cfg.localization.get("threshold", 0.2), 0.0, 1.0)
+    except OptionError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def class_mapping(model_classes: list[str], gt_classes: list[str], explicit: dict[str, str] | None = None) -> dict[str, int]:
@@ -135,7 +179,21 @@ def evaluate_model(
         class matches it, or it is not a yes/no model's positive class), ``unannotated_images``
         (paths without an annotation) and ``skipped_images`` (``{"file", "reason"}`` of images
         that could not be decoded).
+
+    Raises:
+        OptionError: before any work, for an unknown ``method`` or ``split``, a ``step`` outside
+            ``[MIN_STEP, 0.5]`` (:func:`~weakloc.evaluate.wsol.check_step`), a ``gt_known_tau``
+            outside [0, 1], a ``batch_size`` < 1, or a malformed ``gt_class`` / ``explain_options``.
     """
+    check_methods(method, "method")
+    check_split(split)
+    step = check_step(step)
+    gt_known_tau = check_float("gt_known_tau", gt_known_tau, 0.0, 1.0, allow_none=True)
+    batch_size = check_batch_size(batch_size)
+    gt_class = check_gt_class(gt_class)
+    explain_options = check_explain_options(explain_options)
+    if device is not None:
+        device = check_device("device", device)
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config
@@ -153,13 +211,13 @@ def evaluate_model(
     size = cfg.inference_size()
     samples, unannotated, unscored = _samples(labeled, gt, mapping, size, cfg.positive_class)
     if not samples:
-        raise WeaklocError(f"none of the {len(labeled)} images has an annotation of an evaluated class "
-                           f"({len(unannotated)} have no annotation at all)")
+        raise WeaklocError(f"{gt.source or 'the annotations'}: none of the {len(labeled)} images has a box of an evaluated "
+                           f"class ({', '.join(mapping)}); {len(unannotated)} of them have no annotation at all")
     by_image: dict[int, list[int]] = {}
     for s_idx, s in enumerate(samples):
         by_image.setdefault(s.image, []).append(s_idx)
     taus = threshold_list(step)
-    tau_fixed = gt_known_tau if gt_known_tau is not None else cfg.localization.get("threshold", 0.2)
+    tau_fixed = gt_known_tau if gt_known_tau is not None else stored_threshold(cfg)
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     centre = centre_gaussian((size, size), device=device)

@@ -16,14 +16,47 @@ import cv2
 import numpy as np
 import torch
 
+from weakloc.checks import check_float
+from weakloc.errors import OptionError
 from weakloc.evaluate.boxes import box_iou_inclusive, contour_boxes
 
 IOU_DELTAS = (30, 50, 70)
 
+MIN_STEP = 1e-4
+"""Smallest threshold step of a sweep: at most 10,000 thresholds. A uint8 map has at most 256
+distinct cuts, so a finer step adds no information, only ``(maps, thresholds)`` tables that grow
+without bound (a step of 1e-9 would ask for a billion thresholds per map)."""
+
+MAX_STEP = 0.5
+"""Largest threshold step: the sweep still holds two thresholds (0 and 0.5)."""
+
+
+def check_step(step, name: str = "step") -> float:
+    """``step`` as a float in ``[MIN_STEP, MAX_STEP]``; else :class:`~weakloc.errors.OptionError` naming ``name``."""
+    return check_float(name, step, MIN_STEP, MAX_STEP)
+
+
+def check_thresholds(thresholds, name: str = "thresholds") -> torch.Tensor:
+    """``thresholds`` as a 1-D float64 tensor of finite values in [0, 1] (a cut above the map's
+    maximum would index past its 256 grey levels); else :class:`~weakloc.errors.OptionError`."""
+    try:
+        t = torch.as_tensor(thresholds, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise OptionError(f"{name}: expected numbers in [0, 1], got {thresholds!r}") from None
+    if t.ndim != 1 or t.numel() == 0:
+        raise OptionError(f"{name}: expected a non-empty 1-D list of thresholds, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool(((t < 0) | (t > 1)).any()):
+        raise OptionError(f"{name}: thresholds must be finite numbers in [0, 1], got {t.tolist()[:5]}")
+    return t
+
 
 def threshold_list(step: float = 0.01) -> torch.Tensor:
-    """``0, step, 2 step, ... < 1`` as the reference's ``np.arange(0, 1, step)`` (float64)."""
-    return torch.from_numpy(np.arange(0, 1, step))
+    """``0, step, 2 step, ... < 1`` as the reference's ``np.arange(0, 1, step)`` (float64).
+
+    Raises:
+        OptionError: ``step`` not a finite number in ``[MIN_STEP, MAX_STEP]``.
+    """
+    return torch.from_numpy(np.arange(0, 1, check_step(step)))
 
 
 def map_to_uint8(maps: torch.Tensor) -> torch.Tensor:
@@ -76,6 +109,7 @@ def box_sweep(maps: torch.Tensor, gt_boxes: list[torch.Tensor], thresholds: torc
     n = maps.shape[0]
     if len(gt_boxes) != n:
         raise ValueError(f"{len(gt_boxes)} GT box sets for {n} maps")
+    thresholds = check_thresholds(thresholds)
     u8 = map_to_uint8(maps)
     cuts = binarisation_cuts(u8, thresholds)  # (N, T)
     hist = torch.zeros(n, 257, dtype=torch.long, device=u8.device)
@@ -158,6 +192,7 @@ def wsol_box_metrics(sweep: BoxSweep, deltas=IOU_DELTAS) -> dict:
 def gt_known_loc(maps: torch.Tensor, gt_boxes: list[torch.Tensor], tau: float, correct_class: torch.Tensor | None = None) -> dict:
     """GT-known Loc at one fixed ``tau`` (largest contour, IoU >= 0.5), and Top-1 Loc when the
     per-map top-1 correctness ``(N,)`` bool is given. Percentages."""
+    tau = check_float("tau", tau, 0.0, 1.0)
     sweep = box_sweep(maps, gt_boxes, torch.tensor([tau], dtype=torch.float64))
     hit = sweep.best_iou_largest[:, 0] >= 0.5
     out = {"GT-known Loc": float(hit.double().mean() * 100), "GT-known_tau": tau}
@@ -174,6 +209,7 @@ class PxAPAccumulator:
     """
 
     def __init__(self, thresholds: torch.Tensor, device=None):
+        thresholds = check_thresholds(thresholds)
         self.edges = torch.cat([thresholds.double(), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)]).to(device)
         nbins = len(self.edges) - 1
         self.fg = torch.zeros(nbins, dtype=torch.float64, device=device)
