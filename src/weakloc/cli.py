@@ -441,7 +441,9 @@ def evaluate(
     _check_run_options(batch_size, input_size, count_tta, split)
     if out:
         check_output_file("--out", out)
-    check_float("--step", step, 0.0, 0.5, low_open=True)
+    from weakloc.evaluate.wsol import MIN_STEP
+
+    check_float("--step", step, MIN_STEP, 0.5)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
     get_method(method)
     opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
@@ -508,7 +510,9 @@ def calibrate(
     from weakloc.models.checkpoint import ensure_writable
 
     check_int("--per-class", per_class, 1, 10_000)
-    check_choice("--split", split, SPLITS)
+    check_choice("--split", split, ("train", "val", "test", "all"))
+    if not _names(methods):
+        raise WeaklocError("--methods: give at least one method name (see `weakloc methods`)")
     for m in _names(methods):
         get_method(m)
     for size in _int_list(input_sizes, "--input-sizes"):
