@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import save
@@ -36,17 +38,48 @@ def _temp_path(folder: Path, name: str) -> Path:
     return folder / f".{name}.{secrets.token_hex(6)}.tmp"
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist) holding ``data``, flushed to disk.
+def _write_new_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create ``path`` (it must not exist), fill it with ``write(file)`` and flush it to disk.
 
     Mode 0o666 less the umask, as any program's new file: safetensors' own ``save_file`` and
     ``tempfile.mkstemp`` make 0o600 files, which the rest of a shared model folder is not.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o666)) as f:  # f.name stays the path
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    # a rename is on disk only once its folder is (POSIX); folders cannot be opened on Windows
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` with ``write(file)`` so that it holds its old or its complete new contents,
+    whenever the process dies: a temporary file in the same folder, flushed to disk, then renamed
+    over ``path``. Same folder, because a rename is atomic only within one filesystem: fsspec's
+    transaction, which Lightning uses, writes to the system temporary folder and then moves the
+    file, which becomes a copy in place when the output folder is on another filesystem. The
+    temporary file is removed on any error; only a kill (SIGKILL, power loss) leaves one behind
+    (hidden, ending in ``.tmp``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path.parent, path.name)
+    try:
+        _write_new_file(tmp, write)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_folder(path.parent)
+    return path
 
 
 def _replace_files(folder: Path, files: dict[str, bytes]) -> None:
@@ -57,19 +90,14 @@ def _replace_files(folder: Path, files: dict[str, bytes]) -> None:
         for name, data in files.items():
             tmp = _temp_path(folder, name)
             temps.append((tmp, folder / name))
-            _write_new_file(tmp, data)
+            _write_new_file(tmp, lambda f, data=data: f.write(data))
         for tmp, target in temps:
             os.replace(tmp, target)
     finally:
         for tmp, _ in temps:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # make the renames durable where the platform allows
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _fsync_folder(folder)
 
 
 def ensure_writable(folder: str | Path) -> None:
@@ -82,7 +110,7 @@ def ensure_writable(folder: str | Path) -> None:
     folder = Path(folder)
     probe = _temp_path(folder, "write-test")
     try:
-        _write_new_file(probe, b"")
+        _write_new_file(probe, lambda _f: None)
         probe.unlink()
     except OSError as e:
         raise _write_error(folder, e) from None

@@ -9,15 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +30,7 @@ from weakloc.data.labels import LabeledImages, load_labels, split_train_val, wit
 from weakloc.checks import check_choice, check_device, check_float, check_int, check_output_folder
 from weakloc.errors import CheckpointError, OptionError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE
-from weakloc.models.checkpoint import load_model, save_model
+from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import ModelConfig, WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, OptimConfig, choose_decision_threshold
 
@@ -125,43 +122,9 @@ SKIPPED_FILE = "skipped.txt"
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` with ``write(file)`` so that it holds its old or its complete new contents,
-    whenever the process dies: a temporary file in the same folder, flushed to disk, then renamed
-    over ``path``. Same folder, because a rename is atomic only within one filesystem: fsspec's
-    transaction, which Lightning uses, writes to the system temporary folder and then moves the
-    file, which becomes a copy in place when the output folder is on another filesystem. The
-    temporary file is removed on any error; only a kill (SIGKILL, power loss) leaves one behind,
-    and :func:`remove_stale_temporaries` clears it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as f:  # not mkstemp: the file gets the umask's permissions, not 0600
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    # the rename is on disk only once the folder is (POSIX); folders cannot be opened on Windows
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``."""
+    """Delete the temporary files that killed :func:`~weakloc.models.checkpoint.atomic_write` calls
+    left in ``folder``."""
     stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
