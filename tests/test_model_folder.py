@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models import ModelConfig, WeaklocNet, load_config, load_model, save_model
 from weakloc.models.checkpoint import ensure_writable
-from weakloc.models.classifier import CONFIG_SCHEMA, LOCALIZATION_SCHEMA, check_finite, class_name_problem
+from weakloc.data.labels import class_name_problem
+from weakloc.models.classifier import CONFIG_SCHEMA, LOCALIZATION_SCHEMA, check_finite
 
 
 def _tiny(**kw) -> WeaklocNet:

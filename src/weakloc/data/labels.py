@@ -43,22 +43,40 @@ def is_no_word(name: str) -> bool:
     return low in NEGATIVE_NAMES or low.startswith(NEGATIVE_PREFIXES)
 
 
+#: longest class name: names become parts of file names, which file systems cap
+CLASS_NAME_MAX = 128
+
+
+def class_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a class name, or None: the one rule for labels files, class folders,
+    counts headers and a model's config.json, so training never saves a model that loading refuses.
+    Class names become file and folder names (overlays, masks, reports), so a name such as
+    ``../../x`` could otherwise write outside the output folder."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "is not a class name (a relative folder name)"
+    if "/" in name or "\\" in name:
+        return "holds a path separator ('/' or '\\')"
+    # Cs: a lone surrogate (an undecodable byte), which no file name can hold
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in name):
+        return "holds a control character"
+    if len(name) > CLASS_NAME_MAX:
+        return f"is longer than {CLASS_NAME_MAX} characters"
+    return None
+
+
 def check_class_name(name: str, where: str) -> None:
-    """Refuse a class name that cannot name a class: empty, ``.`` or ``..``, holding ``/`` or ``\\``
-    or a control character. Class names become file and folder names (overlays, masks, reports),
-    so such a name could write outside the output folder.
+    """Refuse a class name that :func:`class_name_problem` finds a problem with.
 
     Raises:
         LabelError: ``where`` (file and row, or folder) and the name.
     """
-    if not name:
-        raise LabelError(f"{where}: empty class name")
-    if name in (".", ".."):
-        raise LabelError(f"{where}: {name!r} is not a class name")
-    if "/" in name or "\\" in name:
-        raise LabelError(f"{where}: class name {name!r} holds a path separator ('/' or '\\')")
-    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
-        raise LabelError(f"{where}: class name {name!r} holds a control character")
+    problem = class_name_problem(name)
+    if problem:
+        raise LabelError(f"{where}: class name {name!r} {problem}")
 
 
 def check_case_variants(names: dict[str, str]) -> None:

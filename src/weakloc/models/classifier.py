@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from weakloc.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from weakloc.data.labels import class_name_problem
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import DEFAULT_BACKBONE, create_backbone, input_normalization
 from weakloc.models.grid import to_grid
@@ -30,28 +30,8 @@ TASKS = ("single", "multi")
 FORMAT_VERSIONS = (1,)
 #: sides of a square input (pixels) a config.json may ask for; larger ones would exhaust memory, not run.
 INPUT_SIZES = (16, 8192)
-#: class names become parts of file names (masks, overlays), which most file systems cap at 255 bytes.
-CLASS_NAME_MAX = 128
 # timm names, with an optional ".tag"; no "hf-hub:" names or paths, which make timm fetch or read files
 _BACKBONE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-
-
-def class_name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a class name, or None. Class names become parts of file names, so a
-    shared model's ``../../x`` must not write outside the output folder."""
-    if not isinstance(name, str):
-        return "is not a string"
-    if not name.strip():
-        return "is blank"
-    if name in (".", ".."):
-        return "is a relative folder name"
-    if "/" in name or "\\" in name:
-        return "contains a path separator"
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):  # Cs: a lone surrogate, which no file name can hold
-        return "contains a control character"
-    if len(name) > CLASS_NAME_MAX:
-        return f"is longer than {CLASS_NAME_MAX} characters"
-    return None
 
 
 def _show(value: Any, limit: int = 80) -> str:
