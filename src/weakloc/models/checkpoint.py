@@ -1,7 +1,7 @@
 """Checkpoints: ``model.safetensors`` + ``config.json`` in one folder. Loading never unpickles.
 
 A model folder may come from anywhere (a colleague, a download), so loading checks it before use:
-config.json against a schema (:func:`~weakloc.models.classifier.validate_config`), the weights for
+config.json against a schema (:func:`~weakloc.config.validate_config`), the weights for
 shape and for NaN/inf. Saving is atomic: both files are written in full to temporary files beside
 them and then renamed over the old ones, config.json last, so an interrupted save leaves the old
 model (or none), never half a file.

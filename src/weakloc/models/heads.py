@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakloc.config import COUNTING, HEADS
 from weakloc.errors import WeaklocError
-
-HEADS = ("cam", "attention", "tap")
 
 
 def thresholded_average_pool(features: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
@@ -163,9 +162,6 @@ class AttentionHead(nn.Module):
                 pooled.append((a[:, None] * local).mean((2, 3)))
             maps.append(a)
         return self.local_classifier(torch.cat(pooled, 1)), maps
-
-
-COUNTING = ("density", "count", "both")
 
 
 class CountingHead(nn.Module):

@@ -666,9 +666,9 @@ def fine_tune(
         teacher_model = teacher if isinstance(teacher, WeaklocNet) else load_model(teacher)
         if teacher_model.config.classes != config.classes:
             raise WeaklocError(f"the teacher's classes {teacher_model.config.classes} differ from the data's {config.classes}")
-        calibrated = teacher_model.config.localization or {}
-        teacher_method = teacher_method or calibrated.get("method", "cam")
-        teacher_threshold = teacher_threshold if teacher_threshold is not None else calibrated.get("threshold", 0.2)
+        calibrated = teacher_model.config.maps
+        teacher_method = teacher_method or calibrated.method or "cam"
+        teacher_threshold = teacher_threshold if teacher_threshold is not None else (calibrated.threshold if calibrated.threshold is not None else 0.2)
         config.localizer = True
     model = WeaklocNet(config, pretrained=pretrained)
     if teacher_model is not None and (tuple(teacher_model.config.mean) != tuple(config.mean) or tuple(teacher_model.config.std) != tuple(config.std)):
@@ -739,12 +739,12 @@ def fine_tune(
         best.config.decision_threshold = validation_threshold(best, val_loader, config.positive_class)
     is_transformer = hasattr(best.backbone, "patch_embed")  # ViT, DeiT, Swin, ...: fixed position embeddings
     if test_scale != 1 and config.counting is None and config.head != "attention" and not is_transformer:
-        best.config.localization["input_size"] = max(32, int(round(image_size * test_scale / 32)) * 32)
+        best.config.maps.test_size = max(32, int(round(image_size * test_scale / 32)) * 32)
     if config.counting is not None:  # average the counts over the views training made equivalent (docs/counting.md)
-        best.config.localization["count_tta"] = "dihedral" if dihedral else "flip"
+        best.config.maps.count_views = "dihedral" if dihedral else "flip"
     stored = DEFAULT_MAP_OPTIONS if map_options is None else map_options
     if stored:
-        best.config.localization["options"] = {m: dict(o) for m, o in stored.items()}
+        best.config.maps.options = {m: dict(o) for m, o in stored.items()}
     model_dir = save_model(best, out / "model")
     # the best epoch and its metrics as the checkpoint the model comes from recorded them, so they
     # are the saved model's whatever resumes came in between
