@@ -573,8 +573,9 @@ def resolve_maps(config: ModelConfig, overrides: MapConfig | dict | None = None,
         if out[k] is None:
             out[k] = v
     options = stored.method_options(out["method"])
-    if "normalization" in options and "normalization" not in asked:
-        out["normalization"] = options.pop("normalization")
+    stored_norm = options.pop("normalization", None)
+    if stored_norm is not None and "normalization" not in asked:
+        out["normalization"] = stored_norm
     options.update(asked_options)
     if "normalization" in options:  # the caller's option spelling of the setting
         out["normalization"] = options.pop("normalization")
