@@ -23,7 +23,7 @@ from weakloc.errors import CheckpointError, OptionError
 from weakloc.train import fine_tune
 from weakloc.train.fit import RESUME_KEYS, atomic_write, resume_checkpoint
 
-TINY = {"backbone": "test_resnet", "pretrained": "none", "image_size": 32, "batch_size": 8, "progress": False, "num_workers": 0}
+TINY = {"backbone": "test_resnet", "pretrained": "none", "input_size": 32, "batch_size": 8, "progress": False, "workers": 0}
 EPOCHS = 3
 STEPS = 2  # per epoch: the data's 22 training images in batches of 8, the partial one dropped
 FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
@@ -91,7 +91,7 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
     torch.save = save
     ClassifierModule.training_step = step
     if kind == "cli":
-        cli.main(["train", str(data), "-o", str(out), "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "32",
+        cli.main(["train", str(data), "-o", str(out), "--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32",
                   "--batch-size", "8", "--epochs", str(epochs), "--workers", "0"])
     else:
         fine_tune(data, out, epochs=epochs, **TINY)
@@ -231,7 +231,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     ({"epochs": 0}, r"--epochs: 0 is out of range \(must be >= 1\)"),
     ({"batch_size": 0}, r"--batch-size: 0 is out of range \(must be >= 1\)"),
     ({"lr": -1.0}, r"--lr: -1 is out of range \(must be > 0\)"),
-    ({"image_size": 0}, r"--image-size: 0 is out of range \(must be >= 32 and <= 4096\)"),
+    ({"input_size": 0}, r"--input-size: 0 is out of range \(must be >= 32 and <= 4096\)"),
     ({"crop_scale": (1.0, 0.2)}, r"--crop-scale: the minimum 1 is above the maximum 0.2"),
     ({"crop_scale": (0.0, 1.0)}, r"--crop-scale: 0 is out of range \(must be > 0 and <= 1\)"),
     ({"precision": "foo"}, r"--precision: 'foo' is not one of .*32-true"),
@@ -240,10 +240,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     ({"focal_gamma": -1.0}, r"--focal-gamma: -1 is out of range"),
     ({"test_scale": 0.0}, r"--test-scale: 0 is out of range \(must be > 0\)"),
     ({"test_scale": 100.0}, r"--test-scale: 100 times the 224-px training size gives 22400-px inputs"),
-    ({"hide_prob": 2.0}, r"--hide-and-seek \(hide_prob\): 2 is out of range \(must be >= 0 and <= 1\)"),
+    ({"hide_prob": 2.0}, r"--hide-prob: 2 is out of range \(must be >= 0 and <= 1\)"),
     ({"ema_decay": 1.0}, r"--ema-decay: 1 is out of range \(must be >= 0 and < 1\)"),
     ({"val_fraction": 1.0}, r"--val-fraction: 1 is out of range"),
-    ({"num_workers": -1}, r"--workers \(num_workers\): -1 is out of range"),
+    ({"workers": -1}, r"--workers: -1 is out of range"),
     ({"loss": "hinge"}, r"--loss: 'hinge' is not one of ce, focal"),
     ({"head": "mlp"}, r"--head: 'mlp' is not one of cam, attention, tap"),
     ({"counting": "boxes"}, r"--counting: 'boxes' is not one of density, count, both"),
@@ -271,7 +271,8 @@ def test_gpu_options_on_a_cpu_machine_are_refused(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs: 0 is out of range (must be >= 1)"),
     (["--crop-scale", "1", "0.2"], "--crop-scale: the minimum 1 is above the maximum 0.2"),
-    (["--cutmix", "-1"], "--cutmix (cutmix_alpha): -1 is out of range (must be >= 0)"),
+    (["--cutmix-alpha", "-1"], "--cutmix-alpha: -1 is out of range (must be >= 0)"),
+    (["--input-size", "8"], "--input-size: 8 is out of range (must be >= 32 and <= 4096)"),
 ])
 def test_cli_names_the_option(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:

@@ -10,18 +10,19 @@ from weakloc.errors import WeaklocError
 from weakloc.explain import explain
 from weakloc.train import fine_tune
 from weakloc.train.fit import balanced_sampler
-from weakloc.train.module import OptimConfig, choose_decision_threshold, classification_loss, classification_metrics
+from weakloc.config import TrainConfig
+from weakloc.train.module import choose_decision_threshold, classification_loss, classification_metrics
 
 
 def test_focal_loss_reduces_to_cross_entropy_and_down_weights_easy_examples():
     logits = torch.tensor([[4.0, -4.0], [0.2, 0.1]])
     target = torch.tensor([0, 1])
     ce = F.cross_entropy(logits, target, reduction="none")
-    assert torch.allclose(classification_loss(logits, target, "single", OptimConfig(loss="focal", focal_gamma=0.0)), ce.mean())
+    assert torch.allclose(classification_loss(logits, target, "single", TrainConfig(loss="focal", focal_gamma=0.0)), ce.mean())
     p = logits.softmax(-1)[torch.arange(2), target]
     expected = ((1 - p) ** 2 * ce).mean()
-    assert torch.allclose(classification_loss(logits, target, "single", OptimConfig(loss="focal")), expected)
-    multi = classification_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "multi", OptimConfig(loss="focal", focal_gamma=0.0))
+    assert torch.allclose(classification_loss(logits, target, "single", TrainConfig(loss="focal")), expected)
+    multi = classification_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "multi", TrainConfig(loss="focal", focal_gamma=0.0))
     assert torch.allclose(multi, F.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]])))
 
 
@@ -66,7 +67,7 @@ def synth_binary(tmp_path_factory):
 
 
 def test_attention_head_cbam_focal_balanced_train_end_to_end(synth_binary, tmp_path):
-    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=2,
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=2,
                     batch_size=8, progress=False, head="attention", attention_stages=[1, 2], cbam_stages=[3], loss="focal", balanced=True)
     cfg = res.model.config
     assert cfg.head == "attention" and cfg.cbam_stages == [3] and cfg.positive_class is not None
@@ -76,7 +77,7 @@ def test_attention_head_cbam_focal_balanced_train_end_to_end(synth_binary, tmp_p
     h = explain(res.model, x, "attention")
     assert h.normalized.shape == (2, 1, 64, 64)
     with pytest.raises(WeaklocError, match="--loss: 'hinge'"):
-        fine_tune(synth_binary, tmp_path / "x", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, loss="hinge")
+        fine_tune(synth_binary, tmp_path / "x", backbone="test_resnet", pretrained="none", input_size=64, epochs=1, loss="hinge")
 
 
 def test_tap_head_trains_from_the_cli(synth_binary, tmp_path):
@@ -85,8 +86,8 @@ def test_tap_head_trains_from_the_cli(synth_binary, tmp_path):
     from weakloc.cli import app
 
     r = CliRunner().invoke(app, ["train", str(synth_binary), "-o", str(tmp_path / "tap"), "--backbone", "test_resnet", "--pretrained", "none",
-                                 "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8", "--head", "tap",
-                                 "--tap-threshold", "0.2", "--cbam", "2", "--balanced"])
+                                 "--input-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8", "--head", "tap",
+                                 "--tap-threshold", "0.2", "--cbam-stages", "2", "--balanced"])
     assert r.exit_code == 0, r.output
     import json
     cfg = json.loads((tmp_path / "tap" / "model" / "config.json").read_text())
@@ -121,7 +122,7 @@ def test_cutmix_mixes_labels_by_pasted_area():
 
 
 def test_fine_tune_with_hide_and_seek_and_cutmix(synth_binary, tmp_path):
-    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=1,
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=1,
                     batch_size=8, progress=False, hide_prob=0.5, cutmix_alpha=1.0)
     assert res.history and all(v == v for v in res.history[-1].values())  # no NaN
 
@@ -129,7 +130,7 @@ def test_fine_tune_with_hide_and_seek_and_cutmix(synth_binary, tmp_path):
 def test_weight_average_is_validated_and_kept(synth_binary, tmp_path):
     from weakloc.train.module import ClassifierModule
 
-    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=2,
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=2,
                     batch_size=8, progress=False, ema_decay=0.9, monitor="val_loss")
     state = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     kept = res.model.state_dict()
@@ -141,10 +142,10 @@ def test_weight_average_is_validated_and_kept(synth_binary, tmp_path):
     best = min(res.history, key=lambda h: h["val_loss"])
     assert res.metrics["best_epoch"] == best["epoch"]
     with pytest.raises(WeaklocError, match="--ema-decay"):
-        fine_tune(synth_binary, tmp_path / "bad", backbone="test_resnet", pretrained="none", image_size=64, epochs=1, progress=False,
+        fine_tune(synth_binary, tmp_path / "bad", backbone="test_resnet", pretrained="none", input_size=64, epochs=1, progress=False,
                   ema_decay=1.0)
     # the average follows the trained weights: one update with decay 0 copies them
-    module = ClassifierModule(res.model, OptimConfig(ema_decay=0.5))
+    module = ClassifierModule(res.model, TrainConfig(ema_decay=0.5))
     module.ema.decay, module.ema.use_warmup = 0.0, False
     with torch.no_grad():
         next(module.model.parameters()).add_(1.0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +13,7 @@ import torchmetrics.functional as TMF
 from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
+from weakloc.config import TrainConfig
 from weakloc.data.dataset import SkipLog, SkippedImage
 from weakloc.errors import WeaklocError
 from weakloc.models.classifier import WeaklocNet
@@ -22,64 +22,16 @@ from weakloc.train.augment import cutmix, hide_patches
 from weakloc.train.pseudo import localizer_loss, pseudo_masks
 
 
-@dataclass
-class OptimConfig:
-    """Optimiser and schedule settings.
+#: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when
+#: ``TrainConfig.backbone_lr`` is None: counting trains the early layers harder, as they must learn
+#: to tell single objects apart (docs/results.md, the counting section)
+BACKBONE_LR = (0.01, 0.3)
+COUNTING_BACKBONE_LR = (0.3, 1.0)
 
-    Attributes:
-        lr: peak learning rate of the head.
-        backbone_lr: (earliest, latest) multipliers of ``lr`` for the backbone's layer groups,
-            spread geometrically (fast.ai's ``slice(lr/100, lr/10)`` idea).
-        weight_decay: AdamW decoupled weight decay.
-        freeze_epochs: epochs with the backbone frozen (head warm-up) before fine-tuning it all.
-        epochs: total epochs, warm-up included.
-        schedule: ``onecycle`` (warm-up then cosine, restarted for each phase) or ``cosine``.
-        label_smoothing: for single-label cross entropy.
-        loss: ``ce`` (cross entropy; binary cross entropy for multi-label) or ``focal`` (Lin et al.
-            2017: the loss of well-classified examples scaled down by ``(1 - p_t) ** focal_gamma``,
-            for rare positives).
-        focal_gamma: focusing parameter of the focal loss.
-        count_loss: ``poisson`` (Poisson negative log-likelihood) or ``huber`` on the counts.
-        count_weight: weight of the count loss (added to the presence classification loss).
-        density_l1, density_tv: weights of the density maps' L1 sparsity and total variation.
-        density_gather: weight of the density maps' L1/2 sparsity (:func:`gather_penalty`), which
-            -- unlike L1, whose value on a non-negative map is just its count -- is smaller when
-            the same count sits in a few cells than when it is spread thinly.
-        crop_consistency: weight of :func:`crop_consistency_loss` (0: off): each training batch is
-            also seen through one random crop, whose density must hold as many objects as the
-            whole image's density holds on the same cells.
-        hide_prob, hide_grid: Hide-and-Seek on training batches (0: off).
-        cutmix_alpha: CutMix on training batches with Beta(alpha, alpha) areas (0: off).
-        ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``, with
-            its warm-up) with this decay per step (0: off); validation, the epoch kept and the
-            saved model then use the averaged weights.
-        align_weight: weight of the feature–class-weight alignment loss (Kim et al. 2022; 0: off),
-            see :func:`~weakloc.train.alignment.alignment_loss`.
-        consistency_weight: weight of the attentive-dropout consistency loss (0: off), see
-            :func:`~weakloc.train.alignment.dropout_consistency_loss`.
-    """
 
-    lr: float = 2e-3
-    backbone_lr: tuple[float, float] = (0.01, 0.3)
-    weight_decay: float = 0.01
-    freeze_epochs: int = 1
-    epochs: int = 5
-    schedule: str = "onecycle"
-    label_smoothing: float = 0.0
-    loss: str = "ce"
-    focal_gamma: float = 2.0
-    count_loss: str = "poisson"
-    count_weight: float = 1.0
-    density_l1: float = 0.0
-    density_tv: float = 0.0
-    density_gather: float = 0.0
-    crop_consistency: float = 0.0
-    hide_prob: float = 0.0
-    hide_grid: int = 4
-    cutmix_alpha: float = 0.0
-    ema_decay: float = 0.0
-    align_weight: float = 0.0
-    consistency_weight: float = 0.0
+def default_backbone_lr(counting: str | None) -> tuple[float, float]:
+    """The backbone's learning-rate multipliers for a model with (or without) a counting head."""
+    return COUNTING_BACKBONE_LR if counting else BACKBONE_LR
 
 
 def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> float:
@@ -92,25 +44,32 @@ def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: f
 
 
 class ClassifierModule(pl.LightningModule):
-    """Trains a :class:`WeaklocNet` on image-level labels."""
+    """Trains a :class:`WeaklocNet` on image-level labels.
 
-    def __init__(self, model: WeaklocNet, optim: OptimConfig, teacher: WeaklocNet | None = None, teacher_method: str = "cam",
-                 teacher_threshold: float = 0.2):
+    Args:
+        model: the network.
+        settings: the losses, their weights, augmentation and the optimiser (:class:`TrainConfig`;
+            ``backbone_lr`` None: :func:`default_backbone_lr`).
+        teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``,
+            thresholded at ``settings.teacher_threshold``, default 0.2) train ``model``'s localizer head.
+    """
+
+    def __init__(self, model: WeaklocNet, settings: TrainConfig, teacher: WeaklocNet | None = None):
         super().__init__()
         self.model = model
-        self.optim = optim
+        self.settings = settings
         if (teacher is None) != (model.localizer is None):
             raise ValueError("a localizer head is trained from a teacher, and a teacher needs a model with a localizer head")
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
-        self.teacher_method = teacher_method
-        self.teacher_threshold = teacher_threshold
+        self.teacher_method = settings.teacher_method or "cam"
+        self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
         self._skips_warned = 0
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._count_errors: list[torch.Tensor] = []
         # a submodule, so checkpoints (and resuming) carry the averaged weights as "ema.module.*"
-        self.ema = ModelEmaV3(model, decay=optim.ema_decay, use_warmup=True).requires_grad_(False) if optim.ema_decay else None
+        self.ema = ModelEmaV3(model, decay=settings.ema_decay, use_warmup=True).requires_grad_(False) if settings.ema_decay else None
         if self.ema is not None:
             self.ema.train()  # never run in training; left in train mode so Lightning's mode switching sees one model
 
@@ -141,7 +100,7 @@ class ClassifierModule(pl.LightningModule):
 
     # --- loss and steps -------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return classification_loss(logits, target, self.model.config.task, self.optim)
+        return classification_loss(logits, target, self.model.config.task, self.settings)
 
     def on_fit_start(self) -> None:
         for t in self._teacher:
@@ -157,11 +116,11 @@ class ClassifierModule(pl.LightningModule):
             loss, presence = self.loss(out.logits, target), target
         else:
             presence, counts = target[:, :k], target[:, k:]
-            loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.optim)
+            loss = self.loss(out.logits, presence) + counting_loss(out, counts, self.settings)
             self._count_errors.append((out.counts.detach() - counts).abs())
-            if training and self.optim.crop_consistency and out.density is not None:
-                loss = loss + self.optim.crop_consistency * self._crop_consistency(batch["image"], out.density)
-        o = self.optim
+            if training and self.settings.crop_consistency and out.density is not None:
+                loss = loss + self.settings.crop_consistency * self._crop_consistency(batch["image"], out.density)
+        o = self.settings
         if o.align_weight or o.consistency_weight:
             present = present_classes(presence, k)
             if o.align_weight:
@@ -183,7 +142,7 @@ class ClassifierModule(pl.LightningModule):
         return crop_consistency_loss(density, crop, box, images.shape[-1] // density.shape[-1])
 
     def _augment(self, batch: dict) -> dict:
-        o = self.optim
+        o = self.settings
         if not (o.hide_prob or o.cutmix_alpha):
             return batch
         batch = dict(batch)
@@ -240,9 +199,10 @@ class ClassifierModule(pl.LightningModule):
 
     # --- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.optim
+        o = self.settings
         groups = self.model.backbone_groups(3)
-        mults = torch.logspace(math.log10(o.backbone_lr[0]), math.log10(o.backbone_lr[1]), len(groups)).tolist()
+        earliest, latest = o.backbone_lr or default_backbone_lr(self.model.config.counting)
+        mults = torch.logspace(math.log10(earliest), math.log10(latest), len(groups)).tolist()
         param_groups = [{"params": g, "lr": o.lr * m} for g, m in zip(groups, mults)]
         param_groups.append({"params": self.model.new_parameters(), "lr": o.lr})
         opt = torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay)
@@ -261,22 +221,24 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def classification_loss(logits: torch.Tensor, target: torch.Tensor, task: str, optim: OptimConfig) -> torch.Tensor:
-    """Cross entropy (single-label), binary cross entropy (multi-label), or their focal forms.
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, task: str, settings: TrainConfig) -> torch.Tensor:
+    """Cross entropy (single-label, with ``settings.label_smoothing``), binary cross entropy
+    (multi-label), or their focal forms (``settings.loss`` ``focal``: Lin et al. 2017, each example's
+    loss scaled by ``(1 - p_t) ** focal_gamma``, so well-classified ones count less -- for rare positives).
 
     Args:
-        logits: ``(B, K)``; target: ``(B,)`` indices or ``(B, K)`` multi-hot.
+        logits: ``(B, K)``; target: ``(B,)`` indices, ``(B, K)`` soft targets (CutMix) or multi-hot.
     """
-    if optim.loss not in ("ce", "focal"):
-        raise ValueError(f"unknown loss {optim.loss!r}: use ce or focal")
+    if settings.loss not in ("ce", "focal"):
+        raise ValueError(f"unknown loss {settings.loss!r}: use ce or focal")
     if task == "single":
-        if optim.loss == "ce" or target.is_floating_point():  # soft targets (CutMix): plain cross entropy
-            return F.cross_entropy(logits, target, label_smoothing=optim.label_smoothing)
+        if settings.loss == "ce" or target.is_floating_point():  # soft targets (CutMix): plain cross entropy
+            return F.cross_entropy(logits, target, label_smoothing=settings.label_smoothing)
         ce = F.cross_entropy(logits.float(), target, reduction="none")
-        return ((1 - torch.exp(-ce)).pow(optim.focal_gamma) * ce).mean()
-    if optim.loss == "ce":
+        return ((1 - torch.exp(-ce)).pow(settings.focal_gamma) * ce).mean()
+    if settings.loss == "ce":
         return F.binary_cross_entropy_with_logits(logits, target.float())
-    return sigmoid_focal_loss(logits.float(), target.float(), alpha=-1, gamma=optim.focal_gamma, reduction="mean")
+    return sigmoid_focal_loss(logits.float(), target.float(), alpha=-1, gamma=settings.focal_gamma, reduction="mean")
 
 
 def total_variation(maps: torch.Tensor) -> torch.Tensor:
@@ -339,30 +301,31 @@ def crop_consistency_loss(full: torch.Tensor, crop: torch.Tensor, box: tuple[int
     return F.huber_loss(crop.float().sum((-2, -1)), region.float().sum((-2, -1)))
 
 
-def counting_loss(out, counts: torch.Tensor, optim: OptimConfig) -> torch.Tensor:
-    """Count loss on the predicted counts (and the count head's, for ``both``) plus the density maps'
-    L1 sparsity, total variation and gather penalty, with :class:`OptimConfig`'s weights.
+def counting_loss(out, counts: torch.Tensor, settings: TrainConfig) -> torch.Tensor:
+    """Count loss (``settings.count_loss``: Poisson negative log-likelihood or Huber) on the predicted
+    counts (and the count head's, for ``both``) plus the density maps' L1 sparsity, total variation
+    and gather penalty (:func:`gather_penalty`), with ``settings``' weights.
 
     Args:
         out: a :class:`~weakloc.models.ModelOutput` with ``counts``; counts: ``(B, K)`` targets.
     """
-    if optim.count_loss not in ("poisson", "huber"):
-        raise ValueError(f"unknown count loss {optim.count_loss!r}: use poisson or huber")
+    if settings.count_loss not in ("poisson", "huber"):
+        raise ValueError(f"unknown count loss {settings.count_loss!r}: use poisson or huber")
 
     def one(pred: torch.Tensor) -> torch.Tensor:
         pred = pred.float()
-        if optim.count_loss == "poisson":
+        if settings.count_loss == "poisson":
             return F.poisson_nll_loss(pred, counts.float(), log_input=False, full=False, eps=1e-6)
         return F.huber_loss(pred, counts.float())
 
-    loss = optim.count_weight * one(out.counts)
+    loss = settings.count_weight * one(out.counts)
     if out.head_counts is not None and out.density is not None:
-        loss = loss + optim.count_weight * one(out.head_counts)
+        loss = loss + settings.count_weight * one(out.head_counts)
     if out.density is not None:
         density = out.density.float()
-        loss = loss + optim.density_l1 * density.abs().mean() + optim.density_tv * total_variation(density)
-        if optim.density_gather:
-            loss = loss + optim.density_gather * gather_penalty(density)
+        loss = loss + settings.density_l1 * density.abs().mean() + settings.density_tv * total_variation(density)
+        if settings.density_gather:
+            loss = loss + settings.density_gather * gather_penalty(density)
     return loss
 
 
