@@ -9,8 +9,8 @@ from weakloc.data.counts import load_count_labels, read_counts_csv
 from weakloc.errors import LabelError
 from weakloc.evaluate.counting import count_metrics, match_instances, prf
 from weakloc.localize.instances import find_peaks, instance_boxes, instances, sized_boxes
-from weakloc.train.module import (OptimConfig, counting_loss, crop_consistency_loss, gather_penalty, random_crop_box,
-                                  total_variation)
+from weakloc.config import TrainConfig
+from weakloc.train.module import counting_loss, crop_consistency_loss, gather_penalty, random_crop_box, total_variation
 
 
 def _csv(tmp_path, text):
@@ -133,21 +133,25 @@ def test_box_sizes_are_calibrated_from_a_few_annotated_images(tmp_path):
     net = WeaklocNet(ModelConfig(backbone="test_resnet", classes=["triangle", "square", "star"], task="multi", input_size=64,
                                  counting="density", density_stage=-1, density_hidden=8), pretrained="none")
     assert net.config.instance_box_sizes() is None
-    net.config.localization["box_sizes"] = {"triangle": [0.1, 0.1]}
+    net.config.maps.box_sizes = {"triangle": [0.1, 0.1]}
     with pytest.raises(WeaklocError, match="square, star"):
         net.config.instance_box_sizes()
     res = calibrate_box_sizes(net, d, d / "annotations.json", per_class=2, split="train")
     labels, gt = load_count_labels(d), read_annotations(d / "annotations.json")
     train = labels.subset([i for i, s in enumerate(labels.splits) if s == "train"])
     chosen = few_box_subset(train, gt, net.config.classes, 2, 0)
-    assert res["images"] == len(chosen) <= 6
+    assert res["images"] == res.images == len(chosen) <= 6
+    assert net.config.maps.sources["box_sizes"] == {"by": "calibrate", "split": "train", "images": len(chosen), "per_class": 2, "seed": 0}
+    assert set(res.to_dict()) == {"box_sizes", "boxes", "images"}
     for k, cname in enumerate(net.config.classes):
         boxes = torch.cat([gt.find(train.paths[i]).boxes_of(cname) for i in chosen])
         wh = (boxes[:, 2:] - boxes[:, :2]) / 64  # the synthetic images are 64 x 64
         assert res["boxes"][cname] == len(wh)
         assert net.config.instance_box_sizes()[k] == pytest.approx(wh.median(0).values.tolist(), abs=1e-4)
+    stored = net.config.maps.box_sizes
     with pytest.raises(WeaklocError, match="split"):
         calibrate_box_sizes(net, d, d / "annotations.json", split="nope")
+    assert net.config.maps.box_sizes == stored
     with pytest.raises(WeaklocError, match="no counting head"):
         calibrate_box_sizes(WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], input_size=64), pretrained="none"),
                             d, d / "annotations.json")
@@ -160,13 +164,13 @@ def test_counting_loss_terms():
     density[0, 0, 0, 0] = 2.0
     out = ModelOutput(torch.zeros(1, 1), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), (), density.sum((2, 3)), density, None)
     assert total_variation(density) == pytest.approx(2 * 2 / 2)  # |dx| mean 1, |dy| mean 1
-    only_count = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_l1=0, density_tv=0))
+    only_count = counting_loss(out, torch.tensor([[2.0]]), TrainConfig(density_l1=0, density_tv=0))
     assert only_count == pytest.approx(2 - 2 * math.log(2), abs=1e-5)  # Poisson NLL: pred - target * log(pred)
-    full = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_l1=0.5, density_tv=0.25))
+    full = counting_loss(out, torch.tensor([[2.0]]), TrainConfig(density_l1=0.5, density_tv=0.25))
     assert full == pytest.approx(float(only_count) + 0.5 * 0.5 + 0.25 * 2, abs=1e-5)
-    huber = counting_loss(out, torch.tensor([[4.0]]), OptimConfig(count_loss="huber", density_l1=0, density_tv=0))
+    huber = counting_loss(out, torch.tensor([[4.0]]), TrainConfig(count_loss="huber", density_l1=0, density_tv=0))
     assert huber == pytest.approx(1.5)
-    gathered = counting_loss(out, torch.tensor([[2.0]]), OptimConfig(density_gather=0.5))
+    gathered = counting_loss(out, torch.tensor([[2.0]]), TrainConfig(density_gather=0.5))
     assert gathered == pytest.approx(float(only_count) + 0.5 * float(gather_penalty(density)), abs=1e-6)
 
 
@@ -221,7 +225,7 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
     from weakloc.train import fine_tune
 
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=32, size=64, mode="multi", max_instances=3, seed=5, val_fraction=0.25))
-    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, output_stride=8,
+    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", input_size=64, output_stride=8,
                     epochs=2, batch_size=8, progress=False, counting="both")
     assert res.model.config.counting == "both" and "val_count_mae" in res.metrics
     rep = evaluate_counts(res.model, d, d / "annotations.json")
@@ -229,7 +233,7 @@ def test_count_training_and_evaluation_end_to_end(tmp_path):
     for key in ("MAE", "mRMSE", "mRMSE-nz", "m-relRMSE", "m-relRMSE-nz"):
         assert rep["counting"][key] >= 0 and rep["baseline"][key] >= 0
     assert 0 <= rep["points"]["F1"] <= 1 and set(rep["boxes"]["per_class"]) == {"triangle", "square", "star"}
-    assert res.model.config.localization["count_tta"] == "flip" and rep["tta"] == "flip"  # trained with left-right flips only
+    assert res.model.config.maps.count_views == "flip" and rep.count_views == rep["tta"] == "flip"  # trained with left-right flips only
 
     from weakloc.localize.instances import _view, counting_forward
 
@@ -256,7 +260,7 @@ def test_counting_training_refuses_random_crops_and_takes_dihedral_flips(tmp_pat
 
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=8, size=48, mode="multi", max_instances=2, seed=1))
     with pytest.raises(WeaklocError, match="crop_scale"):  # a crop would drop objects its counts still hold
-        fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=48,
+        fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", input_size=48,
                   epochs=1, progress=False, crop_scale=(0.5, 1.0))
     tf = train_transform(5, mean=(0, 0, 0), std=(1, 1, 1), crop_scale=(1.0, 1.0))
     tf.transforms = [t for t in tf.transforms if type(t).__name__ not in ("ColorJitter", "ToDtype", "Normalize", "RandomResizedCrop")]
@@ -283,7 +287,7 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=24, size=64, mode="multi", max_instances=3, seed=6))
     run = CliRunner()
     r = run.invoke(app, ["train", str(d), "--counts", "-o", str(tmp_path / "run"), "--backbone", "test_resnet", "--pretrained", "none",
-                         "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
+                         "--input-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     model = tmp_path / "run" / "model"
     r = run.invoke(app, ["evaluate", str(model), str(d), "-a", str(d / "annotations.json"), "--split", "all", "-o", str(tmp_path / "r.json")])
@@ -302,7 +306,7 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     assert "instance box sizes" in r.output
     r = run.invoke(app, ["calibrate", str(model), str(d), "-a", str(d / "annotations.json"), "--methods", "gradcam"])
     assert r.exit_code != 0 and "box sizes only" in str(r.exception)
-    sizes = json.loads((model / "config.json").read_text())["localization"]["box_sizes"]
+    sizes = json.loads((model / "config.json").read_text())["maps"]["box_sizes"]
     assert set(sizes) == {"triangle", "square", "star"}
     r = run.invoke(app, ["localize", str(model), *few, "-o", str(tmp_path / "loc2")])
     assert r.exit_code == 0, r.output
@@ -312,7 +316,7 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
         assert a["bbox"][2] <= w * 64 + 0.2 and a["bbox"][3] <= h * 64 + 0.2
     # counts derived from annotations for a labels source
     r = run.invoke(app, ["train", str(d / "labels.csv"), "--counts-from", str(d / "annotations.json"), "-o", str(tmp_path / "run2"),
-                         "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64", "--epochs", "1", "--batch-size", "8",
+                         "--backbone", "test_resnet", "--pretrained", "none", "--input-size", "64", "--epochs", "1", "--batch-size", "8",
                          "--counting", "count"])
     assert r.exit_code == 0, r.output
 
@@ -325,7 +329,7 @@ def test_training_history_holds_each_epochs_own_metrics(tmp_path):
     from weakloc.train import fine_tune
 
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=24, size=64, mode="multi", max_instances=2, seed=3, val_fraction=0.25))
-    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=64, output_stride=8,
+    res = fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", input_size=64, output_stride=8,
                     epochs=2, batch_size=8, progress=False, counting="density")
     assert [h["epoch"] for h in res.history] == [0, 1]
     logged = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")) if r.get("val_count_mae")]
@@ -344,7 +348,7 @@ def test_training_step_adds_crop_consistency_and_gather_terms():
     batch = {"image": torch.randn(2, 3, 64, 64), "target": torch.tensor([[1.0, 0.0, 2.0, 0.0], [1.0, 1.0, 1.0, 3.0]])}
 
     def step(training=True, **weights):
-        return ClassifierModule(model, OptimConfig(**weights))._step(batch, training=training)[0]
+        return ClassifierModule(model, TrainConfig(**weights))._step(batch, training=training)[0]
 
     plain = step().item()
     density = model.forward_maps(batch["image"]).density
@@ -370,5 +374,5 @@ def test_density_priors_need_a_density_head(tmp_path):
     d = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=8, size=32, mode="multi", max_instances=2, seed=1))
     for kw in ({"crop_consistency": 1.0}, {"density_gather": 0.3}):
         with pytest.raises(WeaklocError, match="act on density maps"):
-            fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", image_size=32, epochs=1,
+            fine_tune(load_count_labels(d), tmp_path / "run", backbone="test_resnet", pretrained="none", input_size=32, epochs=1,
                       progress=False, counting="count", **kw)

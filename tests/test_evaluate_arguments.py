@@ -78,7 +78,8 @@ def test_sweep_accepts_the_ends_of_0_1_and_gt_known_tau_is_checked():
     ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size"),
     ({"split": "foo"}, "split"), ({"split": None}, "split"),
     ({"method": 3}, "method"), ({"gt_class": ["a"]}, "gt_class"), ({"gt_class": {"a": 1}}, "gt_class"),
-    ({"explain_options": "layer4"}, "explain_options"), ({"device": "gpu0"}, "device"),
+    ({"maps": "layer4"}, "maps"), ({"maps": {3: 1}}, "maps"), ({"maps": {"fusion": "sum"}}, "fusion"),
+    ({"maps": {"test_size": 8}}, "test_size"), ({"device": "gpu0"}, "device"),
 ])
 def test_evaluate_model_arguments_are_checked_before_any_work(model, kwargs, name):
     from weakloc.evaluate.run import evaluate_model
@@ -96,18 +97,19 @@ def test_evaluate_model_unknown_method_is_named_before_any_work(model):
 
 
 def test_a_hand_edited_stored_threshold_is_a_checkpoint_error(model):
+    import copy
+
+    from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD
     from weakloc.evaluate.run import stored_threshold
 
-    cfg = model.config
-    before = dict(cfg.localization)
-    try:
-        cfg.localization = {**before, "threshold": 5}
-        with pytest.raises(CheckpointError, match="localization.threshold"):
-            stored_threshold(cfg)
-        cfg.localization = {k: v for k, v in before.items() if k != "threshold"}
-        assert stored_threshold(cfg) == 0.2
-    finally:
-        cfg.localization = before
+    cfg = copy.deepcopy(model.config)
+    cfg.maps.threshold = 5
+    with pytest.raises(CheckpointError, match="maps.threshold"):
+        stored_threshold(cfg)
+    cfg.maps.threshold = None
+    assert stored_threshold(cfg) == DEFAULT_GT_KNOWN_THRESHOLD == 0.2
+    cfg.maps.threshold = 0.35
+    assert stored_threshold(cfg) == 0.35
 
 
 # --- splits ---
@@ -135,19 +137,21 @@ def test_unknown_split_names_never_mean_every_image():
     ({"methods": ()}, "methods"), ({"methods": []}, "methods"), ({"methods": (3,)}, "methods"),
     ({"per_class": 0}, "per_class"), ({"per_class": -1}, "per_class"), ({"per_class": 1.5}, "per_class"),
     ({"split": "auto"}, "split"), ({"split": "foo"}, "split"), ({"seed": 1.5}, "seed"),
-    ({"input_sizes": (0,)}, "input_sizes"), ({"input_sizes": (-32,)}, "input_sizes"), ({"input_sizes": ("abc",)}, "input_sizes"),
-    ({"input_sizes": (100_000,)}, "input_sizes"), ({"input_sizes": "64"}, "input_sizes"),
+    ({"test_sizes": (0,)}, "test_sizes"), ({"test_sizes": (-32,)}, "test_sizes"), ({"test_sizes": ("abc",)}, "test_sizes"),
+    ({"test_sizes": (100_000,)}, "test_sizes"), ({"test_sizes": "64"}, "test_sizes"), ({"test_sizes": ()}, "test_sizes"),
     ({"normalizations": ("foo",)}, "normalizations"), ({"normalizations": ("pas:2",)}, "normalizations"),
     ({"normalizations": (None,)}, "normalizations"),
-    ({"gt_class": "a=b"}, "gt_class"), ({"explain_options": ["x"]}, "explain_options"),
+    ({"gt_class": "a=b"}, "gt_class"), ({"maps": ["x"]}, "maps"), ({"maps": {"fusion": "sum"}}, "fusion"),
 ])
 def test_calibrate_arguments_are_checked_before_any_work(model, kwargs, name):
+    import copy
+
     from weakloc.evaluate.calibrate import calibrate
 
-    before = dict(model.config.localization)
+    before = copy.deepcopy(model.config)
     with pytest.raises(OptionError, match=rf"^{name}: "):
         calibrate(model, MISSING, MISSING_ANN, **kwargs)
-    assert model.config.localization == before
+    assert model.config == before
 
 
 def test_calibrate_names_an_unknown_method(model):
@@ -177,7 +181,8 @@ def test_calibration_split_all_takes_every_image():
 # --- evaluate_counts ---
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"batch_size": 0}, "batch_size"), ({"split": "foo"}, "split"), ({"tta": "rot45"}, "tta"),
+    ({"batch_size": 0}, "batch_size"), ({"split": "foo"}, "split"), ({"count_views": "rot45"}, "count_views"),
+    ({"maps": 3}, "maps"), ({"maps": {"test_size": 100_000}}, "test_size"),
     ({"kernel": 0}, "kernel"), ({"kernel": 4}, "kernel"), ({"kernel": 2.0}, "kernel"),
     ({"box_scale": 0}, "box_scale"), ({"box_scale": float("inf")}, "box_scale"),
     ({"train_counts": torch.zeros(3)}, "train_counts"), ({"train_counts": torch.zeros(3, 5)}, "train_counts"),
@@ -196,7 +201,7 @@ def test_evaluate_counts_arguments_are_checked_before_any_work(counting_model, k
     ({"methods": []}, "methods"), ({"methods": [None]}, "methods"), ({"limit": 0}, "limit"), ({"limit": -1}, "limit"),
     ({"steps": 0}, "steps"), ({"steps": 10**9}, "steps"), ({"steps": 2.5}, "steps"), ({"baseline": "foo"}, "baseline"),
     ({"baseline": ("zero",)}, "baseline"), ({"batch_size": 0}, "batch_size"), ({"chunk": 0}, "chunk"),
-    ({"split": "foo"}, "split"), ({"device": "nope"}, "device"),
+    ({"split": "foo"}, "split"), ({"device": "nope"}, "device"), ({"maps": "tta"}, "maps"), ({"maps": {"fusion": "sum"}}, "fusion"),
 ])
 def test_explain_eval_arguments_are_checked_before_any_work(model, kwargs, name):
     from weakloc.evaluate.explain_eval import explain_eval

@@ -6,7 +6,7 @@ import torch
 
 from weakloc.evaluate.boxes import box_iou_inclusive, boxes_at_thresholds, contour_boxes
 from weakloc.evaluate.wsol import (
-    PxAPAccumulator, box_accuracy_curves, box_sweep, gt_known_loc, pxap, threshold_list, wsol_box_metrics,
+    BoxSweep, PxAPAccumulator, box_accuracy_curves, box_sweep, gt_known_loc, pxap, threshold_list, wsol_box_metrics,
 )
 from weakloc.explain.maps import centre_gaussian, normalize_minmax
 
@@ -117,6 +117,19 @@ def test_perfect_box_map_scores_100_and_centre_baseline_fails_off_centre():
     centre = centre_gaussian((64, 64)).expand(2, 64, 64)
     mc = wsol_box_metrics(box_sweep(centre, gts, threshold_list(0.01)))
     assert mc["IoU70"] == 0.0
+
+
+def test_typed_box_metrics_keep_the_protocols_names():
+    best = torch.tensor([[0.35, 0.60], [0.55, 0.75], [0.20, 0.72]], dtype=torch.float64)
+    m = wsol_box_metrics(BoxSweep(torch.tensor([0.2, 0.4], dtype=torch.float64), best, best), pxap=12.5)
+    assert list(m.to_dict()) == ["MaxBoxAcc", "MaxBoxAcc_tau", "MaxBoxAccV2", "IoU30", "IoU30_tau", "IoU50", "IoU50_tau",
+                                 "IoU70", "IoU70_tau", "PxAP"]
+    assert (m.iou30, m.iou50, m.iou70) == pytest.approx((100.0, 100.0, 200 / 3))
+    assert (m.iou30_tau, m.iou50_tau, m.iou70_tau) == pytest.approx((0.4, 0.4, 0.4))
+    assert m["MaxBoxAccV2"] == m.max_box_acc_v2 and m["PxAP"] == m.pxap == 12.5
+    assert "PxAP" not in wsol_box_metrics(BoxSweep(torch.tensor([0.2, 0.4], dtype=torch.float64), best, best))
+    top1 = gt_known_loc(torch.ones(1, 8, 8), [torch.tensor([[0, 0, 7, 7]])], 0.5)
+    assert top1.to_dict() == {"GT-known Loc": 100.0, "GT-known_tau": 0.5} and top1.top1_loc is None
 
 
 def test_gt_known_and_top1_loc():

@@ -1,27 +1,75 @@
-"""Calibration from a few boxes: the localization threshold (and optionally the map method) chosen on
-K annotated images per class, or a counting model's instance box sizes, stored in the model so
-``localize`` and ``evaluate`` use them."""
+"""Calibration from a few boxes: the box threshold (and optionally the map method, test-time size
+and normalisation) chosen on K annotated images per class, or a counting model's instance box sizes.
+
+This is the one code that writes calibrated settings into a model: :func:`calibrate` and
+:func:`calibrate_box_sizes` set ``model.config.maps`` (the values chosen, and in ``maps.sources``
+where each came from), which ``localize`` and ``evaluate`` then read through the map pipeline.
+Saving the model is the caller's (``weakloc calibrate`` saves it in place).
+"""
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from weakloc.checks import check_int
+from weakloc.config import INPUT_SIZES, MAP_SETTINGS, MapConfig
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.labels import SPLIT_NAMES, LabeledImages, check_split, load_labels, select_split
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.evaluate.run import check_explain_options, check_gt_class, check_methods, class_mapping, evaluate_model
+from weakloc.evaluate.run import EvaluationReport, check_gt_class, check_maps, check_methods, class_mapping, evaluate_model
+from weakloc.explain import pipeline
 from weakloc.explain.maps import normalize_maps
+from weakloc.results import Result
 
 CALIBRATION_SPLITS = (*SPLIT_NAMES, "all")
 """Splits calibration may draw its few boxes from; ``all`` takes every image, whatever its split."""
 
-INPUT_SIZES = (16, 8192)
-"""Smallest and largest test-time input side ``calibrate`` tries (as the CLI's ``--input-sizes``)."""
+
+@dataclass
+class CalibrationResult(Result):
+    """What :func:`calibrate` chose (and stored in the model).
+
+    Attributes:
+        method: the map method chosen.
+        threshold: the box threshold chosen (:func:`calibrated_threshold` of its evaluation).
+        test_size: the test-time input side the choice was made at.
+        normalization: the normalisation chosen, None when none was asked for.
+        images: calibration images.
+        per_method: candidate label (``method[@size][/normalization]``) -> its MaxBoxAccV2.
+    """
+
+    method: str
+    threshold: float
+    test_size: int
+    normalization: str | None
+    images: int
+    per_method: dict[str, float]
+
+    def to_dict(self) -> dict:
+        """As calibration reported before the typed results (``input_size`` is ``test_size``)."""
+        return {"method": self.method, "threshold": self.threshold, "input_size": self.test_size,
+                "normalization": self.normalization, "images": self.images, "per_method": dict(self.per_method)}
+
+
+@dataclass
+class BoxSizeCalibration(Result):
+    """What :func:`calibrate_box_sizes` chose (and stored in the model).
+
+    Attributes:
+        box_sizes: class -> median ``[width, height]`` of its boxes, fractions of the image.
+        boxes: class -> boxes measured.
+        images: calibration images.
+    """
+
+    box_sizes: dict[str, list[float]]
+    boxes: dict[str, int]
+    images: int
 
 
 def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], per_class: int, seed: int = 0,
@@ -47,8 +95,8 @@ def few_box_subset(labeled: LabeledImages, gt: GroundTruth, classes: list[str], 
     return sorted(chosen)
 
 
-def calibrated_threshold(report: dict) -> float:
-    """The box threshold an evaluation report supports: its best IoU-50 threshold (``IoU50_tau``).
+def calibrated_threshold(report: EvaluationReport) -> float:
+    """The box threshold an evaluation report supports: its best IoU-50 threshold (``iou50_tau``).
 
     When no threshold gives a single box with IoU >= 0.5, every threshold ties at 0% and the
     sweep's first, 0.00 -- a box around the whole image -- would be "chosen". The best IoU-30
@@ -58,16 +106,16 @@ def calibrated_threshold(report: dict) -> float:
     Raises:
         WeaklocError: no threshold localizes any of the report's samples at IoU 0.3.
     """
-    loc = report["localization"]
-    if loc.get("IoU50", 0.0) > 0.0:
-        return float(loc["IoU50_tau"])
-    n = report["localization_samples"]
-    if loc.get("IoU30", 0.0) > 0.0:
+    loc = report.localization
+    if loc.iou50 > 0.0:
+        return float(loc.iou50_tau)
+    n = report.localization_samples
+    if loc.iou30 > 0.0:
         warnings.warn(f"no threshold gives a box with IoU >= 0.5 on any of the {n} annotated sample(s) (method "
-                      f"{loc['method']}); the threshold is the best at IoU 0.3", stacklevel=2)
-        return float(loc["IoU30_tau"])
+                      f"{loc.method}); the threshold is the best at IoU 0.3", stacklevel=2)
+        return float(loc.iou30_tau)
     raise WeaklocError(f"no threshold gives a box with IoU >= 0.3 on any of the {n} annotated sample(s) (method "
-                       f"{loc['method']}), so there is no threshold to store; check the annotations or train the model longer")
+                       f"{loc.method}), so there is no threshold to store; check the annotations or train the model longer")
 
 
 def _check_common(per_class, split, seed, gt_class) -> None:
@@ -101,44 +149,87 @@ def _calibration_split(labeled: LabeledImages, split: str) -> LabeledImages:
     return select_split(labeled, split)
 
 
+def _check_test_sizes(test_sizes) -> tuple[int, ...] | None:
+    """``test_sizes`` (one side or a sequence of sides) as a tuple of sides in :data:`~weakloc.config.INPUT_SIZES`."""
+    if test_sizes is None:
+        return None
+    sizes = (test_sizes,) if isinstance(test_sizes, int) and not isinstance(test_sizes, bool) else test_sizes
+    if not isinstance(sizes, (list, tuple)) or not sizes:
+        raise OptionError(f"test_sizes: expected a list of input sizes, got {test_sizes!r}")
+    for z in sizes:
+        check_int("test_sizes", z, *INPUT_SIZES)
+    return tuple(int(z) for z in sizes)
+
+
+def _flat_overrides(maps: MapConfig | dict | None, method: str) -> dict:
+    """The caller's map overrides as one flat dict of settings and ``method``'s options, so a
+    candidate's method, size and normalisation can be laid over them."""
+    if maps is None:
+        return {}
+    if isinstance(maps, MapConfig):
+        return {**{k: getattr(maps, k) for k in MAP_SETTINGS if getattr(maps, k) is not None}, **maps.method_options(method)}
+    return dict(maps)
+
+
+def _source(split: str, images: int, per_class: int, seed: int) -> dict:
+    """``maps.sources`` entry of a value chosen by calibration."""
+    return {"by": "calibrate", "split": split, "images": images, "per_class": per_class, "seed": seed}
+
+
 def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
               methods: tuple[str, ...] = ("cam",), split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None,
-              explain_options: dict | None = None, input_sizes: tuple[int, ...] | None = None,
-              normalizations: tuple[str, ...] | None = None) -> dict:
+              maps: MapConfig | dict | None = None, test_sizes: tuple[int, ...] | None = None,
+              normalizations: tuple[str, ...] | None = None) -> CalibrationResult:
     """Choose the box threshold (the best IoU-50 threshold) and the best of ``methods`` (by MaxBoxAccV2) on
-    ``per_class`` annotated images per class of ``split``, and store them in ``model.config.localization``.
+    ``per_class`` annotated images per class of ``split``, and store them in ``model.config.maps``.
+
+    Each candidate is scored by :func:`~weakloc.evaluate.run.evaluate_model` with the candidate's
+    method, test size and normalisation laid over ``maps`` (the model's configuration is not
+    touched while candidates are scored). Then ``maps.threshold`` and ``maps.method`` are set,
+    ``maps.test_size`` when ``test_sizes`` were given (None when the training size won), and the
+    chosen normalisation as that method's option (``maps.options[method]["normalization"]``) when
+    ``normalizations`` were given; ``maps.sources[setting]`` records the split, images, images per
+    class and seed behind each value set.
 
     Args:
-        input_sizes: test-time input sizes to choose from as well (a fully convolutional model run
+        maps: map-setting overrides every candidate is made with (as
+            :func:`~weakloc.evaluate.run.evaluate_model` takes them).
+        test_sizes: test-time input sizes to choose from as well (a fully convolutional model run
             on a larger input than it was trained on gives denser maps; small objects gain most).
-            The chosen size is stored as ``localization["input_size"]`` when it differs from the
-            training size (default candidates: the model's current inference size alone).
+            Default: the model's current test size alone.
         normalizations: map normalisations to choose from as well (e.g. ``("minmax", "pas")``:
-            percentile normalisation helps many small objects and hurts one large one); the chosen
-            one is stored in the method's default options (``localization["options"]``).
+            percentile normalisation helps many small objects and hurts one large one).
 
     Returns:
-        ``{"method", "threshold", "input_size", "normalization", "images",
-        "per_method": {method[@size][/normalization]: MaxBoxAccV2}}``.
+        :class:`CalibrationResult`.
 
     Raises:
         OptionError: before any work, for ``per_class`` < 1, no or unknown ``methods``, a ``split``
-            not in :data:`CALIBRATION_SPLITS`, ``input_sizes`` outside :data:`INPUT_SIZES`, unknown
-            ``normalizations``, or a malformed ``gt_class`` / ``explain_options``.
-        WeaklocError: no candidate localizes any calibration box (see :func:`calibrated_threshold`);
-            the model is left unchanged.
+            not in :data:`CALIBRATION_SPLITS`, ``test_sizes`` outside
+            :data:`~weakloc.config.INPUT_SIZES`, unknown ``normalizations``, or a malformed
+            ``gt_class`` / ``maps``.
+        WeaklocError: the data has no ``split`` split (other images could be evaluation images), or
+            no candidate localizes any calibration box (see :func:`calibrated_threshold`); the
+            model is left unchanged.
     """
     _check_common(per_class, split, seed, gt_class)
     methods = tuple(check_methods(methods))
-    check_explain_options(explain_options)
-    if input_sizes is not None:
-        input_sizes = (input_sizes,) if isinstance(input_sizes, int) else input_sizes
-        if not isinstance(input_sizes, (list, tuple)):
-            raise OptionError(f"input_sizes: expected a list of input sizes, got {input_sizes!r}")
-        for z in input_sizes:
-            check_int("input_sizes", z, *INPUT_SIZES)
+    check_maps(maps)
+    test_sizes = _check_test_sizes(test_sizes)
     if normalizations is not None:
         normalizations = _check_normalizations(normalizations)
+    sizes: tuple[int | None, ...] = test_sizes or (None,)
+    norms: tuple[str | None, ...] = tuple(normalizations) if normalizations else (None,)
+    # every candidate's settings, resolved and checked before any file is read
+    candidates: dict[tuple[str, int | None, str | None], dict] = {}
+    made_at: dict[tuple[str, int | None, str | None], int] = {}
+    for size in sizes:
+        for m in methods:
+            for n in norms:
+                overrides = {**_flat_overrides(maps, m), **({"test_size": size} if size else {}),
+                             **({"normalization": n} if n else {})}
+                candidates[(m, size, n)] = overrides
+                made_at[(m, size, n)] = pipeline.map_settings(model, overrides, method=m).test_size
     cfg = model.config
     labeled = _calibration_split(data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes), split)
     gt = annotations if isinstance(annotations, GroundTruth) else read_annotations(annotations)
@@ -146,55 +237,51 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     if not idx:
         raise WeaklocError(f"{gt.source or 'the annotations'}: no {split} image has a box of a model class to calibrate on")
     subset = labeled.subset(idx)
-    current = dict(cfg.localization)
-    sizes = tuple(input_sizes) if input_sizes else (cfg.inference_size(),)
-    norms: tuple[str | None, ...] = tuple(normalizations) if normalizations else (None,)
-    reports = {}
-    try:
-        for size in sizes:
-            cfg.localization = {**current, "input_size": int(size)}
-            for m in methods:
-                for n in norms:
-                    opts = {**(explain_options or {}), **({"normalization": n} if n else {})}
-                    reports[(m, int(size), n)] = evaluate_model(model, subset, gt, method=m, split="all", gt_class=gt_class,
-                                                                explain_options=opts)
-    finally:
-        cfg.localization = current
+    reports = {key: evaluate_model(model, subset, gt, method=key[0], maps=overrides, split="all", gt_class=gt_class)
+               for key, overrides in candidates.items()}
     # a candidate whose IoU-50 curve is all zero has no IoU-50 threshold to give, whatever its MaxBoxAccV2
-    best = max(reports, key=lambda key: (reports[key]["localization"]["IoU50"] > 0, reports[key]["localization"]["MaxBoxAccV2"]))
+    best = max(reports, key=lambda key: (reports[key].localization.iou50 > 0, reports[key].localization.max_box_acc_v2))
     method, size, norm = best
     tau = calibrated_threshold(reports[best])
-    cfg.localization = {**current, "threshold": tau, "method": method, "calibrated_on": len(idx), "per_class": per_class}
-    cfg.localization.pop("input_size", None)
-    if size != cfg.input_size:
-        cfg.localization["input_size"] = size
+    chosen_size = made_at[best]
+    source = _source(split, len(idx), per_class, seed)
+    stored = copy.deepcopy(cfg.maps)
+    stored.threshold, stored.method = tau, method
+    stored.sources["threshold"], stored.sources["method"] = dict(source), dict(source)
+    if test_sizes:
+        stored.test_size = chosen_size if chosen_size != cfg.input_size else None
+        stored.sources["test_size"] = dict(source)
     if norm:
-        stored = {k: dict(v) for k, v in current.get("options", {}).items()}
-        stored.setdefault(method, {})["normalization"] = norm
-        cfg.localization["options"] = stored
+        stored.options.setdefault(method, {})["normalization"] = norm
+        stored.sources["normalization"] = dict(source)
+    cfg.maps = stored
 
-    def label(m: str, z: int, n: str | None) -> str:
+    def label(m: str, z: int | None, n: str | None) -> str:
         return m + (f"@{z}" if len(sizes) > 1 else "") + (f"/{n}" if len(norms) > 1 else "")
 
-    return {"method": method, "threshold": tau, "input_size": size, "normalization": norm, "images": len(idx),
-            "per_method": {label(*key): r["localization"]["MaxBoxAccV2"] for key, r in reports.items()}}
+    return CalibrationResult(method=method, threshold=tau, test_size=chosen_size, normalization=norm, images=len(idx),
+                             per_method={label(*key): r.localization.max_box_acc_v2 for key, r in reports.items()})
 
 
 def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
-                        split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None) -> dict:
+                        split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None) -> BoxSizeCalibration:
     """Counting models: each class's instance box size, the median width and height (as fractions of
     the image) of that class's boxes on ``per_class`` annotated images per class of ``split``,
-    stored in ``model.config.localization["box_sizes"]`` so ``evaluate`` and ``localize`` draw a box
-    of that size around each peak.
+    stored in ``model.config.maps.box_sizes`` (its source in ``maps.sources["box_sizes"]``) so
+    ``evaluate`` and ``localize`` draw a box of that size around each peak.
 
     A density map marks where each object is, not how far it reaches (its half-peak region spans
     about a cell or two of the map, whatever the object's size), so a few boxes say more about the
-    extent than the map does: with
-    sizes from 5 images per class, box F1 at IoU 0.5 rose from 0.36 (the widened half-peak region)
-    to 0.67 on synthetic shapes and from 0.27 to 0.50 on BCCD WBC + Platelets (docs/results.md).
+    extent than the map does (docs/results.md, "Calibrated sizes").
 
     Returns:
-        ``{"box_sizes": {class: [width, height]}, "boxes": {class: number of boxes}, "images"}``.
+        :class:`BoxSizeCalibration`.
+
+    Raises:
+        OptionError: before any work, for ``per_class`` < 1, a ``split`` not in
+            :data:`CALIBRATION_SPLITS` or a malformed ``gt_class``.
+        WeaklocError: not a counting model, the data has no ``split`` split, or a class has no box
+            to measure; the model is left unchanged.
     """
     _check_common(per_class, split, seed, gt_class)
     cfg = model.config
@@ -220,5 +307,8 @@ def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: st
         raise WeaklocError(f"no {split} image has a box of {', '.join(map(repr, missing))} to calibrate its box size on "
                            f"(annotation classes: {', '.join(gt.classes)}; map them with --gt-class)")
     box_sizes = {cfg.classes[k]: [round(float(x), 5) for x in v.median(0).values] for k, v in found.items()}
-    cfg.localization = {**cfg.localization, "box_sizes": box_sizes, "box_sizes_from": len(idx)}
-    return {"box_sizes": box_sizes, "boxes": {cfg.classes[k]: len(v) for k, v in found.items()}, "images": len(idx)}
+    stored = copy.deepcopy(cfg.maps)
+    stored.box_sizes = box_sizes
+    stored.sources["box_sizes"] = _source(split, len(idx), per_class, seed)
+    cfg.maps = stored
+    return BoxSizeCalibration(box_sizes=box_sizes, boxes={cfg.classes[k]: len(v) for k, v in found.items()}, images=len(idx))

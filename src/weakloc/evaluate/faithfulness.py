@@ -20,15 +20,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from weakloc.checks import check_int
+from weakloc.config import MapConfig
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain import explain, get_method
+from weakloc.explain import Heatmaps, explain, get_method, pipeline
 from weakloc.explain.targets import TargetSpec
+from weakloc.results import Result
 
 BASELINES = ("blur", "zero", "mean", "black")
 """Kinds of substrate for deletion/insertion (see :func:`baseline_images`)."""
@@ -73,6 +76,39 @@ class DropIncrease(NamedTuple):
     increase: torch.Tensor
     score: torch.Tensor
     explanation_score: torch.Tensor
+
+
+@dataclass
+class MethodQuality(Result):
+    """One method's row of :func:`compare_methods`: mean faithfulness over its maps.
+
+    Attributes:
+        method: the method's name.
+        deletion_auc: area under the deletion curve (lower is better).
+        insertion_auc: area under the insertion curve (higher is better).
+        average_drop_pct: Average Drop, % (lower is better).
+        increase_in_confidence_pct: Increase in Confidence, % (higher is better).
+        ms_per_image: time to make the maps, milliseconds per image.
+        maps, images: maps scored and images they were made for.
+    """
+
+    method: str
+    deletion_auc: float
+    insertion_auc: float
+    average_drop_pct: float
+    increase_in_confidence_pct: float
+    ms_per_image: float
+    maps: int
+    images: int
+
+
+def _make_maps(model, images: torch.Tensor, method: str | MapConfig, target: TargetSpec, explain_kwargs: dict) -> Heatmaps:
+    """Maps of ``method``: resolved map settings go through the map pipeline
+    (:func:`~weakloc.explain.pipeline.make_maps`); a bare name is :func:`~weakloc.explain.explain`
+    with its defaults (any classifier, stored settings or not)."""
+    if isinstance(method, MapConfig):
+        return pipeline.make_maps(model, images, method, target, **explain_kwargs)
+    return explain(model, images, method, target=target, **explain_kwargs)
 
 
 def _normalization(model, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,7 +432,7 @@ def _sync(device: torch.device) -> None:
 def explanation_quality(
     model,
     images: torch.Tensor,
-    method: str,
+    method: str | MapConfig,
     target: TargetSpec = "predicted",
     *,
     steps: int = 100,
@@ -406,12 +442,15 @@ def explanation_quality(
 ) -> dict:
     """Maps of ``method`` for a batch and all faithfulness metrics of each map.
 
-    Calls :func:`weakloc.explain.explain` (``**explain_kwargs``: ``layer``, ``relu``) and scores its
+    Makes the maps -- with :func:`weakloc.explain.pipeline.make_maps` when ``method`` is resolved
+    map settings (:func:`~weakloc.explain.pipeline.map_settings`), else with
+    :func:`weakloc.explain.explain` (``**explain_kwargs``: ``layer``, ``relu``) -- and scores their
     ``normalized`` maps with :func:`deletion_insertion` and :func:`average_drop_increase`. The time
-    spent in ``explain`` is measured with the device synchronised before and after (CUDA).
+    spent making the maps is measured with the device synchronised before and after (CUDA).
 
     Args:
         images: ``(B, C, H, W)`` normalised, on the model's device.
+        method: a method name, or a model's resolved map settings.
         target: which class each map is for (see :func:`weakloc.explain.resolve_targets`).
 
     Returns:
@@ -422,7 +461,7 @@ def explanation_quality(
     dev = images.device
     _sync(dev)
     t0 = time.perf_counter()
-    heat = explain(model, images, method, target=target, **explain_kwargs)
+    heat = _make_maps(model, images, method, target, explain_kwargs)
     _sync(dev)
     seconds = time.perf_counter() - t0
     di = deletion_insertion(model, images, heat.normalized, heat.targets, steps=steps, baseline=baseline, chunk=chunk,
@@ -457,7 +496,7 @@ def _batch_images(batch) -> torch.Tensor | None:
 def compare_methods(
     model,
     loader_or_batches: Iterable,
-    methods: Sequence[str] = ("cam", "gradcam", "random"),
+    methods: Sequence[str | MapConfig] = ("cam", "gradcam", "random"),
     target: TargetSpec = "predicted",
     steps: int = 100,
     device: str | torch.device | None = None,
@@ -466,7 +505,7 @@ def compare_methods(
     chunk: int = 128,
     warmup: bool = True,
     **explain_kwargs,
-) -> list[dict]:
+) -> list[MethodQuality]:
     """Faithfulness of several heatmap methods on the same images, one row per method.
 
     Data are read once; every batch is explained by every method (:func:`explanation_quality`).
@@ -478,7 +517,9 @@ def compare_methods(
             :class:`~weakloc.data.dataset.ImageDataset` with ``collate_skip_bad`` (as
             :func:`~weakloc.evaluate.evaluate_model` builds), ``(images, ...)`` tuples, or tensors
             ``(B, C, H, W)`` of normalised images.
-        methods: registered method names (:data:`weakloc.explain.METHODS`).
+        methods: registered method names (:data:`weakloc.explain.METHODS`), or resolved map
+            settings (:func:`~weakloc.explain.pipeline.map_settings`), whose maps are the map
+            pipeline's (``explain_eval`` passes these).
         target: which class each map is for (default: the predicted class).
         steps, baseline, chunk: see :func:`deletion_insertion`.
         device: default: the model's.
@@ -487,28 +528,29 @@ def compare_methods(
         **explain_kwargs: passed to :func:`~weakloc.explain.explain` (``layer``, ``relu``).
 
     Returns:
-        list of dicts (in ``methods`` order) with ``method``, ``deletion_auc`` (lower is better),
-        ``insertion_auc`` (higher is better), ``average_drop_pct`` (lower is better),
-        ``increase_in_confidence_pct`` (higher is better), ``ms_per_image`` (time to make the maps),
-        ``maps`` and ``images``.
+        one :class:`MethodQuality` per method, in ``methods`` order.
 
     Raises:
         WeaklocError: an unknown method, no methods, or no images.
     """
-    methods = [methods] if isinstance(methods, str) else list(methods)
+    methods = [methods] if isinstance(methods, (str, MapConfig)) else list(methods)
     if not methods:
         raise OptionError("methods: no explanation methods to compare")
-    for name in methods:
-        if not isinstance(name, str):
-            raise OptionError(f"methods: method names are strings, got {name!r}")
-        get_method(name)  # unknown names fail before any work
+    for m in methods:
+        if isinstance(m, MapConfig):
+            pipeline.check_map_settings(m, "methods: ")
+        elif isinstance(m, str):
+            get_method(m)  # unknown names fail before any work
+        else:
+            raise OptionError(f"methods: method names are strings, got {m!r}")
+    names = [m.method if isinstance(m, MapConfig) else m for m in methods]
     check_settings(steps, baseline, chunk)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    sums = {name: torch.zeros(4, device=device, dtype=dtype) for name in methods}  # deletion, insertion, drop, increase
-    seconds = dict.fromkeys(methods, 0.0)
-    n_maps = dict.fromkeys(methods, 0)
+    sums = [torch.zeros(4, device=device, dtype=dtype) for _ in methods]  # deletion, insertion, drop, increase
+    seconds = [0.0] * len(methods)
+    n_maps = [0] * len(methods)
     n_images = 0
     for batch in loader_or_batches:
         x = _batch_images(batch)
@@ -516,35 +558,28 @@ def compare_methods(
             continue
         x = x.to(device, non_blocking=True)
         if warmup and n_images == 0:
-            for name in methods:
-                explain(model, x, name, target=target, **explain_kwargs)
+            for m in methods:
+                _make_maps(model, x, m, target, explain_kwargs)
         n_images += x.shape[0]
-        for name in methods:
-            q = explanation_quality(model, x, name, target=target, steps=steps, baseline=baseline, chunk=chunk, **explain_kwargs)
+        for i, m in enumerate(methods):
+            q = explanation_quality(model, x, m, target=target, steps=steps, baseline=baseline, chunk=chunk, **explain_kwargs)
             parts = (q["deletion"], q["insertion"], q["drop"], q["increase"])
-            sums[name] += torch.stack([p.to(dtype).sum() for p in parts])
-            seconds[name] += q["seconds"]
-            n_maps[name] += q["deletion"].numel()
+            sums[i] += torch.stack([p.to(dtype).sum() for p in parts])
+            seconds[i] += q["seconds"]
+            n_maps[i] += q["deletion"].numel()
     if n_images == 0:
         raise WeaklocError("no images to compare the methods on (every batch was empty or unreadable)")
     rows = []
-    for name in methods:
-        deletion, insertion, drop, increase = sums[name].tolist()  # the one host transfer per method
-        n = n_maps[name]
-        rows.append({
-            "method": name,
-            "deletion_auc": deletion / n,
-            "insertion_auc": insertion / n,
-            "average_drop_pct": 100 * drop / n,
-            "increase_in_confidence_pct": 100 * increase / n,
-            "ms_per_image": 1000 * seconds[name] / n_images,
-            "maps": n,
-            "images": n_images,
-        })
+    for i, name in enumerate(names):
+        deletion, insertion, drop, increase = sums[i].tolist()  # the one host transfer per method
+        n = n_maps[i]
+        rows.append(MethodQuality(method=name, deletion_auc=deletion / n, insertion_auc=insertion / n,
+                                  average_drop_pct=100 * drop / n, increase_in_confidence_pct=100 * increase / n,
+                                  ms_per_image=1000 * seconds[i] / n_images, maps=n, images=n_images))
     return rows
 
 
 __all__ = [
-    "BASELINES", "MAX_STEPS", "DeletionInsertion", "DropIncrease", "average_drop_increase", "baseline_images", "check_settings", "compare_methods",
+    "BASELINES", "MAX_STEPS", "DeletionInsertion", "DropIncrease", "MethodQuality", "average_drop_increase", "baseline_images", "check_settings", "compare_methods",
     "deletion_insertion", "explanation_quality", "gaussian_blur", "pixel_ranks", "step_counts", "trapezoid_auc",
 ]

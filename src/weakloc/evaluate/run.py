@@ -1,26 +1,37 @@
 """``evaluate_model``: classification metrics and the WSOL protocol's localization metrics of a
-trained model on annotated images, with the centre baseline evaluated beside it."""
+trained model on annotated images, with the centre baseline evaluated beside it.
+
+Maps come from the one map pipeline (:mod:`weakloc.explain.pipeline`): the model's stored map
+settings plus the caller's overrides, on images at the resolved test-time size, so the maps scored
+here are the maps ``localize`` draws. Evaluation reads the model's configuration and never
+changes it (:func:`~weakloc.evaluate.calibrate.calibrate` is what stores calibrated settings).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
 from weakloc.checks import check_device, check_float, check_int
+from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD, MapConfig
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.images import read_image
 from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
 from weakloc.errors import CheckpointError, ImageReadError, OptionError, WeaklocError
-from weakloc.evaluate.wsol import BoxSweep, PxAPAccumulator, box_sweep, check_step, threshold_list, wsol_box_metrics
-from weakloc.explain import centre_gaussian, explain, get_method
-from weakloc.train.module import classification_metrics
+from weakloc.evaluate.classification import classification_metrics
+from weakloc.evaluate.wsol import BoxMetrics, BoxSweep, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list, wsol_box_metrics
+from weakloc.explain import centre_gaussian, get_method, pipeline
+from weakloc.results import Result
+
+if TYPE_CHECKING:
+    from weakloc.evaluate.counting import CountingReport
 
 
 @dataclass
@@ -60,11 +71,13 @@ def check_gt_class(gt_class, name: str = "gt_class") -> dict[str, str] | None:
     return gt_class
 
 
-def check_explain_options(options, name: str = "explain_options") -> dict | None:
-    """``options`` as a dict of keyword arguments for :func:`~weakloc.explain.explain`, or None."""
-    if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
-        raise OptionError(f"{name}: expected a dict of explain() keyword arguments, got {options!r}")
-    return options
+def check_maps(maps, name: str = "maps") -> MapConfig | dict | None:
+    """``maps`` as map-setting overrides for :func:`~weakloc.explain.pipeline.map_settings`: a
+    :class:`~weakloc.config.MapConfig`, a flat dict of settings and method options
+    (``{"fusion": "max", "positive_weights": True}``), or None."""
+    if maps is not None and not isinstance(maps, MapConfig) and not (isinstance(maps, dict) and all(isinstance(k, str) for k in maps)):
+        raise OptionError(f"{name}: expected a MapConfig or a dict of map settings and method options, got {maps!r}")
+    return maps
 
 
 def check_batch_size(batch_size, name: str = "batch_size") -> int:
@@ -73,10 +86,12 @@ def check_batch_size(batch_size, name: str = "batch_size") -> int:
 
 
 def stored_threshold(cfg) -> float:
-    """The model's calibrated box threshold (``localization["threshold"]``), else 0.2 as in the CAM
-    paper; a hand-edited value outside [0, 1] is a :class:`~weakloc.errors.CheckpointError`."""
+    """The model's calibrated box threshold (``maps.threshold``), else
+    :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` (the CAM paper's); a value outside [0, 1]
+    is a :class:`~weakloc.errors.CheckpointError`."""
+    tau = cfg.maps.threshold
     try:
-        return check_float("localization.threshold in the model's config.json", cfg.localization.get("threshold", 0.2), 0.0, 1.0)
+        return check_float("maps.threshold in the model's config.json", DEFAULT_GT_KNOWN_THRESHOLD if tau is None else tau, 0.0, 1.0)
     except OptionError as e:
         raise CheckpointError(str(e)) from None
 
@@ -136,13 +151,57 @@ def skipped_images(paths: list[Path], seen: set[int]) -> list[dict]:
     return out
 
 
+@dataclass
+class EvaluationReport(Result):
+    """What :func:`evaluate_model` found, and what it did and did not score.
+
+    Attributes:
+        split: the split evaluated.
+        images: images of the split.
+        localization_samples: (image, class) pairs scored.
+        samples_per_class: model class -> samples scored.
+        unscored_boxes: annotation class -> boxes of the evaluated images left out (no model class
+            matches it, or it is not a yes/no model's positive class).
+        unannotated_images: paths without an annotation.
+        skipped_images: ``{"file", "reason"}`` of images that could not be decoded.
+        classification: :func:`~weakloc.evaluate.classification.classification_metrics`.
+        localization: the map method's :class:`~weakloc.evaluate.wsol.WSOLMetrics`.
+        centre_baseline: the centre Gaussian's :class:`~weakloc.evaluate.wsol.BoxMetrics`.
+        counting: a counting model's :class:`~weakloc.evaluate.counting.CountingReport`, when the
+            caller adds one (``dataclasses.replace(report, counting=...)``); None otherwise.
+    """
+
+    split: str
+    images: int
+    localization_samples: int
+    samples_per_class: dict[str, int]
+    unscored_boxes: dict[str, int]
+    unannotated_images: list[str]
+    skipped_images: list[dict]
+    classification: dict[str, float]
+    localization: WSOLMetrics
+    centre_baseline: BoxMetrics
+    counting: CountingReport | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON ``weakloc evaluate --out`` writes (``counting`` only when there is one)."""
+        out = {"split": self.split, "images": self.images, "localization_samples": self.localization_samples,
+               "samples_per_class": dict(self.samples_per_class), "unscored_boxes": dict(self.unscored_boxes),
+               "unannotated_images": list(self.unannotated_images), "skipped_images": [dict(s) for s in self.skipped_images],
+               "classification": dict(self.classification), "localization": self.localization.to_dict(),
+               "centre_baseline": self.centre_baseline.to_dict()}
+        if self.counting is not None:
+            out["counting"] = self.counting.to_dict()
+        return out
+
+
 def evaluate_model(
     model,
     data: str | Path | LabeledImages,
     annotations: str | Path | GroundTruth,
     *,
-    method: str = "cam",
-    explain_options: dict | None = None,
+    method: str | None = None,
+    maps: MapConfig | dict | None = None,
     split: str = "auto",
     step: float = 0.01,
     gt_known_tau: float | None = None,
@@ -150,7 +209,7 @@ def evaluate_model(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     progress=None,
-) -> dict:
+) -> EvaluationReport:
     """Evaluate classification and localization.
 
     Localization samples are (image, class) pairs: each annotated class of the image that the model
@@ -158,46 +217,46 @@ def evaluate_model(
     positive class alone is localized. The map is the GT class's (GT-known). Each annotation's image
     size is checked against the image (:func:`~weakloc.data.annotations.match_annotations`).
 
+    The maps are made by :func:`weakloc.explain.pipeline.make_maps` with
+    :func:`~weakloc.explain.pipeline.map_settings` (``maps`` and ``method`` over the model's stored
+    settings), on images at the resolved ``test_size``; boxes and GT boxes are in those pixels.
+
     Args:
         data: labels (CSV / folder / :class:`LabeledImages`); with splits, ``split`` chooses one
             (``auto``: test, else val, else all).
         annotations: COCO JSON, VOC folder or :class:`GroundTruth`.
+        method: map method (default: the model's stored one, else ``cam``).
+        maps: map-setting overrides -- a :class:`~weakloc.config.MapConfig` or a flat dict of
+            settings and method options (``layer``, ``fusion``, ``tta``, ``eigen_smooth``,
+            ``dtype``, ``normalization``, ``test_size``, ``positive_weights``, ...).
         step: threshold step of the sweep (``cam_curve_interval``).
         gt_known_tau: fixed threshold of GT-known / Top-1 Loc (default: the model's calibrated
-            threshold, else 0.2 as in the CAM paper).
+            threshold, else :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` as in the CAM paper).
         gt_class: explicit ``{annotation class: model class}`` names.
-        explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
-            tta, eigen_smooth, dtype, method options), over the model's stored defaults for
-            ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
         progress: optional callable ``(done, total)``.
 
     Returns:
-        dict with ``classification``, ``localization`` (``method`` and ``centre_baseline`` metrics,
-        and ``PxAP`` where masks exist) and what was and was not scored: ``images`` (of the
-        split), ``localization_samples``, ``samples_per_class`` (model class -> samples),
-        ``unscored_boxes`` (annotation class -> boxes of the evaluated images left out: no model
-        class matches it, or it is not a yes/no model's positive class), ``unannotated_images``
-        (paths without an annotation) and ``skipped_images`` (``{"file", "reason"}`` of images
-        that could not be decoded).
+        :class:`EvaluationReport` (``to_dict()`` is the JSON report).
 
     Raises:
         OptionError: before any work, for an unknown ``method`` or ``split``, a ``step`` outside
             ``[MIN_STEP, 0.5]`` (:func:`~weakloc.evaluate.wsol.check_step`), a ``gt_known_tau``
-            outside [0, 1], a ``batch_size`` < 1, or a malformed ``gt_class`` / ``explain_options``.
+            outside [0, 1], a ``batch_size`` < 1, a malformed ``gt_class``, or ``maps`` that are
+            not map settings (the message names the setting).
     """
-    check_methods(method, "method")
+    if method is not None:
+        check_methods(method, "method")
     check_split(split)
     step = check_step(step)
     gt_known_tau = check_float("gt_known_tau", gt_known_tau, 0.0, 1.0, allow_none=True)
     batch_size = check_batch_size(batch_size)
     gt_class = check_gt_class(gt_class)
-    explain_options = check_explain_options(explain_options)
+    settings = pipeline.map_settings(model, check_maps(maps), method=method)
     if device is not None:
         device = check_device("device", device)
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     cfg = model.config
-    explain_options = cfg.map_options(method, explain_options)
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
     if labeled.counts is not None:  # counting labels: presence is the classification target here
         labeled = dataclasses.replace(labeled, counts=None)
@@ -208,7 +267,7 @@ def evaluate_model(
     mapping = class_mapping(cfg.classes, gt.classes, gt_class)
     if not mapping:
         raise WeaklocError(f"no annotation class matches a model class (annotations: {gt.classes}; model: {cfg.classes}); use --gt-class GT=MODEL")
-    size = cfg.inference_size()
+    size = settings.test_size
     samples, unannotated, unscored = _samples(labeled, gt, mapping, size, cfg.positive_class)
     if not samples:
         raise WeaklocError(f"{gt.source or 'the annotations'}: none of the {len(labeled)} images has a box of an evaluated "
@@ -242,7 +301,7 @@ def evaluate_model(
             for r, i in enumerate(idx):
                 cls = [samples[s].cls for s in by_image.get(i, [])] or [0]
                 tgt[r] = torch.tensor((cls * t_max)[:t_max])
-            heat = explain(model, x, method=method, target=tgt.to(device), **explain_options)
+            heat = pipeline.make_maps(model, x, settings, tgt.to(device))
             logits = heat.logits
             col = {(r, s): by_image[idx[r]].index(s) for r, s in rows}
             maps = torch.stack([heat.normalized[r, col[(r, s)]] for r, s in rows])
@@ -274,37 +333,26 @@ def evaluate_model(
     def merged(parts: list[BoxSweep]) -> BoxSweep:
         return BoxSweep(taus.double(), torch.cat([p.best_iou_largest for p in parts]), torch.cat([p.best_iou_all for p in parts]))
 
-    loc = {"method": method, "step": step, **wsol_box_metrics(merged(sweeps))}
     hits = torch.cat(fixed_hits)
     ok = torch.tensor(correct)
-    loc["GT-known Loc"] = float(hits.double().mean() * 100)
-    loc["Top-1 Loc"] = float((hits & ok).double().mean() * 100)
-    loc["GT-known_tau"] = tau_fixed
-    base = wsol_box_metrics(merged(base_sweeps))
-    if has_masks:
-        loc["PxAP"] = pxap_acc.compute()
-        base["PxAP"] = pxap_base.compute()
+    boxes = wsol_box_metrics(merged(sweeps), pxap_acc.compute() if has_masks else None)
+    loc = WSOLMetrics(**dataclasses.asdict(boxes), method=settings.method, step=step,
+                      gt_known_loc=float(hits.double().mean() * 100), top1_loc=float((hits & ok).double().mean() * 100),
+                      gt_known_tau=tau_fixed)
+    base = wsol_box_metrics(merged(base_sweeps), pxap_base.compute() if has_masks else None)
     cls_metrics = classification_metrics(torch.cat(probs_all), torch.cat(targets_all), cfg.task, cfg.positive_class)
     per_class: dict[str, int] = {}
     for s in samples:
         if s.image in seen:
             per_class[cfg.classes[s.cls]] = per_class.get(cfg.classes[s.cls], 0) + 1
-    return {
-        "split": split,
-        "images": len(labeled),
-        "localization_samples": len(hits),
-        "samples_per_class": per_class,
-        "unscored_boxes": unscored,
-        "unannotated_images": unannotated,
-        "skipped_images": skipped_images(labeled.paths, seen),
-        "classification": cls_metrics,
-        "localization": loc,
-        "centre_baseline": base,
-    }
+    return EvaluationReport(split=split, images=len(labeled), localization_samples=len(hits), samples_per_class=per_class,
+                            unscored_boxes=unscored, unannotated_images=unannotated,
+                            skipped_images=skipped_images(labeled.paths, seen), classification=cls_metrics,
+                            localization=loc, centre_baseline=base)
 
 
-def summary_rows(report: dict) -> list[dict]:
-    """Rows (method, centre baseline) for a printed or HTML table of a report."""
+def summary_rows(report: EvaluationReport | dict) -> list[dict]:
+    """Rows (method, centre baseline) for a printed or HTML table of a report (typed, or its ``to_dict()``)."""
     loc, base = report["localization"], report["centre_baseline"]
     keys = ["MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "MaxBoxAcc", "GT-known Loc", "Top-1 Loc", "PxAP"]
     rows = [{"map": loc["method"], **{k: loc[k] for k in keys if k in loc}},

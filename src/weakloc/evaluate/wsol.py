@@ -19,6 +19,7 @@ import torch
 from weakloc.checks import check_float
 from weakloc.errors import OptionError
 from weakloc.evaluate.boxes import box_iou_inclusive, contour_boxes
+from weakloc.results import Result
 
 IOU_DELTAS = (30, 50, 70)
 
@@ -172,33 +173,113 @@ def box_accuracy_curves(best_iou: torch.Tensor, deltas=IOU_DELTAS) -> torch.Tens
     return (best_iou[None] >= d - 1e-12).double().mean(1) * 100
 
 
-def wsol_box_metrics(sweep: BoxSweep, deltas=IOU_DELTAS) -> dict:
-    """MaxBoxAcc (V1, IoU 50, largest contour) and MaxBoxAccV2 (mean over deltas of the max over tau,
-    all contours, the best tau chosen separately per delta), with each delta's value and best tau."""
-    curves_v2 = box_accuracy_curves(sweep.best_iou_all, deltas)
+@dataclass(kw_only=True)
+class BoxMetrics(Result):
+    """The box metrics of a threshold sweep (percentages) and the threshold that gives each best.
+
+    Attributes:
+        max_box_acc, max_box_acc_tau: MaxBoxAcc (V1: IoU 50, largest contour's box) and its threshold.
+        max_box_acc_v2: MaxBoxAccV2, the mean of ``iou30``, ``iou50``, ``iou70``.
+        iou30, iou50, iou70: the best BoxAcc (all contours' boxes) at IoU 30 / 50 / 70 %, each over
+            its own threshold ``iou30_tau`` ...
+        pxap: pixel average precision where masks exist, else None.
+    """
+
+    max_box_acc: float
+    max_box_acc_tau: float
+    max_box_acc_v2: float
+    iou30: float
+    iou30_tau: float
+    iou50: float
+    iou50_tau: float
+    iou70: float
+    iou70_tau: float
+    pxap: float | None = None
+
+    def to_dict(self) -> dict:
+        """The protocol's names: ``MaxBoxAcc``, ``MaxBoxAcc_tau``, ``MaxBoxAccV2``, ``IoU30``,
+        ``IoU30_tau``, ... and ``PxAP`` (only where masks exist)."""
+        out = {"MaxBoxAcc": self.max_box_acc, "MaxBoxAcc_tau": self.max_box_acc_tau, "MaxBoxAccV2": self.max_box_acc_v2}
+        for d in IOU_DELTAS:
+            out[f"IoU{d}"] = getattr(self, f"iou{d}")
+            out[f"IoU{d}_tau"] = getattr(self, f"iou{d}_tau")
+        if self.pxap is not None:
+            out["PxAP"] = self.pxap
+        return out
+
+
+@dataclass(kw_only=True)
+class WSOLMetrics(BoxMetrics):
+    """A map method's localization metrics: :class:`BoxMetrics` of the sweep, and GT-known / Top-1
+    Loc at one fixed threshold.
+
+    Attributes:
+        method: the map method scored.
+        step: threshold step of the sweep.
+        gt_known_loc: share of maps whose largest-contour box at ``gt_known_tau`` has IoU >= 0.5 (%).
+        top1_loc: the same, counting only samples whose class is also predicted (%).
+        gt_known_tau: the fixed threshold of GT-known / Top-1 Loc.
+    """
+
+    method: str
+    step: float
+    gt_known_loc: float
+    top1_loc: float
+    gt_known_tau: float
+
+    def to_dict(self) -> dict:
+        """The evaluation report's ``localization`` object: ``method``, ``step``, the
+        :class:`BoxMetrics` names, ``GT-known Loc``, ``Top-1 Loc``, ``GT-known_tau`` and ``PxAP``."""
+        boxes = super().to_dict()
+        pxap = boxes.pop("PxAP", None)
+        out = {"method": self.method, "step": self.step, **boxes, "GT-known Loc": self.gt_known_loc,
+               "Top-1 Loc": self.top1_loc, "GT-known_tau": self.gt_known_tau}
+        if pxap is not None:
+            out["PxAP"] = pxap
+        return out
+
+
+def wsol_box_metrics(sweep: BoxSweep, pxap: float | None = None) -> BoxMetrics:
+    """MaxBoxAcc (V1, IoU 50, largest contour) and MaxBoxAccV2 (mean over IoU 30/50/70 of the max
+    over tau, all contours, the best tau chosen separately per IoU), with each IoU's value and best tau."""
+    curves_v2 = box_accuracy_curves(sweep.best_iou_all, IOU_DELTAS)
     curve_v1 = box_accuracy_curves(sweep.best_iou_largest, (50,))[0]
     best_v2, arg_v2 = curves_v2.max(1)
-    out = {
-        "MaxBoxAcc": float(curve_v1.max()),
-        "MaxBoxAcc_tau": float(sweep.thresholds[int(curve_v1.argmax())]),
-        "MaxBoxAccV2": float(best_v2.mean()),
-    }
-    for d, v, a in zip(deltas, best_v2.tolist(), arg_v2.tolist()):
-        out[f"IoU{d}"] = v
-        out[f"IoU{d}_tau"] = float(sweep.thresholds[a])
-    return out
+    per_delta = {}
+    for d, v, a in zip(IOU_DELTAS, best_v2.tolist(), arg_v2.tolist()):
+        per_delta[f"iou{d}"] = v
+        per_delta[f"iou{d}_tau"] = float(sweep.thresholds[a])
+    return BoxMetrics(max_box_acc=float(curve_v1.max()), max_box_acc_tau=float(sweep.thresholds[int(curve_v1.argmax())]),
+                      max_box_acc_v2=float(best_v2.mean()), pxap=pxap, **per_delta)
 
 
-def gt_known_loc(maps: torch.Tensor, gt_boxes: list[torch.Tensor], tau: float, correct_class: torch.Tensor | None = None) -> dict:
+@dataclass
+class GTKnownLoc(Result):
+    """GT-known Loc (and Top-1 Loc when the predictions' correctness was given) at one threshold, in percent."""
+
+    gt_known_loc: float
+    gt_known_tau: float
+    top1_loc: float | None = None
+
+    def to_dict(self) -> dict:
+        out = {"GT-known Loc": self.gt_known_loc, "GT-known_tau": self.gt_known_tau}
+        if self.top1_loc is not None:
+            out["Top-1 Loc"] = self.top1_loc
+        return out
+
+
+def gt_known_loc(maps: torch.Tensor, gt_boxes: list[torch.Tensor], tau: float, correct_class: torch.Tensor | None = None) -> GTKnownLoc:
     """GT-known Loc at one fixed ``tau`` (largest contour, IoU >= 0.5), and Top-1 Loc when the
-    per-map top-1 correctness ``(N,)`` bool is given. Percentages."""
+    per-map top-1 correctness ``(N,)`` bool is given. Percentages.
+
+    Args:
+        maps: ``(N, H, W)`` normalised maps; gt_boxes: N tensors ``(M_i, 4)`` in map pixels.
+    """
     tau = check_float("tau", tau, 0.0, 1.0)
     sweep = box_sweep(maps, gt_boxes, torch.tensor([tau], dtype=torch.float64))
     hit = sweep.best_iou_largest[:, 0] >= 0.5
-    out = {"GT-known Loc": float(hit.double().mean() * 100), "GT-known_tau": tau}
-    if correct_class is not None:
-        out["Top-1 Loc"] = float((hit & correct_class.cpu().bool()).double().mean() * 100)
-    return out
+    top1 = None if correct_class is None else float((hit & correct_class.cpu().bool()).double().mean() * 100)
+    return GTKnownLoc(float(hit.double().mean() * 100), tau, top1)
 
 
 class PxAPAccumulator:
