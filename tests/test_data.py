@@ -86,6 +86,25 @@ def test_dataset_skips_and_counts_undecodable_images(tmp_path):
     assert collate_skip_bad([ds[1]])["image"] is None
 
 
+@pytest.mark.parametrize("hw, want", [((1000, 500), (512, 256)), ((300, 400), (300, 400)), ((50, 100), (128, 256)), ((1, 4000), (1, 512))])
+def test_fit_size_bounds_the_display_picture(hw, want):
+    from weakloc.data.dataset import fit_size
+
+    assert fit_size(*hw) == want
+
+
+def test_predict_dataset_display_picture_and_imagenet_normalisation(tmp_path):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from weakloc.data.dataset import PredictDataset
+
+    path = _save(Image.new("RGB", (100, 50), (255, 0, 0)), tmp_path / "red.png")
+    i, x, hw, shown = PredictDataset([path], 32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
+    assert (i, hw, tuple(shown.shape)) == (0, (50, 100), (3, 128, 256))
+    assert torch.allclose(x[:, 0, 0], (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD))
+    assert torch.allclose(eval_transform(32)(read_image(path)), x)  # the default normalisation is ImageNet's
+
+
 def _tree(tmp_path, classes=("cat", "dog"), n=3):
     for c in classes:
         (tmp_path / c).mkdir(parents=True)

@@ -283,7 +283,8 @@ def test_gradient_layer_followed_by_in_place_ops():
 
 
 def test_cli_option_normalization_reaches_explain():
-    from weakloc.cli import map_options
+    from weakloc.cli import map_overrides
 
-    opts = map_options(option=["normalization=ivr:0.4", "chunk=32"])
+    opts = map_overrides(option=["normalization=ivr:0.4", "chunk=32"])
     assert opts["normalization"] == "ivr:0.4" and opts["chunk"] == 32
+    assert map_overrides(normalization="pas:0.9")["normalization"] == "pas:0.9"  # the --normalization option

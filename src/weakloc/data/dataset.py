@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from weakloc.data.images import display_path, read_image
-from weakloc.report.overlay import fit_size
+from weakloc.data.images import read_image
 from weakloc.data.labels import LabeledImages
 from weakloc.errors import ImageReadError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from weakloc.text import display_path
 
 
 class RandomTranspose(torch.nn.Module):
@@ -38,8 +36,8 @@ class RandomTranspose(torch.nn.Module):
         return image.transpose(-1, -2) if torch.rand(()) < self.p else image
 
 
-def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale: tuple[float, float] = (0.35, 1.0),
-                    dihedral: bool = False) -> v2.Transform:
+def train_transform(size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                    crop_scale: tuple[float, float] = (0.35, 1.0), dihedral: bool = False) -> v2.Transform:
     """Random resized crop, horizontal flip (with ``dihedral``, also vertical flip and transpose: any
     of the 8 right-angle orientations, for top-down images such as microscopy), light colour jitter,
     then normalisation.
@@ -56,7 +54,7 @@ def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale:
     ])
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Transform:
+def eval_transform(size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> v2.Transform:
     """Resize to ``size x size`` with no crop (the WSOL protocol), then normalise."""
     return v2.Compose([
         v2.Resize((size, size), antialias=True),
@@ -75,16 +73,22 @@ class SkippedImage(NamedTuple):
 
     @property
     def message(self) -> str:
-        """``"<file>: <reason>"``, the file named by :func:`~weakloc.data.images.display_path`."""
+        """``"<file>: <reason>"``, the file named by :func:`~weakloc.text.display_path`."""
         return f"{display_path(self.path)}: {self.reason}"
 
 
 class ImageDataset(Dataset):
-    """``(image, target, index)`` per item, or a :class:`SkippedImage` when the image cannot be decoded.
+    """Images read from ``paths`` and transformed: ``(image, target, index)`` per item, or a
+    :class:`SkippedImage` when the file cannot be decoded (batch with :func:`collate_skip_bad`).
+
+    Build it from labels with :meth:`from_labels`.
 
     Args:
-        data: labelled images; ``targets`` may be None for unlabelled inference.
-        transform: maps ``(3, H, W)`` uint8 to the model's input tensor.
+        paths: the image files, in item order.
+        targets: ``(N, ...)`` one row per path (class indices, multi-hot rows or presence and
+            counts), or None for unlabelled images (each item's target is then ``tensor(-1)``).
+        transform: maps ``(3, H, W)`` uint8 to the model's input tensor (:func:`train_transform`,
+            :func:`eval_transform`).
     """
 
     def __init__(self, paths: list[Path], targets: torch.Tensor | None, transform: v2.Transform):
@@ -146,7 +150,7 @@ class SkipLog:
 
     ``len(log)`` is the number of distinct files, ``log.events`` how many times any was skipped (a
     training image is met again every epoch). ``log.write(out / "skipped.txt")`` lists them, one
-    line per file: the file (:func:`~weakloc.data.images.display_path`: no tab, newline or
+    line per file: the file (:func:`~weakloc.text.display_path`: no tab, newline or
     undecodable byte left), a tab, the reason; :meth:`summary` is the line to print.
     """
 
@@ -189,7 +193,7 @@ class SkipLog:
         return f"SkipLog({len(self)} file(s), {self.events} skip(s))"
 
     def records(self) -> list[dict]:
-        """``{"file", "reason"}`` per file, the file as :func:`~weakloc.data.images.display_path` writes it (for JSON)."""
+        """``{"file", "reason"}`` per file, the file as :func:`~weakloc.text.display_path` writes it (for JSON)."""
         return [{"file": display_path(it.path), "reason": it.reason} for it in self]
 
     def lines(self) -> list[str]:
@@ -208,13 +212,22 @@ class SkipLog:
         return f"{len(self)} image(s) could not be decoded and were skipped{where}"
 
 
+def fit_size(h: int, w: int, longest: int = 512, shortest_display: int = 256) -> tuple[int, int]:
+    """``(H, W)`` scaled so the longest side is at most ``longest`` and, for small images, at least
+    ``shortest_display`` (so drawn captions stay legible)."""
+    s = min(1.0, longest / max(h, w))
+    if max(h, w) < shortest_display:
+        s = shortest_display / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
 class PredictDataset(Dataset):
     """For inference on unlabelled files: ``(index, model input, (H, W) original size, display image)``.
 
     An unreadable file gives ``(index, None, message, None)`` (the :class:`ImageReadError`'s one
-    line, naming the file by :func:`~weakloc.data.images.display_path`) so callers can report and
-    skip it. The display image is the original resized for pictures (longest side
-    256..``display`` px).
+    line, naming the file by :func:`~weakloc.text.display_path`) so callers can report and
+    skip it. The display image is the original resized for pictures (:func:`fit_size`: longest
+    side 256..``display`` px).
     """
 
     def __init__(self, paths: list[Path], size: int, mean, std, display: int = 512):

@@ -42,7 +42,7 @@ Conversion to 8-bit RGB:
   full-range rule).
 
 Either way the result is ``(3, H, W) uint8`` in RGB, or an :class:`ImageReadError` naming the file
-(by :func:`display_path`, safe to print whatever bytes the name holds).
+(by :func:`~weakloc.text.display_path`, safe to print whatever bytes the name holds).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ import stat
 import sys
 import tempfile
 import threading
-import unicodedata
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -67,6 +66,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from weakloc.errors import ImageReadError, OptionError, WeaklocError
+from weakloc.text import display_path  # re-exported: data's callers name files with it
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -76,8 +76,8 @@ READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 #: Default pixel limit: Pillow's own decompression-bomb threshold (1 GiB / 4 / 3 pixels, 256 MiB as
 #: 8-bit RGB). An image this size already needs a few GiB on its way through the reader and the
-#: float transforms of training and ``localize``; a 120-megapixel image ended in an allocator
-#: failure, while camera photos (up to about 60 megapixels) stay well below it. Using Pillow's value
+#: float transforms of training and ``localize`` (larger ones have run out of memory: see
+#: docs/benchmarks.md, "Memory"), while camera photos stay well below it. Using Pillow's value
 #: also means Pillow's own check never fires first with a different message.
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_PIXELS_ENV = "WEAKLOC_MAX_PIXELS"
@@ -87,33 +87,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --- names and errors -----------------------------------------------------------------------------
-
-
-def _escape_char(c: str) -> str:
-    o = ord(c)
-    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte of the name (os.fsdecode's surrogateescape)
-        return f"\\x{o - 0xDC00:02x}"
-    if 0xD800 <= o <= 0xDFFF:
-        return f"\\u{o:04x}"
-    cat = unicodedata.category(c)
-    # controls (newline, tab, ESC), line/paragraph separators and bidi overrides: each would let a
-    # name break a line of output, move the cursor or show its text reversed
-    if cat in ("Cc", "Zl", "Zp") or (cat == "Cf" and unicodedata.bidirectional(c) in
-                                     ("LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI")):
-        return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
-    return c
-
-
-def display_path(path: str | bytes | os.PathLike) -> str:
-    """A file name as text that any UTF-8 output can carry, for messages and lists.
-
-    Each byte of the name that is not valid UTF-8 is written ``\\xNN`` (as Python's
-    ``backslashreplace`` spells it), other lone surrogates ``\\uNNNN``, and control characters,
-    line separators and bidi overrides as ``\\xNN`` / ``\\uNNNN``. Valid, printable names come back
-    unchanged, so a message names the file as the user typed it.
-    """
-    text = os.fsdecode(os.fspath(path)) if not isinstance(path, str) else path
-    return "".join(map(_escape_char, text))
 
 
 def _as_path(path: str | bytes | os.PathLike) -> Path:

