@@ -9,13 +9,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-import torchmetrics.functional as TMF
 from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.config import TrainConfig
 from weakloc.data.dataset import SkipLog, SkippedImage
 from weakloc.errors import WeaklocError
+from weakloc.evaluate.classification import classification_metrics
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
@@ -364,29 +364,3 @@ class FreezeBackbone(pl.Callback):
         trainable = trainer.current_epoch >= self.epochs
         for p in pl_module.model.pretrained_parameters():
             p.requires_grad_(trainable)
-
-
-def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, task: str, positive: int | None = None) -> dict[str, float]:
-    """Accuracy, and ROC-AUC and PR-AUC (yes/no) or mAP (multi-label), computed with torchmetrics.
-
-    Args:
-        probs: ``(N, K)`` probabilities.
-        targets: ``(N,)`` class indices (single) or ``(N, K)`` multi-hot (multi).
-        positive: the positive class of a two-class task.
-    """
-    k = probs.shape[1]
-    out: dict[str, float] = {}
-    if task == "single":
-        out["acc"] = float(TMF.accuracy(probs, targets, task="multiclass", num_classes=k))
-        if k == 2 and positive is not None and targets.unique().numel() == 2:
-            is_pos = (targets == positive).long()
-            out["auroc"] = float(TMF.auroc(probs[:, positive], is_pos, task="binary"))
-            out["prauc"] = float(TMF.average_precision(probs[:, positive], is_pos, task="binary"))
-    else:
-        t = targets.long()
-        out["acc"] = float(TMF.accuracy(probs, t, task="multilabel", num_labels=k, average="micro"))
-        present = t.sum(0) > 0
-        if present.any():
-            ap = TMF.average_precision(probs[:, present], t[:, present], task="multilabel", num_labels=int(present.sum()), average="macro")
-            out["map"] = float(ap)
-    return out
