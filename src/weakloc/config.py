@@ -31,7 +31,7 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from weakloc.data.labels import class_name_problem
+from weakloc.text import class_name_problem
 from weakloc.errors import CheckpointError, OptionError
 
 #: timm name of the backbone used when none is given (offline ImageNet weights ship with weakloc)
