@@ -111,8 +111,12 @@ def test_unknown_settings_are_named_before_any_data_is_read(tmp_path):
         fine_tune(tmp_path / "no-such-data", tmp_path / "out", train=TrainConfig(label_smoothing=2.0))
     with pytest.raises(OptionError, match=r"maps\.options: 'nope' is not one of"):
         fine_tune(tmp_path / "no-such-data", tmp_path / "out", maps=MapConfig(options={"nope": {}}))
-    with pytest.raises(OptionError, match=r"maps\.fusion: 'sum' is not one of"):
+    with pytest.raises(OptionError, match=r"'maps\.fusion' must be null, 'mean', 'max', 'product', got \"sum\""):
         fine_tune(tmp_path / "no-such-data", tmp_path / "out", maps=MapConfig(fusion="sum"))
+    with pytest.raises(OptionError, match=r"maps\.normalization: "):
+        fine_tune(tmp_path / "no-such-data", tmp_path / "out", maps=MapConfig(normalization="bogus"))
+    with pytest.raises(OptionError, match=r"'maps\.threshold' must be null or a number in \[0, 1\], got 5"):
+        fine_tune(tmp_path / "no-such-data", tmp_path / "out", maps=MapConfig(threshold=5))
     assert not (tmp_path / "out").exists()
 
 

@@ -12,15 +12,15 @@ import copy
 import difflib
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weakloc.checks import check_choice, check_device, check_float, check_int, check_output_folder
-from weakloc.config import COUNTING, HEADS, INPUT_SIZES, MapConfig, ModelConfig, TrainConfig
-from weakloc.errors import OptionError
+from weakloc.config import COUNTING, FORMAT_VERSION, HEADS, INPUT_SIZES, MapConfig, ModelConfig, TrainConfig, validate_config
+from weakloc.errors import CheckpointError, OptionError
 
 #: :class:`ModelConfig` fields a caller sets; the others come from the data, the teacher or training
 MODEL_SETTINGS = ("backbone", "input_size", "output_stride", "drop_rate", "head", "attention_stages", "attention_norm",
@@ -328,8 +328,9 @@ def check_training(train: TrainConfig, spelled: dict[str, str] | None = None) ->
 
 
 def check_map_defaults(maps: MapConfig, input_size: int, spelled: dict[str, str] | None = None) -> None:
-    """Refuse map settings a model could not be stored with: unknown methods in ``options``, or a
-    setting :func:`~weakloc.explain.pipeline.check_map_settings` refuses (named ``maps.<field>``)."""
+    """Refuse map settings a model could not be stored with: unknown methods in ``options``, a value
+    ``config.json``'s reader refuses, or a setting :func:`~weakloc.explain.pipeline.check_map_settings`
+    refuses (named ``maps.<field>``)."""
     from weakloc.config import resolve_maps
     from weakloc.explain.pipeline import check_map_settings
     from weakloc.explain.registry import METHODS
@@ -339,6 +340,10 @@ def check_map_defaults(maps: MapConfig, input_size: int, spelled: dict[str, str]
         raise OptionError(f"{where}: expected {{method: {{option: value}}}}, got {maps.options!r}")
     for method in maps.options:
         check_choice(where, method, sorted(METHODS))
+    try:  # what config.json's reader would refuse, so the trained model could not be loaded
+        validate_config({"classes": ["a"], "format_version": FORMAT_VERSION, "maps": asdict(maps)}, "maps")
+    except CheckpointError as e:
+        raise OptionError(str(e)) from None
     check_map_settings(resolve_maps(ModelConfig(input_size=input_size, maps=maps)), "maps.")
 
 
