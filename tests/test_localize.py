@@ -40,3 +40,25 @@ def test_region_boxes_largest_and_all():
     assert big[0].boxes.tolist() == [[10, 10, 13, 17]]
     none = region_boxes(torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(1, 4, 4))
     assert none[0].boxes.shape == (0, 4)
+
+
+def test_min_area_zero_keeps_every_region_and_detections_hold_boxes_and_scores():
+    m = torch.zeros(1, 8, 8)
+    m[0, 0, 0] = 1.0  # a one-pixel region
+    m[0, 4:7, 4:7] = 0.8
+    masks = binarize(m, torch.tensor([0.5]))
+    zero, one = region_boxes(masks, m, keep="all", min_area=0), region_boxes(masks, m, keep="all", min_area=1)
+    assert zero[0].boxes.tolist() == one[0].boxes.tolist() == [[4, 4, 6, 6], [0, 0, 0, 0]]
+    assert region_boxes(masks, m, keep="all", min_area=2)[0].boxes.tolist() == [[4, 4, 6, 6]]
+    assert set(vars(zero[0])) == {"boxes", "scores"}
+
+
+def test_check_threshold_names_the_option():
+    from weakloc.errors import OptionError
+    from weakloc.localize.threshold import check_threshold
+
+    assert check_threshold("p90") == "p90" and check_threshold(0.4) == 0.4 and check_threshold("calibrated", 0.2) == "calibrated"
+    with pytest.raises(OptionError, match="threshold: this model has no calibrated threshold; run `weakloc calibrate`"):
+        check_threshold("calibrated")
+    with pytest.raises(OptionError, match="threshold"):
+        check_threshold(1.5)

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain.run import explain_images
-from weakloc.localize.run import localize_images
 from weakloc.report import gallery_cards, page_link, safe_component, save_png
+from weakloc.report.explanation import explain_images
+from weakloc.report.localization import localize_images
 from weakloc.report.paths import OutputFolder
 
 HOSTILE_CLASSES = ["../../../ESCAPE_a", "../../../../ESCAPE_b", "a/b", "..", ".", "c\\d", "e\x00f",
@@ -130,7 +130,7 @@ def test_localize_hostile_names_stay_inside(hostile, tmp_path):
     assert _check_page(out / "index.html", out) == 2 * len(images)
     doc = json.loads((out / "detections.json").read_bytes().decode("utf-8"))
     assert [c["name"] for c in doc["categories"]] == classes  # data keeps the original names
-    assert doc == json.loads(json.dumps(res))
+    assert doc == res.to_dict()
     for im in doc["images"]:
         assert set(im["masks"]) == set(classes)
         assert all((out / m).resolve().is_file() and (out / m).resolve().is_relative_to(out.resolve()) for m in im["masks"].values())
@@ -154,7 +154,7 @@ def test_explain_hostile_names_stay_inside(hostile, tmp_path):
     assert len([p for p in files if p.parent.name == "overlays"]) == len(images) * len(classes)
     assert _check_page(out / "index.html", out) == 2 * len(images) * len(classes)
     saved = json.loads((out / "maps.json").read_bytes().decode("utf-8"))
-    assert saved["classes"] == classes and saved == json.loads(json.dumps(index))
+    assert saved["classes"] == classes and saved == index.to_dict()
     assert all(im["targets"] == classes for im in saved["images"])
     tensors = load_file(str(out / "maps.safetensors"))
     assert {f"{im['key']}.{part}" for im in saved["images"] for part in ("raw", "normalized", "targets")} == set(tensors)
@@ -270,9 +270,14 @@ def test_gallery_cards_relative_encoded_escaped(tmp_path):
     ({"target": "top9"}, "target"),
     ({"method": "nope"}, "method"),
     ({"display_size": 0}, "display_size"),
-    ({"count_tta": "flip"}, "count_tta"),
+    ({"count_views": "flip"}, "count_views: only counting models"),
+    ({"maps": {"count_views": "flip"}}, "count_views: only counting models"),
     ({"progress": 3}, "progress"),
-    ({"explain_options": ["tta"]}, "explain_options"),
+    ({"maps": ["tta"]}, "maps"),
+    ({"maps": {1: "tta"}}, "maps"),
+    ({"maps": {"fusion": "sum"}}, "fusion"),
+    ({"maps": {"test_size": 8}}, "test_size"),
+    ({"maps": {"normalization": "zscore"}}, "normalization"),
 ])
 def test_localize_refuses_bad_arguments_before_any_work(tmp_path, kwargs, match):
     _images(tmp_path / "imgs", ["x"])
@@ -286,9 +291,23 @@ def test_localize_refuses_bad_arguments_before_any_work(tmp_path, kwargs, match)
     ({"target": False}, "target"),
     ({"target": [0, 1]}, "target"),
     ({"method": "nope"}, "method"),
+    ({"method": 3}, "method"),
+    ({"progress": "yes"}, "progress"),
+    ({"maps": 3}, "maps"),
+    ({"maps": {"dtype": "int8"}}, "dtype"),
+    ({"out": None}, "out"),
 ])
 def test_explain_refuses_bad_arguments_before_any_work(tmp_path, kwargs, match):
     _images(tmp_path / "imgs", ["x"])
+    kwargs = {"out": tmp_path / "out", **kwargs}
     with pytest.raises(OptionError, match=match):
-        explain_images(_model(["a", "b"]), tmp_path / "imgs", tmp_path / "out", **kwargs)
+        explain_images(_model(["a", "b"]), tmp_path / "imgs", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"count_views": "sideways"}, "count_views"), ({"maps": {"count_views": "rot45"}}, "count_views")])
+def test_localize_refuses_bad_count_views_of_a_counting_model(tmp_path, kwargs, match):
+    _images(tmp_path / "imgs", ["x"])
+    with pytest.raises(OptionError, match=match):
+        localize_images(_model(["a", "b"], counting="density"), tmp_path / "imgs", tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()

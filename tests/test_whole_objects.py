@@ -74,8 +74,8 @@ def test_pseudo_masks_and_localizer_loss(tiny_model):
 
 
 def test_second_stage_trains_a_localizer_from_a_teacher(synth_single, tmp_path):
-    kw = dict(backbone="test_resnet", pretrained="none", image_size=64, output_stride=8, epochs=1, freeze_epochs=0,
-              batch_size=8, progress=False, num_workers=0, limit_batches=2)
+    kw = dict(backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=1, freeze_epochs=0,
+              batch_size=8, progress=False, workers=0, limit_batches=2)
     first = fine_tune(synth_single, tmp_path / "first", align_weight=1.0, consistency_weight=1.0, **kw)
     with pytest.raises(WeaklocError, match="no localizer head"):
         explain(first.model, torch.randn(1, 3, 64, 64), "localizer")

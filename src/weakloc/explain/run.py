@@ -1,99 +1,35 @@
-"""``explain_images``: heatmaps of any registered method for image files, saved as pictures and tensors."""
+"""Heatmaps of image files, computed batch by batch: typed results, no files written.
+
+:func:`explain_batches` checks its options and lists the images at once (an
+:class:`~weakloc.errors.OptionError` before any work), then computes one :class:`ExplainedBatch` at
+a time; :mod:`weakloc.report.explanation` writes them (overlays, ``maps.safetensors``,
+``maps.json``, ``index.html``). Maps are made by the one pipeline (:mod:`weakloc.explain.pipeline`)
+on images loaded at ``settings.test_size``.
+
+The option checks shared with localization (:func:`check_target`, :func:`check_method`), the image
+batches (:func:`image_batches`) and the record of an unreadable file (:class:`SkippedFile`) live
+here too.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from weakloc.checks import check_device, check_int
+from weakloc.config import MapConfig
 from weakloc.data.dataset import PredictDataset, collate_list
 from weakloc.data.images import list_images
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain import explain, resolve_targets, upsample
+from weakloc.explain import pipeline, resolve_targets
 from weakloc.explain.registry import get_method
 from weakloc.models.classifier import check_finite
-from weakloc.report.html import gallery_cards, write_page
-from weakloc.report.overlay import blend, save_png
-from weakloc.report.paths import OutputFolder, printable, safe_component
-
-
-def explain_images(model, images, out: str | Path, *, method: str = "gradcam", target="predicted", layer: str | None = None,
-                   batch_size: int = 16, device=None, progress=None, explain_options: dict | None = None) -> dict:
-    """Write ``overlays/*.png`` (one per image and target), ``maps.safetensors`` (per image the raw and
-    normalised maps ``(T, S, S)`` at the model's input size and the targets ``(T,)``), ``maps.json``
-    (file names, classes, probabilities) and ``index.html``. ``explain_options`` go to
-    :func:`~weakloc.explain.explain` (fusion, tta, eigen_smooth, dtype, method options), over the
-    model's stored defaults for ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
-
-    Every file stays inside ``out``: overlay names ``{key}_{class}.png`` and the keys (``NNNNN_stem``,
-    also the tensors' name prefix in ``maps.safetensors``) are made from image stems and class names
-    by :func:`~weakloc.report.paths.safe_component`. ``maps.json`` keeps the original class names and
-    file paths, a path that is not valid UTF-8 written with ``\\xNN`` for each undecodable byte
-    (:func:`~weakloc.report.paths.printable`).
-
-    ``target``: ``predicted``, ``all``, ``topK``, a class name or index (every image).
-
-    Returns:
-        the ``maps.json`` content.
-
-    Raises:
-        OptionError: an argument out of range or of the wrong kind, before any work starts.
-    """
-    cfg = model.config
-    if out is None:
-        raise OptionError("out: explain_images needs an output folder")
-    batch_size = check_int("batch_size", batch_size, 1)
-    if progress is not None and not callable(progress):
-        raise OptionError(f"progress: expected a callable (done, total), got {progress!r}")
-    if explain_options is not None and not isinstance(explain_options, dict):
-        raise OptionError(f"explain_options: expected a dict of keyword arguments, got {explain_options!r}")
-    check_method(method)
-    target = check_target(target, cfg.classes)
-    device = torch.device(check_device("device", device) if device is not None else next(model.parameters()).device)
-    model = model.to(device).eval()
-    explain_options = cfg.map_options(method, explain_options)
-    out = OutputFolder(out)
-    class_files = class_file_names(cfg.classes)
-    paths = list_images(images)
-    loader = DataLoader(PredictDataset(paths, cfg.inference_size(), cfg.mean, cfg.std), batch_size=batch_size, collate_fn=collate_list)
-    tensors: dict[str, torch.Tensor] = {}
-    index = {"method": method, "classes": cfg.classes, "images": [], "skipped": []}
-    cards = []
-    done = 0
-    for batch in loader:
-        done += len(batch)
-        good = [b for b in batch if b[1] is not None]
-        index["skipped"] += [{"file": printable(str(paths[i]), controls=False), "reason": printable(r, controls=False)}
-                             for i, x, r, _ in batch if x is None]
-        if good:
-            x = torch.stack([b[1] for b in good]).to(device)
-            heat = explain(model, x, method=method, target=target, layer=layer, **explain_options)
-            probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability",
-                                 [str(paths[i]) for i, *_ in good]).cpu()
-            for j, (i, _, (h, w), shown) in enumerate(good):
-                key = f"{len(index['images']):05d}_{safe_component(paths[i].stem)}"
-                tensors[f"{key}.raw"] = heat.raw[j].float().cpu().clone()
-                tensors[f"{key}.normalized"] = heat.normalized[j].float().cpu().clone()
-                tensors[f"{key}.targets"] = heat.targets[j].cpu().clone()
-                disp = upsample(heat.normalized[j], tuple(shown.shape[-2:]), mode="bilinear").clamp(0, 1)
-                over = blend(shown[None].expand(len(disp), -1, -1, -1).to(device), disp)
-                for k, cls in enumerate(heat.targets[j].tolist()):
-                    png = save_png(over[k], out.file("overlays", f"{key}_{class_files[cls]}", ".png"), out.root)
-                    cards.append({"image": png, "title": paths[i].name, "lines": [f"{method}: {cfg.classes[cls]} ({float(probs[j, cls]):.2f})"]})
-                index["images"].append({"key": key, "file": printable(str(paths[i]), controls=False), "width": w, "height": h,
-                                        "targets": [cfg.classes[c] for c in heat.targets[j].tolist()],
-                                        "probabilities": [round(float(p), 4) for p in probs[j]]})
-        if progress is not None:
-            progress(done, len(paths))
-    if tensors:
-        save_file(tensors, str(out.file(None, "maps", ".safetensors")))
-    out.file(None, "maps", ".json").write_text(json.dumps(index, indent=1), encoding="utf-8")
-    write_page(out.file(None, "index", ".html"), f"weakloc — {method} heatmaps", [("", gallery_cards(cards, out.root))])
-    return index
+from weakloc.results import Result
+from weakloc.text import escape_text
 
 
 def check_target(target, classes: list[str]) -> str | int:
@@ -119,7 +55,224 @@ def check_method(method) -> str:
     return method
 
 
-def class_file_names(classes: list[str]) -> list[str]:
-    """Each class name as a file-name component, unique among the classes (``a/b`` -> ``a_b``)."""
-    used: set[str] = set()
-    return [safe_component(c, used) for c in classes]
+def check_maps(maps, name: str = "maps") -> MapConfig | dict | None:
+    """``maps`` (per-call map settings: a :class:`~weakloc.config.MapConfig`, a flat dict of
+    settings and method options such as ``{"fusion": "max", "positive_weights": True}``, or None)
+    if it is of a usable kind, else an :class:`~weakloc.errors.OptionError`; the values are checked
+    by :func:`~weakloc.explain.pipeline.map_settings`."""
+    if maps is not None and not isinstance(maps, MapConfig) and not (isinstance(maps, dict) and all(isinstance(k, str) for k in maps)):
+        raise OptionError(f"{name}: expected a MapConfig or a dict of map settings and method options, got {maps!r}")
+    return maps
+
+
+def check_progress(progress):
+    """``progress`` if it is None or a callable ``(done, total)``, else an :class:`~weakloc.errors.OptionError`."""
+    if progress is not None and not callable(progress):
+        raise OptionError(f"progress: expected a callable (done, total), got {progress!r}")
+    return progress
+
+
+def given_settings(**settings) -> dict:
+    """The map settings a caller gave as keywords (None: not given), so that an unset keyword never
+    hides the same setting given in ``maps``."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def model_device(model, device) -> torch.device:
+    """``device`` checked (:func:`~weakloc.checks.check_device`), else the device of ``model``'s weights."""
+    return torch.device(check_device("device", device) if device is not None else next(model.parameters()).device)
+
+
+@dataclass
+class SkippedFile(Result):
+    """An image that could not be read: the file (undecodable bytes as ``\\xNN``) and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass
+class ImageBatch:
+    """One batch of readable images and the files of the batch that could not be read.
+
+    Attributes:
+        x: ``(B, 3, S, S)`` model inputs, normalised, on the device.
+        paths: each image's file (B).
+        sizes: each image's original ``(H, W)``.
+        display: each image's picture for overlays, ``(3, h, w)`` uint8 (CPU; longest side
+            256..``display_size``).
+        skipped: the batch's unreadable files.
+        done, total: images handled so far (this batch included), and in all.
+    """
+
+    x: torch.Tensor | None
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    display: list[torch.Tensor]
+    skipped: list[SkippedFile]
+    done: int
+    total: int
+
+
+def image_batches(model, paths: list[Path], size: int, batch_size: int, device: torch.device,
+                  display_size: int = 512) -> Iterator[ImageBatch]:
+    """``paths`` read and normalised at ``size × size`` (the model's mean and std), ``batch_size``
+    at a time; ``x`` is None for a batch with no readable image."""
+    cfg = model.config
+    loader = DataLoader(PredictDataset(paths, size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
+    done = 0
+    for batch in loader:
+        done += len(batch)
+        good = [b for b in batch if b[1] is not None]
+        skipped = [SkippedFile(escape_text(str(paths[i]), controls=False), escape_text(reason, controls=False))
+                   for i, x, reason, _ in batch if x is None]
+        yield ImageBatch(torch.stack([b[1] for b in good]).to(device) if good else None, [paths[i] for i, *_ in good],
+                         [tuple(hw) for _, _, hw, _ in good], [shown for *_, shown in good], skipped, done, len(paths))
+
+
+@dataclass
+class ExplainedImage(Result):
+    """One image's entry of ``maps.json``.
+
+    Attributes:
+        file: the image file (undecodable bytes as ``\\xNN``).
+        width, height: its original size.
+        targets: the class of each of its maps.
+        probabilities: the model's probability of each class, rounded to 4 places.
+        key: the name of its maps in ``maps.safetensors`` (``NNNNN_stem``), given by the writer
+            (:mod:`weakloc.report.explanation`); None before.
+    """
+
+    file: str
+    width: int
+    height: int
+    targets: list[str]
+    probabilities: list[float]
+    key: str | None = None
+
+    def to_dict(self) -> dict:
+        out = {} if self.key is None else {"key": self.key}
+        return out | {"file": self.file, "width": self.width, "height": self.height, "targets": list(self.targets),
+                      "probabilities": list(self.probabilities)}
+
+
+@dataclass
+class ExplainedBatch(Result):
+    """One batch of :func:`explain_batches`: records and maps (tensors on the device).
+
+    Attributes:
+        images: the readable images' records (B).
+        skipped: the batch's unreadable files.
+        paths: each record's file.
+        display: each image's ``(3, h, w)`` uint8 picture (CPU).
+        raw, normalized: ``(B, T, S, S)`` the maps as made and normalised to [0, 1].
+        targets: ``(B, T)`` class index of each map.
+        probabilities: ``(B, K)`` the model's class probabilities.
+    """
+
+    images: list[ExplainedImage]
+    skipped: list[SkippedFile]
+    paths: list[Path]
+    display: list[torch.Tensor]
+    raw: torch.Tensor | None
+    normalized: torch.Tensor | None
+    targets: torch.Tensor | None
+    probabilities: torch.Tensor | None
+
+    def to_dict(self) -> dict:
+        return {"images": [im.to_dict() for im in self.images], "skipped": [s.to_dict() for s in self.skipped]}
+
+
+@dataclass
+class ExplanationResult(Result):
+    """What :func:`~weakloc.report.explanation.explain_images` returns; :meth:`to_dict` is ``maps.json``."""
+
+    method: str
+    classes: list[str]
+    images: list[ExplainedImage] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def add(self, images: list[ExplainedImage], skipped: list[SkippedFile]) -> None:
+        """Append a batch's records (as the writer keyed them) and unreadable files."""
+        self.images += images
+        self.skipped += skipped
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "classes": list(self.classes), "images": [im.to_dict() for im in self.images],
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
+class ExplainBatches:
+    """A checked heatmap run (:func:`explain_batches`); iterate it to compute its batches.
+
+    Attributes:
+        settings: the map settings (:func:`~weakloc.explain.pipeline.map_settings`).
+        target: the maps' target for every image.
+        paths: the image files.
+    """
+
+    def __init__(self, model, settings: MapConfig, target, paths: list[Path], batch_size: int, device: torch.device,
+                 display_size: int, progress):
+        self.model, self.settings, self.target, self.paths = model, settings, target, paths
+        self._batch_size, self._device, self._display_size, self._progress = batch_size, device, display_size, progress
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    def result(self) -> ExplanationResult:
+        """An empty :class:`ExplanationResult` of this run, for :meth:`ExplanationResult.add`."""
+        return ExplanationResult(self.settings.method, list(self.model.config.classes))
+
+    def __iter__(self) -> Iterator[ExplainedBatch]:
+        classes = self.model.config.classes
+        for batch in image_batches(self.model, self.paths, self.settings.test_size, self._batch_size, self._device, self._display_size):
+            if batch.x is None:
+                yield ExplainedBatch([], batch.skipped, [], [], None, None, None, None)
+            else:
+                heat = pipeline.make_maps(self.model, batch.x, self.settings, self.target)
+                probs = check_finite(self.model.probabilities(heat.logits.float()), "the model's probability", list(map(str, batch.paths)))
+                probs_cpu, targets_cpu = probs.cpu(), heat.targets.cpu()
+                records = [ExplainedImage(escape_text(str(path), controls=False), w, h, [classes[c] for c in targets_cpu[j].tolist()],
+                                          [round(float(p), 4) for p in probs_cpu[j]])
+                           for j, (path, (h, w)) in enumerate(zip(batch.paths, batch.sizes))]
+                yield ExplainedBatch(records, batch.skipped, batch.paths, batch.display, heat.raw, heat.normalized, heat.targets, probs)
+            if self._progress is not None:
+                self._progress(batch.done, batch.total)
+
+
+def explain_batches(model, images, *, method: str | None = None, target="predicted", layer: str | None = None,
+                    maps: MapConfig | dict | None = None, batch_size: int = 16, device=None, display_size: int = 512,
+                    progress=None) -> ExplainBatches:
+    """Heatmaps of image files, one batch at a time (nothing written).
+
+    Args:
+        model: a :class:`~weakloc.models.WeaklocNet`.
+        images: files and/or folders.
+        method, layer: heatmap method and target layer(s); None: the model's stored ones (method:
+            else ``cam``).
+        target: ``predicted``, ``all``, ``topK``, a class name or index (every image).
+        maps: further map settings over the model's stored ones: a
+            :class:`~weakloc.config.MapConfig` or a flat dict (``fusion``, ``tta``,
+            ``eigen_smooth``, ``dtype``, ``normalization``, ``test_size``, method options).
+        display_size: longest side of the pictures kept for overlays.
+        progress: optional callable ``(done, total)``, called after each batch.
+
+    Returns:
+        an :class:`ExplainBatches`: the checked settings, and an iterable of :class:`ExplainedBatch`.
+
+    Raises:
+        OptionError: an argument out of range or of the wrong kind, before any work starts.
+    """
+    cfg = model.config
+    batch_size = check_int("batch_size", batch_size, 1)
+    display_size = check_int("display_size", display_size, 1)
+    check_progress(progress)
+    check_maps(maps)
+    if method is not None:
+        check_method(method)
+    target = check_target(target, cfg.classes)
+    settings = pipeline.map_settings(model, maps, **given_settings(method=method, layer=layer))
+    device = model_device(model, device)
+    model = model.to(device).eval()
+    return ExplainBatches(model, settings, target, list_images(images), batch_size, device, display_size, progress)

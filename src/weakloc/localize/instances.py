@@ -12,7 +12,8 @@ from torchvision.ops import clip_boxes_to_image
 from weakloc.errors import WeaklocError
 from weakloc.explain.maps import upsample
 
-COUNT_TTA = {"none": 1, "flip": 2, "dihedral": 8}
+#: forward passes of each of :data:`~weakloc.config.COUNT_VIEWS`
+COUNT_VIEW_PASSES = {"none": 1, "flip": 2, "dihedral": 8}
 
 
 class Instances(NamedTuple):
@@ -109,11 +110,10 @@ def sized_boxes(points: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, 
 
 
 # A density peak's half-peak region spans about a cell or two of the map, whatever the object's size,
-# so how much to widen it depends on how many cells an object covers. On the val splits the best
-# widening was 2.5x for 30-46 px shapes and 2x for BCCD cells at 256 px (1x scored 0.002 and 0.094),
-# but 1-1.5x for 15-25 px shapes at 128 px, where 2x lost (0.031 against 0.108; docs/results.md,
-# "Counting, seventh round"). Sizes calibrated from a few boxes
-# (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) beat every widening measured.
+# so how much to widen it depends on how many cells an object covers; 2 was best on real data and
+# close to the best on large synthetic shapes, but not on small ones, and sizes calibrated from a few
+# boxes (:func:`~weakloc.evaluate.calibrate.calibrate_box_sizes`) beat every widening measured
+# (docs/results.md, "Counting, seventh round").
 REGION_BOX_SCALE = 2.0
 
 
@@ -137,27 +137,27 @@ def _view(x: torch.Tensor, i: int) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
-def counting_forward(model, x: torch.Tensor, tta: str = "none"):
+def counting_forward(model, x: torch.Tensor, views: str = "none"):
     """A counting model's forward pass, averaged over test-time views.
 
     Counts do not change when an image is flipped (``flip``: left-right) or, for top-down images,
     turned by right angles (``dihedral``: all 8 orientations); averaging the views' counts and
     logits steadies the count before it is rounded. The maps stay the first view's: with the
     asymmetric 'same' padding of TF-style backbones a turned view's maps, turned back, sit a fraction
-    of a cell off, and their average blurs the peaks that mark instances (synthetic counting: point
-    F1 0.852 with averaged maps, 0.900 with the first view's; docs/results.md).
+    of a cell off, and their average blurs the peaks that mark instances (docs/results.md,
+    "Counting, fourth round").
 
     Args:
         model: a :class:`~weakloc.models.WeaklocNet` with a counting head; x: ``(B, 3, H, W)``.
-        tta: ``none``, ``flip`` or ``dihedral``.
+        views: ``none``, ``flip`` or ``dihedral`` (:data:`~weakloc.config.COUNT_VIEWS`).
 
     Returns:
         a :class:`~weakloc.models.ModelOutput`: ``logits``, ``counts`` and ``head_counts`` averaged
         over the views, the rest the first view's.
     """
-    if tta not in COUNT_TTA:
-        raise WeaklocError(f"unknown counting test-time views {tta!r}: use one of {', '.join(COUNT_TTA)}")
-    outs = [model.forward_maps(_view(x, i)) for i in range(COUNT_TTA[tta])]
+    if views not in COUNT_VIEW_PASSES:
+        raise WeaklocError(f"unknown counting test-time views {views!r}: use one of {', '.join(COUNT_VIEW_PASSES)}")
+    outs = [model.forward_maps(_view(x, i)) for i in range(COUNT_VIEW_PASSES[views])]
     if len(outs) == 1:
         return outs[0]
     mean = lambda name: None if getattr(outs[0], name) is None else torch.stack([getattr(o, name) for o in outs]).mean(0)  # noqa: E731

@@ -22,13 +22,11 @@ class Detection:
 
     Attributes:
         boxes: ``(R, 4)`` float32 ``x0, y0, x1, y1`` (inclusive pixel corners, map pixels).
-        scores: ``(R,)`` mean normalised map value inside each region, times the class probability.
-        area: ``(R,)`` region pixel counts.
+        scores: ``(R,)`` mean normalised map value inside each region.
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
-    area: torch.Tensor
 
 
 def binarize(maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -46,13 +44,13 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
         masks: ``(N, H, W)`` bool.
         maps: ``(N, H, W)`` normalised maps (region scores are their mean inside a region).
         keep: ``largest`` (one box per map, the largest region) or ``all``.
-        min_area: regions smaller than this many pixels are dropped (``all`` only).
+        min_area: regions smaller than this many pixels are dropped (``all`` only; 0 and 1 keep every region).
 
     Returns:
         N :class:`Detection` (CPU tensors); a map with no foreground gives no box.
     """
     check_choice("keep", keep, ("largest", "all"))
-    check_int("min_area", min_area, 1)
+    check_int("min_area", min_area, 0)
     if masks.ndim != 3 or masks.shape != maps.shape:
         raise OptionError(f"region_boxes: masks {tuple(masks.shape)} and maps {tuple(maps.shape)} must both be (N, H, W)")
     masks_np = masks.to(torch.uint8).cpu().numpy()
@@ -61,7 +59,7 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
     for m, s in zip(masks_np, maps_np):
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
         if n <= 1:
-            out.append(Detection(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0)))
+            out.append(Detection(torch.zeros(0, 4), torch.zeros(0)))
             continue
         stats = stats[1:]
         sums = np.bincount(labels.ravel(), weights=s.ravel(), minlength=n)[1:]
@@ -75,8 +73,7 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
         x1 = x0 + stats[order, 2] - 1
         y1 = y0 + stats[order, 3] - 1
         boxes = np.stack([x0, y0, x1, y1], 1).astype(np.float32)
-        out.append(Detection(torch.from_numpy(boxes), torch.from_numpy((sums[order] / area[order]).astype(np.float32)),
-                             torch.from_numpy(area[order].astype(np.float32))))
+        out.append(Detection(torch.from_numpy(boxes), torch.from_numpy((sums[order] / area[order]).astype(np.float32))))
     return out
 
 

@@ -1,31 +1,38 @@
-"""``localize_images``: images in, heatmaps, boxes, masks, overlays, COCO JSON and a gallery out."""
+"""Localization of image files, computed batch by batch: typed results, no files written.
+
+:func:`localize_batches` checks its options and lists the images at once (an
+:class:`~weakloc.errors.OptionError` before any work), then computes one :class:`RegionBatch`
+(classifiers: maps, masks and region boxes) or :class:`CountBatch` (counting models: counts and
+numbered instances) at a time. Their records (:class:`LocalizedImage`, :class:`LocalizedBox`) are
+the entries of ``detections.json``; :mod:`weakloc.report.localization` draws and writes them.
+:func:`localize` collects a whole run's records without writing anything.
+
+Maps are made by the one pipeline (:mod:`weakloc.explain.pipeline`) on images loaded at
+``settings.test_size``.
+"""
 
 from __future__ import annotations
 
-import html
-import json
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from torchvision.utils import draw_keypoints
 
-from weakloc.data.dataset import PredictDataset, collate_list
-from weakloc.checks import check_choice, check_device, check_int
+from weakloc.checks import check_choice, check_int
+from weakloc.config import DEFAULT_BOX_THRESHOLD, MapConfig
 from weakloc.data.images import list_images
-from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain import explain, normalize_minmax, upsample
-from weakloc.explain.run import check_method, check_target, class_file_names
-from weakloc.localize.instances import COUNT_TTA, counting_forward, output_instances, predicted_counts
+from weakloc.errors import OptionError
+from weakloc.explain import normalize_minmax, pipeline
+from weakloc.explain.run import (ImageBatch, SkippedFile, check_maps, check_method, check_progress, check_target, given_settings,
+                                 image_batches, model_device)
+from weakloc.localize.instances import Instances, counting_forward, output_instances, predicted_counts
 from weakloc.localize.regions import binarize, region_boxes, scale_boxes
-from weakloc.localize.threshold import parse_threshold, thresholds_for
+from weakloc.localize.threshold import check_threshold, thresholds_for
 from weakloc.models.classifier import check_finite
-from weakloc.report.html import gallery_cards, write_page
-from weakloc.report.overlay import blend, draw_detections, save_png
-from weakloc.report.paths import OutputFolder, printable, safe_component
-
-DEFAULT_THRESHOLD = 0.3
+from weakloc.results import Result
+from weakloc.text import escape_text
 
 
 def default_target(model) -> str:
@@ -36,227 +43,356 @@ def default_target(model) -> str:
     return "all" if model.config.task == "multi" else "predicted"
 
 
-def localize_images(
-    model,
-    images: list[str | Path] | str | Path,
-    out: str | Path | None = None,
-    *,
-    method: str | None = None,
-    explain_options: dict | None = None,
-    target=None,
-    threshold: str | float = "auto",
-    keep: str = "all",
-    min_area: int = 4,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-    display_size: int = 512,
-    count_tta: str | None = None,
-    progress=None,
-) -> dict:
-    """Localize the evidence for each image's class(es).
+@dataclass
+class LocalizedBox(Result):
+    """One box of ``detections.json`` (a COCO result).
+
+    Attributes:
+        id: 1-based, over the whole run.
+        image_id: the :class:`LocalizedImage` it belongs to.
+        category_id: class index + 1.
+        label: class name.
+        bbox: ``[x, y, width, height]`` in original pixels, rounded to 0.1.
+        score: classifiers: the class probability times the region's mean map value; counting
+            models: the map value at the instance's peak.
+        instance: counting models: the instance's number within its class and image (1-based).
+        point: counting models: the instance's peak ``[x, y]`` in original pixels.
+    """
+
+    id: int
+    image_id: int
+    category_id: int
+    label: str
+    bbox: list[float]
+    score: float
+    instance: int | None = None
+    point: list[float] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "image_id": self.image_id, "category_id": self.category_id, "label": self.label}
+        if self.instance is not None:
+            out |= {"instance": self.instance, "point": list(self.point or [])}
+        return out | {"bbox": list(self.bbox), "score": self.score}
+
+
+@dataclass
+class LocalizedImage(Result):
+    """One image's entry of ``detections.json``.
+
+    Attributes:
+        id: 1-based, over the whole run.
+        file_name: the image file (undecodable bytes as ``\\xNN``).
+        width, height: its original size.
+        probabilities: the model's probability of each class, rounded to 4 places.
+        predicted: classifiers: the most probable class.
+        counts, raw_counts: counting models: each class's whole count, and its count before
+            rounding and the presence gate (2 places).
+        masks: class -> its mask file, relative to the output folder; given by the writer
+            (:mod:`weakloc.report.localization`) for the classes shown, None before.
+    """
+
+    id: int
+    file_name: str
+    width: int
+    height: int
+    probabilities: list[float]
+    predicted: str | None = None
+    counts: dict[str, int] | None = None
+    raw_counts: dict[str, float] | None = None
+    masks: dict[str, str] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "file_name": self.file_name, "width": self.width, "height": self.height}
+        if self.counts is not None:
+            out |= {"counts": dict(self.counts), "raw_counts": dict(self.raw_counts or {})}
+        else:
+            out["predicted"] = self.predicted
+        out["probabilities"] = list(self.probabilities)
+        if self.masks is not None:
+            out["masks"] = dict(self.masks)
+        return out
+
+
+@dataclass
+class LocalizedBatch(Result):
+    """One batch of :func:`localize_batches` (tensors on the device); this class itself is a batch
+    in which no image could be read.
+
+    Attributes:
+        images: the readable images' records (B), numbered over the run.
+        annotations: their boxes.
+        skipped: the batch's unreadable files.
+        paths: each record's file.
+        display: each image's ``(3, h, w)`` uint8 picture for overlays (CPU).
+        probabilities: ``(B, K)`` the model's class probabilities.
+    """
+
+    images: list[LocalizedImage]
+    annotations: list[LocalizedBox]
+    skipped: list[SkippedFile]
+    paths: list[Path]
+    display: list[torch.Tensor]
+    probabilities: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {"images": [im.to_dict() for im in self.images], "annotations": [a.to_dict() for a in self.annotations],
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
+@dataclass
+class RegionBatch(LocalizedBatch):
+    """A classifier's batch: maps, masks and region boxes.
+
+    Attributes:
+        maps: ``(B, T, S, S)`` normalised maps (``S``: ``settings.test_size``).
+        targets: ``(B, T)`` class index of each map.
+        scores: ``(B, T)`` the model's probability of each map's class.
+        present: ``(B, T)`` bool: the maps whose class is shown (boxes and masks made).
+        masks: ``(B, T, S, S)`` bool, the maps above their threshold.
+        boxes: ``boxes[b][t]``: ``(R, 4)`` region boxes ``x0, y0, x1, y1`` (inclusive map pixels,
+            CPU) of each map; empty where not ``present``.
+    """
+
+    maps: torch.Tensor
+    targets: torch.Tensor
+    scores: torch.Tensor
+    present: torch.Tensor
+    masks: torch.Tensor
+    boxes: list[list[torch.Tensor]]
+
+
+@dataclass
+class CountBatch(LocalizedBatch):
+    """A counting model's batch: counts and numbered instances.
+
+    Attributes:
+        density: ``(B, S, S)`` all classes' maps summed and normalised to [0, 1].
+        counts: ``(B, K)`` whole counts.
+        instances: peaks and boxes in map pixels (:class:`~weakloc.localize.instances.Instances`,
+            ``(B, K, N, ...)``; ``valid`` marks the counted ones).
+    """
+
+    density: torch.Tensor
+    counts: torch.Tensor
+    instances: Instances
+
+
+@dataclass
+class LocalizationResult(Result):
+    """A whole run's records; :meth:`to_dict` is ``detections.json`` (COCO results with ``images``,
+    ``annotations``, ``categories`` and ``skipped``)."""
+
+    classes: list[str]
+    images: list[LocalizedImage] = field(default_factory=list)
+    annotations: list[LocalizedBox] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def categories(self) -> list[dict]:
+        return [{"id": k + 1, "name": c} for k, c in enumerate(self.classes)]
+
+    def add(self, images: list[LocalizedImage], annotations: list[LocalizedBox], skipped: list[SkippedFile]) -> None:
+        """Append a batch's records (as its writer completed them) and unreadable files."""
+        self.images += images
+        self.annotations += annotations
+        self.skipped += skipped
+
+    def warn_skipped(self) -> None:
+        """A :class:`UserWarning` when any image could not be read."""
+        if self.skipped:
+            warnings.warn(f"{len(self.skipped)} image(s) could not be read and were skipped", stacklevel=3)
+
+    def to_dict(self) -> dict:
+        return {"images": [im.to_dict() for im in self.images], "annotations": [a.to_dict() for a in self.annotations],
+                "categories": self.categories, "skipped": [s.to_dict() for s in self.skipped]}
+
+
+class LocalizeBatches:
+    """A checked localization run (:func:`localize_batches`); iterate it to compute its batches.
+
+    Attributes:
+        settings: the map settings (:func:`~weakloc.explain.pipeline.map_settings`).
+        threshold: the box threshold asked for, ``auto`` resolved (``calibrated`` when the model
+            has a calibrated one, else :data:`~weakloc.config.DEFAULT_BOX_THRESHOLD`).
+        target: the maps' target (classifiers).
+        paths: the image files.
+    """
+
+    def __init__(self, model, settings: MapConfig, threshold, target, keep: str, min_area: int, paths: list[Path],
+                 batch_size: int, device: torch.device, display_size: int, progress):
+        self.model, self.settings, self.threshold, self.target, self.paths = model, settings, threshold, target, paths
+        self._keep, self._min_area, self._batch_size, self._device = keep, min_area, batch_size, device
+        self._display_size, self._progress = display_size, progress
+        self.counting = getattr(model, "counting_head", None) is not None
+        self._box_sizes = model.config.instance_box_sizes() if self.counting else None
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    def result(self) -> LocalizationResult:
+        """An empty :class:`LocalizationResult` of this run, for :meth:`LocalizationResult.add`."""
+        return LocalizationResult(list(self.model.config.classes))
+
+    def __iter__(self) -> Iterator[LocalizedBatch]:
+        image_id, box_id = 0, 0
+        for batch in image_batches(self.model, self.paths, self.settings.test_size, self._batch_size, self._device, self._display_size):
+            if batch.x is None:
+                out = LocalizedBatch([], [], batch.skipped, [], [], torch.zeros(0, len(self.model.config.classes)))
+            elif self.counting:
+                out = self._count(batch, image_id, box_id)
+            else:
+                out = self._regions(batch, image_id, box_id)
+            image_id += len(out.images)
+            box_id += len(out.annotations)
+            yield out
+            if self._progress is not None:
+                self._progress(batch.done, batch.total)
+
+    def _regions(self, batch: ImageBatch, image_id: int, box_id: int) -> RegionBatch:
+        model, cfg = self.model, self.model.config
+        heat = pipeline.make_maps(model, batch.x, self.settings, self.target)
+        probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability", list(map(str, batch.paths)))
+        score = probs.gather(1, heat.targets)  # (B, T)
+        if cfg.task == "multi" and heat.targets.shape[1] > 1:
+            present = score >= 0.5
+            present[torch.arange(len(score)), score.argmax(1)] = True  # always show the top class
+        elif cfg.positive_class is not None:
+            present = probs[:, cfg.positive_class:cfg.positive_class + 1] >= 0.5
+        else:
+            present = torch.ones_like(score, dtype=torch.bool)
+        b, t, h, w = heat.normalized.shape
+        flat = heat.normalized.reshape(b * t, h, w)
+        masks = binarize(flat, thresholds_for(flat, self.threshold, self.settings.threshold))
+        dets = region_boxes(masks, flat, keep=self._keep, min_area=self._min_area)
+        present_cpu, score_cpu, targets_cpu, probs_cpu = present.cpu(), score.cpu(), heat.targets.cpu(), probs.cpu()
+        images, annotations, boxes = [], [], []
+        for j, (path, (oh, ow)) in enumerate(zip(batch.paths, batch.sizes)):
+            image_id += 1
+            images.append(LocalizedImage(image_id, escape_text(str(path), controls=False), ow, oh,
+                                         [round(float(p), 4) for p in probs_cpu[j]], predicted=cfg.classes[int(probs_cpu[j].argmax())]))
+            boxes.append([])
+            for k in range(t):
+                det = dets[j * t + k]
+                if not present_cpu[j, k]:
+                    boxes[-1].append(torch.zeros(0, 4))
+                    continue
+                boxes[-1].append(det.boxes)
+                cls = int(targets_cpu[j, k])
+                for r, (x0, y0, x1, y1) in enumerate(scale_boxes(det.boxes, (h, w), (oh, ow)).tolist()):
+                    box_id += 1
+                    annotations.append(LocalizedBox(box_id, image_id, cls + 1, cfg.classes[cls],
+                                                    [round(x0, 1), round(y0, 1), round(x1 - x0 + 1, 1), round(y1 - y0 + 1, 1)],
+                                                    round(float(score_cpu[j, k] * det.scores[r]), 4)))
+        return RegionBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, heat.normalized, heat.targets, score,
+                           present, masks.reshape(b, t, h, w), boxes)
+
+    def _count(self, batch: ImageBatch, image_id: int, box_id: int) -> CountBatch:
+        """Counts, and numbered instances from the density (or CAM) peaks."""
+        model, cfg = self.model, self.model.config
+        size = self.settings.test_size
+        with torch.no_grad():
+            o = counting_forward(model, batch.x, self.settings.count_views)
+        whole = predicted_counts(o, cfg.task)
+        maps, found = output_instances(o, size, counts=whole, box_sizes=self._box_sizes)
+        pts, scores, boxes, valid = (t.cpu() for t in found)
+        counts, raw = whole.cpu(), o.counts.float().cpu()
+        names = list(map(str, batch.paths))
+        check_finite(o.counts, "the model's count", names)
+        probs = check_finite(model.probabilities(o.logits.float()), "the model's probability", names)
+        probs_cpu = probs.cpu()
+        images, annotations = [], []
+        for j, (path, (oh, ow)) in enumerate(zip(batch.paths, batch.sizes)):
+            image_id += 1
+            images.append(LocalizedImage(image_id, escape_text(str(path), controls=False), ow, oh,
+                                         [round(float(p), 4) for p in probs_cpu[j]],
+                                         counts={c: int(counts[j, k]) for k, c in enumerate(cfg.classes)},
+                                         raw_counts={c: round(float(raw[j, k]), 2) for k, c in enumerate(cfg.classes)}))
+            sx, sy = ow / size, oh / size
+            for k, cname in enumerate(cfg.classes):
+                for n in torch.nonzero(valid[j, k])[:, 0].tolist():
+                    # instance boxes are continuous (sized boxes sit on a peak's centre), so the COCO box is
+                    # their span scaled, not snapped to whole pixels as region boxes are
+                    x0, y0, x1, y1 = boxes[j, k, n].tolist()
+                    px, py = pts[j, k, n].tolist()
+                    box_id += 1
+                    annotations.append(LocalizedBox(
+                        box_id, image_id, k + 1, cname,
+                        [round(x0 * sx, 1), round(y0 * sy, 1), round((x1 - x0 + 1) * sx, 1), round((y1 - y0 + 1) * sy, 1)],
+                        round(float(scores[j, k, n]), 5), instance=n + 1, point=[round((px + 0.5) * sx, 1), round((py + 0.5) * sy, 1)]))
+        return CountBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, normalize_minmax(maps.sum(1)), whole,
+                          found)
+
+
+def _asked(maps, name: str) -> bool:
+    """Whether the caller's map overrides set ``name``."""
+    if isinstance(maps, MapConfig):
+        return getattr(maps, name) is not None
+    return isinstance(maps, dict) and maps.get(name) is not None
+
+
+def localize_batches(model, images, *, method: str | None = None, maps: MapConfig | dict | None = None, target=None,
+                     threshold: str | float = "auto", keep: str = "all", min_area: int = 4, batch_size: int = 16, device=None,
+                     count_views: str | None = None, display_size: int = 512, progress=None) -> LocalizeBatches:
+    """Localize the evidence for each image's class(es), one batch at a time (nothing written).
 
     Args:
         model: a trained :class:`~weakloc.models.WeaklocNet`.
         images: files and/or folders.
-        out: when given, writes ``overlays/*.png``, ``masks/*.png`` (binary masks of each shown class at
-            the original size), ``detections.json`` (COCO results: boxes in original pixels, scores,
-            labels, and ``masks``: the mask file of each image and class) and ``index.html`` (a gallery),
-            all inside ``out``: file names are made from image stems and class names by
-            :func:`~weakloc.report.paths.safe_component`; the JSON keeps the original names, a file
-            path that is not valid UTF-8 written with ``\\xNN`` for each undecodable byte
-            (:func:`~weakloc.report.paths.printable`).
-        method: heatmap method (``weakloc methods``); default: the calibrated one, else ``cam``.
-        explain_options: keyword arguments for :func:`weakloc.explain.explain` (layer, fusion,
-            tta, eigen_smooth, dtype, method options), over the model's stored defaults for
-            ``method`` (:meth:`~weakloc.models.ModelConfig.map_options`).
+        method: heatmap method (``weakloc methods``); None: the model's stored one, else ``cam``.
+        maps: further map settings over the model's stored ones: a
+            :class:`~weakloc.config.MapConfig` or a flat dict (``layer``, ``fusion``, ``tta``,
+            ``eigen_smooth``, ``dtype``, ``normalization``, ``test_size``, method options).
         target: ``predicted``, ``all``, ``topK``, a class name or index (every image); default
-            :func:`default_target`. Per-image lists are for :func:`weakloc.explain.explain`.
-        threshold: a number in [0, 1), ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the model's
-            calibrated threshold if any, else 0.3).
+            :func:`default_target`.
+        threshold: a number in [0, 1), ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the
+            model's calibrated threshold, ``maps.threshold``, if any, else
+            :data:`~weakloc.config.DEFAULT_BOX_THRESHOLD`).
         keep: ``all`` regions or the ``largest`` per map.
-        count_tta: counting models: test-time views averaged (``none``, ``flip``, ``dihedral``);
-            default: the model's stored ``localization["count_tta"]``, else ``none``.
-        progress: optional callable ``(done, total)``.
+        min_area: regions smaller than this many map pixels are dropped (``keep="all"``).
+        count_views: counting models: test-time views counts are averaged over (``none``,
+            ``flip``, ``dihedral``); None: the model's stored ``maps.count_views``, else ``none``.
+        display_size: longest side of the pictures kept for overlays.
+        progress: optional callable ``(done, total)``, called after each batch.
 
     Returns:
-        COCO-style dict with ``images``, ``annotations`` (detections), ``categories`` and
-        ``skipped`` (files that could not be read, with the reason).
+        a :class:`LocalizeBatches`: the checked settings, and an iterable of :class:`RegionBatch`
+        / :class:`CountBatch` (a plain :class:`LocalizedBatch` where no image of a batch was read).
 
     Raises:
         OptionError: an argument out of range or of the wrong kind, before any work starts.
     """
     cfg = model.config
-    calibrated = cfg.localization.get("threshold")
     batch_size = check_int("batch_size", batch_size, 1)
     min_area = check_int("min_area", min_area, 0)
     display_size = check_int("display_size", display_size, 1)
     keep = check_choice("keep", keep, ("all", "largest"))
-    if progress is not None and not callable(progress):
-        raise OptionError(f"progress: expected a callable (done, total), got {progress!r}")
-    if explain_options is not None and not isinstance(explain_options, dict):
-        raise OptionError(f"explain_options: expected a dict of keyword arguments, got {explain_options!r}")
-    if threshold == "auto":
-        threshold = "calibrated" if calibrated is not None else DEFAULT_THRESHOLD
+    check_progress(progress)
+    check_maps(maps)
+    calibrated = cfg.maps.threshold
+    if isinstance(threshold, str) and threshold == "auto":
+        threshold = "calibrated" if calibrated is not None else DEFAULT_BOX_THRESHOLD
     threshold = check_threshold(threshold, calibrated)
     target = default_target(model) if target is None else check_target(target, cfg.classes)
-    method = method or cfg.localization.get("method", "cam")
-    check_method(method)
-    if getattr(model, "counting_head", None) is not None:
-        check_choice("count_tta", cfg.count_views(count_tta), COUNT_TTA)
-    elif count_tta is not None:
-        raise OptionError("count_tta: only counting models average test-time views (use tta in explain_options for maps)")
-    device = torch.device(check_device("device", device) if device is not None else next(model.parameters()).device)
+    if method is not None:
+        check_method(method)
+    counting = getattr(model, "counting_head", None) is not None
+    if not counting and (count_views is not None or _asked(maps, "count_views")):
+        raise OptionError("count_views: only counting models average test-time views (use tta in maps for maps)")
+    settings = pipeline.map_settings(model, maps, **given_settings(method=method, count_views=count_views))
+    device = model_device(model, device)
     model = model.to(device).eval()
-    paths = list_images(images)
-    explain_options = cfg.map_options(method, explain_options)
-    out = OutputFolder(out) if out is not None else None
-    loader = DataLoader(PredictDataset(paths, cfg.inference_size(), cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
-    result = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": c} for k, c in enumerate(cfg.classes)], "skipped": []}
-    cards = []
-    done = 0
-    for batch in loader:
-        good = [b for b in batch if b[1] is not None]
-        for i, _, reason, _ in (b for b in batch if b[1] is None):
-            result["skipped"].append({"file": printable(str(paths[i]), controls=False), "reason": printable(reason, controls=False)})
-        done += len(batch)
-        if good:
-            _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
-                            explain_options, count_tta)
-        if progress is not None:
-            progress(done, len(paths))
-    if result["skipped"]:
-        warnings.warn(f"{len(result['skipped'])} image(s) could not be read and were skipped", stacklevel=2)
-    if out is not None:
-        out.file(None, "detections", ".json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        note = (f"<p class='note'>Method {html.escape(str(method))}, threshold {html.escape(str(threshold))}, {len(result['images'])} "
-                f"image(s), {len(result['annotations'])} box(es); boxes in detections.json (COCO format, original pixels).</p>")
-        write_page(out.file(None, "index", ".html"), "weakloc — localization", [("", note), ("", gallery_cards(cards, out.root))])
+    return LocalizeBatches(model, settings, threshold, target, keep, min_area, list_images(images), batch_size, device, display_size,
+                           progress)
+
+
+def localize(model, images, **options) -> LocalizationResult:
+    """Every image's records (:func:`localize_batches` with ``options``), without writing anything;
+    :func:`weakloc.report.localization.localize_images` also writes the files. Warns when an image
+    could not be read."""
+    run = localize_batches(model, images, **options)
+    result = run.result()
+    for batch in run:
+        result.add(batch.images, batch.annotations, batch.skipped)
+    result.warn_skipped()
     return result
-
-
-def check_threshold(threshold, calibrated: float | None = None) -> str | float:
-    """``threshold`` (see :func:`~weakloc.localize.threshold.parse_threshold`) if usable: a number
-    in [0, 1), a percentile in [0, 100], ``calibrated`` only when the model has one; else an
-    :class:`~weakloc.errors.OptionError`."""
-    try:
-        kind, _ = parse_threshold(threshold)
-    except WeaklocError as e:
-        raise OptionError(str(e) if "threshold" in str(e) else f"threshold: {e}") from None
-    if kind == "calibrated" and calibrated is None:
-        raise OptionError("threshold: this model has no calibrated threshold; run `weakloc evaluate ... --calibrate` or pass a number")
-    return threshold
-
-
-def _count_batch(model, good, paths, result, cards, out, device, count_tta=None) -> None:
-    """Counting models: counts, and numbered instances from the density (or CAM) peaks."""
-    cfg = model.config
-    size = cfg.inference_size()
-    x = torch.stack([b[1] for b in good]).to(device)
-    with torch.no_grad():
-        o = counting_forward(model, x, cfg.count_views(count_tta))
-    whole = predicted_counts(o, cfg.task)
-    maps, found = output_instances(o, size, counts=whole, box_sizes=cfg.instance_box_sizes())
-    pts, scores, boxes, valid = (t.cpu() for t in found)
-    counts, raw = whole.cpu(), o.counts.float().cpu()
-    names = [str(paths[i]) for i, *_ in good]
-    check_finite(o.counts, "the model's count", names)
-    probs = check_finite(model.probabilities(o.logits.float()), "the model's probability", names).cpu()
-    heat = normalize_minmax(maps.sum(1))  # (B, S, S): all classes' density
-    for j, (i, _, (oh, ow), shown) in enumerate(good):
-        image_id = len(result["images"]) + 1
-        result["images"].append({"id": image_id, "file_name": printable(str(paths[i]), controls=False), "width": ow, "height": oh,
-                                 "counts": {c: int(counts[j, k]) for k, c in enumerate(cfg.classes)},
-                                 "raw_counts": {c: round(float(raw[j, k]), 2) for k, c in enumerate(cfg.classes)},
-                                 "probabilities": [round(float(p), 4) for p in probs[j]]})
-        sx, sy = ow / size, oh / size
-        dh, dw = shown.shape[-2:]
-        drawn, labels, points = [], [], []
-        for k, cname in enumerate(cfg.classes):
-            keep_n = torch.nonzero(valid[j, k])[:, 0]
-            drawn.append(scale_boxes(boxes[j, k, keep_n], (size, size), (dh, dw)))
-            for n in keep_n.tolist():
-                # instance boxes are continuous (sized boxes sit on a peak's centre), so the COCO box is
-                # their span scaled, not snapped to whole pixels as region boxes are
-                x0, y0, x1, y1 = boxes[j, k, n].tolist()
-                px, py = pts[j, k, n].tolist()
-                result["annotations"].append({
-                    "id": len(result["annotations"]) + 1, "image_id": image_id, "category_id": k + 1, "label": cname,
-                    "instance": n + 1, "point": [round((px + 0.5) * sx, 1), round((py + 0.5) * sy, 1)],
-                    "bbox": [round(x0 * sx, 1), round(y0 * sy, 1), round((x1 - x0 + 1) * sx, 1), round((y1 - y0 + 1) * sy, 1)],
-                    "score": round(float(scores[j, k, n]), 5),
-                })
-                points.append([(px + 0.5) * dw / size, (py + 0.5) * dh / size])
-                labels.append(f"{cname} {n + 1}")
-        if out is None:
-            continue
-        disp = upsample(heat[j][None], (dh, dw), mode="bilinear").clamp(0, 1)
-        picture = blend(shown[None].to(device), disp)[0].cpu()
-        summary = " · ".join(f"{c} {int(counts[j, k])}" for k, c in enumerate(cfg.classes))
-        banner = torch.tensor([[0.0, 0.0, dw - 1.0, 0.0]])  # a flat box carries the counts as its caption
-        picture = draw_detections(picture, torch.cat([banner, *drawn]), [summary] + labels)
-        if points:
-            picture = draw_keypoints(picture, torch.tensor(points)[None], colors="white", radius=3)
-        png = save_png(picture, out.file("overlays", f"{image_id:05d}_{safe_component(Path(paths[i]).stem)}", ".png"), out.root)
-        cards.append({"image": png, "title": Path(paths[i]).name, "lines": [summary, f"{len(labels)} instance(s)"]})
-
-
-def _localize_batch(model, good, paths, result, cards, out, method, target, threshold, calibrated, keep, min_area, device,
-                    explain_options=None, count_tta=None):
-    if getattr(model, "counting_head", None) is not None:
-        return _count_batch(model, good, paths, result, cards, out, device, count_tta)
-    cfg = model.config
-    x = torch.stack([b[1] for b in good]).to(device)
-    heat = explain(model, x, method=method, target=target, **(explain_options or {}))
-    probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability", [str(paths[i]) for i, *_ in good])
-    score = probs.gather(1, heat.targets)  # (B, T)
-    if cfg.task == "multi" and heat.targets.shape[1] > 1:
-        present = score >= 0.5
-        present[torch.arange(len(score)), score.argmax(1)] = True  # always show the top class
-    elif cfg.positive_class is not None:
-        present = probs[:, cfg.positive_class:cfg.positive_class + 1] >= 0.5
-    else:
-        present = torch.ones_like(score, dtype=torch.bool)
-    b, t, h, w = heat.normalized.shape
-    flat = heat.normalized.reshape(b * t, h, w)
-    tau = thresholds_for(flat, threshold, calibrated)
-    masks = binarize(flat, tau)
-    dets = region_boxes(masks, flat, keep=keep, min_area=min_area)
-    class_files = class_file_names(cfg.classes)
-    present_cpu, score_cpu, targets_cpu, probs = present.cpu(), score.cpu(), heat.targets.cpu(), probs.cpu()
-    for j, (i, _, (oh, ow), shown) in enumerate(good):
-        image_id = len(result["images"]) + 1
-        stem = f"{image_id:05d}_{safe_component(Path(paths[i]).stem)}"
-        result["images"].append({"id": image_id, "file_name": printable(str(paths[i]), controls=False), "width": ow, "height": oh,
-                                 "predicted": cfg.classes[int(probs[j].argmax())], "probabilities": [round(float(p), 4) for p in probs[j]]})
-        drawn_boxes, drawn_labels = [], []
-        for k in range(t):
-            cls = int(targets_cpu[j, k])
-            if not present_cpu[j, k]:
-                continue
-            det = dets[j * t + k]
-            boxes = scale_boxes(det.boxes, (h, w), (oh, ow))
-            for r in range(len(boxes)):
-                x0, y0, x1, y1 = boxes[r].tolist()
-                result["annotations"].append({
-                    "id": len(result["annotations"]) + 1, "image_id": image_id, "category_id": cls + 1,
-                    "label": cfg.classes[cls], "bbox": [round(x0, 1), round(y0, 1), round(x1 - x0 + 1, 1), round(y1 - y0 + 1, 1)],
-                    "score": round(float(score_cpu[j, k] * det.scores[r]), 4),
-                })
-            drawn_boxes.append(scale_boxes(det.boxes, (h, w), tuple(shown.shape[-2:])))
-            if out is not None:
-                full = torch.nn.functional.interpolate(masks[j * t + k][None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
-                mask_png = save_png((full * 255).to(torch.uint8), out.file("masks", f"{stem}_{class_files[cls]}", ".png"), out.root)
-                result["images"][-1].setdefault("masks", {})[cfg.classes[cls]] = mask_png.relative_to(out.root).as_posix()
-            drawn_labels += [f"{cfg.classes[cls]} {float(score_cpu[j, k]):.2f}"] * len(det.boxes)
-        if out is None:
-            continue
-        # overlay the first shown target's map (the predicted / positive class)
-        k_show = int(present_cpu[j].float().argmax()) if present_cpu[j].any() else 0
-        heat_disp = upsample(heat.normalized[j, k_show][None], tuple(shown.shape[-2:]), mode="bilinear").clamp(0, 1)
-        over = blend(shown[None].to(device), heat_disp)[0]
-        boxes_all = torch.cat(drawn_boxes) if drawn_boxes else torch.zeros(0, 4)
-        picture = draw_detections(over, boxes_all, drawn_labels)
-        png = save_png(picture, out.file("overlays", stem, ".png"), out.root)
-        pred = int(probs[j].argmax())
-        cards.append({"image": png, "title": Path(paths[i]).name,
-                      "lines": [f"predicted {cfg.classes[pred]} ({float(probs[j, pred]):.2f})", f"{len(boxes_all)} box(es)"]})

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from weakloc.errors import WeaklocError
+from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain.maps import rowwise_quantile
+
+
+NO_CALIBRATED_THRESHOLD = "this model has no calibrated threshold; run `weakloc calibrate` or pass a number"
 
 
 def _check_maps(maps: torch.Tensor) -> None:
@@ -82,6 +85,19 @@ def thresholds_for(maps: torch.Tensor, spec: str | float, calibrated: float | No
         return percentile_threshold(maps, value)
     if kind == "calibrated":
         if calibrated is None:
-            raise WeaklocError("this model has no calibrated threshold; run `weakloc evaluate ... --calibrate` or pass a number")
+            raise WeaklocError(NO_CALIBRATED_THRESHOLD)
         value = calibrated
     return torch.full(lead, value, device=maps.device)
+
+
+def check_threshold(threshold, calibrated: float | None = None) -> str | float:
+    """``threshold`` (see :func:`parse_threshold`) if usable: a number in [0, 1), a percentile in
+    [0, 100], ``otsu``, or ``calibrated`` only when the model has one (``calibrated`` not None);
+    else an :class:`~weakloc.errors.OptionError`."""
+    try:
+        kind, _ = parse_threshold(threshold)
+    except WeaklocError as e:
+        raise OptionError(str(e) if "threshold" in str(e) else f"threshold: {e}") from None
+    if kind == "calibrated" and calibrated is None:
+        raise OptionError(f"threshold: {NO_CALIBRATED_THRESHOLD}")
+    return threshold
