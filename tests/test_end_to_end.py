@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from weakloc.cli import app
 from weakloc.evaluate import evaluate_model
-from weakloc.localize.run import localize_images
+from weakloc.report.localization import localize_images
 from weakloc.train import fine_tune
 
-TINY = {"backbone": "test_resnet", "pretrained": "none", "image_size": 64, "output_stride": 8, "batch_size": 16, "progress": False}
+TINY = {"backbone": "test_resnet", "pretrained": "none", "input_size": 64, "output_stride": 8, "batch_size": 16, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +64,18 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     r = run.invoke(app, ["synth", str(data), "--n", "24", "--size", "64", "--mode", "binary", "--max-instances", "2"])
     assert r.exit_code == 0, r.output
     r = run.invoke(app, ["train", str(data), "-o", str(tmp_path / "run"), "--backbone", "test_resnet", "--pretrained", "none",
-                         "--image-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
+                         "--input-size", "64", "--output-stride", "8", "--epochs", "1", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     model = tmp_path / "run" / "model"
+    r = run.invoke(app, ["calibrate", str(model), str(data), "-a", str(data / "annotations.json"), "--split", "all", "--per-class", "3"])
+    assert r.exit_code == 0, r.output
+    assert "threshold" in r.output and json.loads((model / "config.json").read_text())["maps"]["sources"]["threshold"]["by"] == "calibrate"
     r = run.invoke(app, ["evaluate", str(model), str(data), "-a", str(data / "annotations.json"), "--split", "all",
-                         "-o", str(tmp_path / "report.json"), "--calibrate"])
+                         "-o", str(tmp_path / "report.json")])
     assert r.exit_code == 0, r.output
     assert "centre baseline" in r.output
     saved = json.loads((tmp_path / "report.json").read_text())
     assert 0 <= saved["localization"]["MaxBoxAccV2"] <= 100 and "MaxBoxAccV2" in saved["centre_baseline"]
-    assert "calibrated threshold" in r.output
     r = run.invoke(app, ["localize", str(model), str(data / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "loc" / "index.html").is_file()
@@ -84,7 +86,7 @@ def test_cli_synth_train_localize_evaluate(tmp_path, monkeypatch):
     maps = load_file(str(tmp_path / "exp" / "maps.safetensors"))
     first = sorted(k for k in maps if k.endswith(".normalized"))[0]
     # maps come at the default test-time size: twice the 64-px training size, stored in the model
-    assert json.loads((model / "config.json").read_text())["localization"]["input_size"] == 128
+    assert json.loads((model / "config.json").read_text())["maps"]["test_size"] == 128
     assert maps[first].shape == (2, 128, 128) and 0 <= maps[first].min() and maps[first].max() <= 1
     assert len(list((tmp_path / "exp" / "overlays").glob("*.png"))) == 2 * 24
     few = [str(p) for p in sorted((data / "images").iterdir())[:2]]
@@ -149,36 +151,37 @@ def test_calibrate_from_a_few_boxes(trained, synth_single, tmp_path):
     model = load_model(trained.model_dir)
     res = calibrate(model, synth_single, gt, per_class=2, methods=("cam", "gradcam++"))
     assert res["method"] in ("cam", "gradcam++") and 0 <= res["threshold"] <= 1
-    assert model.config.localization["method"] == res["method"] and model.config.localization["per_class"] == 2
+    assert model.config.maps.method == res["method"] and model.config.maps.sources["threshold"]["per_class"] == 2
     r = CliRunner().invoke(app, ["calibrate", str(trained.model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
                                  "--per-class", "2", "--methods", "cam,layercam"])
     assert r.exit_code == 0, r.output
-    assert "threshold" in r.output and load_model(trained.model_dir).config.localization["per_class"] == 2
+    assert "threshold" in r.output and load_model(trained.model_dir).config.maps.sources["method"]["per_class"] == 2
 
 
 def test_test_time_input_size_is_calibrated_and_used(trained, synth_single, tmp_path):
     import shutil
 
-    from weakloc.cli import _load_at_size
+    from weakloc.explain.pipeline import map_settings
     from weakloc.models import load_model
 
     model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
     train_size = load_model(model_dir).config.input_size
     r = CliRunner().invoke(app, ["calibrate", str(model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
-                                 "--per-class", "2", "--input-sizes", str(train_size + 32)])
+                                 "--per-class", "2", "--test-sizes", str(train_size + 32)])
     assert r.exit_code == 0, r.output
     stored = load_model(model_dir).config
-    assert stored.input_size == train_size and stored.localization["input_size"] == train_size + 32
-    assert _load_at_size(model_dir, "cpu", None).config.inference_size() == train_size + 32
+    assert stored.input_size == train_size and stored.maps.test_size == train_size + 32
+    assert stored.maps.sources["test_size"]["by"] == "calibrate"
+    assert map_settings(load_model(model_dir)).test_size == train_size + 32
     from weakloc.evaluate.calibrate import calibrate
 
     net = load_model(model_dir)
-    res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, input_sizes=(train_size, train_size + 32))
-    assert res["input_size"] in (train_size, train_size + 32) and net.config.input_size == train_size
-    assert net.config.inference_size() == res["input_size"]
+    res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, test_sizes=(train_size, train_size + 32))
+    assert res.test_size in (train_size, train_size + 32) and res["input_size"] == res.test_size and net.config.input_size == train_size
+    assert net.config.inference_size() == res.test_size
     assert set(res["per_method"]) == {f"cam@{train_size}", f"cam@{train_size + 32}"}
-    assert net.config.localization.get("input_size", train_size) == res["input_size"]
-    assert _load_at_size(model_dir, "cpu", train_size + 64).config.inference_size() == train_size + 64
+    assert (net.config.maps.test_size or train_size) == res.test_size
+    assert map_settings(load_model(model_dir), test_size=train_size + 64).test_size == train_size + 64
     r = CliRunner().invoke(app, ["localize", str(model_dir), str(synth_single / "images"), "-o", str(tmp_path / "loc")])
     assert r.exit_code == 0, r.output
 
@@ -190,17 +193,18 @@ def test_stored_map_options_are_the_default_path(trained, synth_single, tmp_path
 
     from weakloc.evaluate.calibrate import calibrate
     from weakloc.explain import explain
+    from weakloc.explain.pipeline import map_settings
     from weakloc.models import load_model
 
     net = load_model(trained.model_dir)
-    assert net.config.localization["options"] == {"cam": {"positive_weights": True}}  # fine_tune's default
-    assert net.config.map_options("cam") == {"positive_weights": True}
-    assert net.config.map_options("cam", {"positive_weights": False}) == {"positive_weights": False}  # the caller wins
-    assert net.config.map_options("gradcam") == {}
+    assert net.config.maps.options == {"cam": {"positive_weights": True}}  # fine_tune's default
+    assert map_settings(net, method="cam").method_options() == {"positive_weights": True}
+    assert map_settings(net, {"positive_weights": False}, method="cam").method_options() == {"positive_weights": False}  # the caller wins
+    assert map_settings(net, method="gradcam").method_options() == {}
     # evaluate's CAM is the clamped-weights CAM unless told otherwise
     kw = dict(method="cam", split="val")
     stored = evaluate_model(net, synth_single, synth_single / "annotations.json", **kw)["localization"]["MaxBoxAccV2"]
-    clamped = evaluate_model(net, synth_single, synth_single / "annotations.json", explain_options={"positive_weights": True},
+    clamped = evaluate_model(net, synth_single, synth_single / "annotations.json", maps={"positive_weights": True},
                              **kw)["localization"]["MaxBoxAccV2"]
     assert stored == clamped
     x = torch.randn(2, 3, 64, 64)
@@ -208,9 +212,9 @@ def test_stored_map_options_are_the_default_path(trained, synth_single, tmp_path
     # calibrate picks a normalisation from the K boxes and stores it beside the stored options
     res = calibrate(net, synth_single, synth_single / "annotations.json", per_class=2, normalizations=("minmax", "pas"))
     assert res["normalization"] in ("minmax", "pas") and set(res["per_method"]) == {"cam/minmax", "cam/pas"}
-    assert net.config.localization["options"]["cam"] == {"positive_weights": True, "normalization": res["normalization"]}
+    assert net.config.maps.options["cam"] == {"positive_weights": True, "normalization": res["normalization"]}
     model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
     r = CliRunner().invoke(app, ["calibrate", str(model_dir), str(synth_single), "-a", str(synth_single / "annotations.json"),
                                  "--per-class", "2", "--normalizations", "minmax,ivr"])
     assert r.exit_code == 0, r.output
-    assert load_model(model_dir).config.localization["options"]["cam"]["normalization"] in ("minmax", "ivr")
+    assert load_model(model_dir).config.maps.options["cam"]["normalization"] in ("minmax", "ivr")

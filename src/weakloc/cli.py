@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from weakloc.checks import check_output_file, check_output_folder
-from weakloc.errors import WeaklocError
+from weakloc.errors import OptionError, WeaklocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Where is it, and how many? Weakly-supervised localization from image-level labels.")
@@ -131,18 +131,24 @@ def _print_left_out(report: dict, out: Path | None) -> None:
                       + ", ".join(f"{_printable(str(c))} {n}" for c, n in unscored.items()) + "[/]", highlight=False)
 
 
-def _names(text: str | None) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
-    return [v.strip() for v in (text or "").split(",") if v.strip()]
+def _names(values: str | list[str] | None) -> list[str]:
+    """A list option's values, each possibly comma-separated: ``["a, b", "c"]`` -> ``["a", "b", "c"]``."""
+    texts = [values] if isinstance(values, str) else (values or [])
+    return [v.strip() for text in texts for v in text.split(",") if v.strip()]
 
 
-def _int_list(text: str | None, flag: str) -> list[int]:
-    from weakloc.errors import WeaklocError
-
+def _int_list(values: str | list[str] | None, flag: str) -> list[int]:
     try:
-        return [int(v) for v in _names(text)]
+        return [int(v) for v in _names(values)]
     except ValueError:
-        raise WeaklocError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2,3") from None
+        raise OptionError(f"{flag} {', '.join(_names(values))!r}: expected whole numbers, e.g. 2,3") from None
+
+
+def _one_int(text: str, flag: str) -> int:
+    values = _int_list(text, flag)
+    if len(values) != 1:
+        raise OptionError(f"{flag} {text!r}: expected one whole number")
+    return values[0]
 
 
 def _parse_value(text: str):
@@ -157,56 +163,59 @@ def _parse_value(text: str):
     return text
 
 
-def map_options(layer: str | None = None, fusion: str = "mean", tta: bool = False, eigen_smooth: bool = False,
-                dtype: str | None = None, option: list[str] | None = None) -> dict:
-    """CLI map settings as keyword arguments of :func:`weakloc.explain.explain`."""
-    import torch
+def map_overrides(method: str | None = None, layer: str | None = None, fusion: str | None = None, tta: bool | None = None,
+                  eigen_smooth: bool | None = None, dtype: str | None = None, normalization: str | None = None,
+                  option: list[str] | None = None, test_size: int | None = None) -> dict:
+    """The map options a command was given, as the flat overrides :func:`weakloc.explain.pipeline.map_settings`
+    takes: only those given (the rest come from the model's stored settings); ``--option KEY=VALUE``
+    pairs become method options."""
+    from weakloc.explain.pipeline import AUTOCAST_DTYPES
 
-    from weakloc.errors import WeaklocError
-
-    opts: dict = {"fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth}
-    if layer:
-        opts["layer"] = layer
-    if dtype:
-        dtypes = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-        if dtype not in dtypes:
-            raise WeaklocError(f"--dtype {dtype!r}: use fp32, fp16 or bf16")
-        opts["dtype"] = dtypes[dtype]
+    given = {"method": method, "layer": layer, "fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth,
+             "normalization": normalization, "test_size": test_size}
+    if dtype is not None:
+        if dtype not in AUTOCAST_DTYPES:
+            raise OptionError(f"--dtype {dtype!r}: use fp32, fp16 or bf16")
+        given["dtype"] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+    opts = {k: v for k, v in given.items() if v is not None}
     for item in option or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise WeaklocError(f"--option {item!r}: expected KEY=VALUE, e.g. num_samples=8")
+        if not sep or not key.strip():
+            raise OptionError(f"--option {item!r}: expected KEY=VALUE, e.g. num_samples=8")
         opts[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return opts
 
 
-LAYER_HELP = "Target layer(s), comma-separated for fusion (default: the last feature map, chosen per architecture)."
-FUSION_HELP = "How several layers' maps combine: mean | max | product."
-TTA_HELP = "Test-time augmentation smoothing (flips x scales 0.9/1/1.1)."
+def _check_map_options(opts: dict) -> None:
+    """The map options' values checked before a model is loaded (method name, fusion, dtype,
+    normalisation, test size), each named by its option."""
+    from weakloc.config import ModelConfig, resolve_maps, split_overrides
+    from weakloc.explain.pipeline import check_map_settings
+
+    settings, _ = split_overrides(opts)
+    check_map_settings(resolve_maps(ModelConfig(classes=["_"]), settings), where="--")
+
+
+METHOD_HELP = "Heatmap method (see `weakloc methods`; default: the model's stored one, else cam)."
+LAYER_HELP = "Target layer(s), comma-separated for fusion (default: the model's stored one, else the last feature map)."
+FUSION_HELP = "How several layers' maps combine: mean | max | product (default: the model's stored one, else mean)."
+TTA_HELP = "Test-time augmentation smoothing of the maps (flips x scales 0.9/1/1.1)."
 EIGEN_HELP = "First principal component of the weighted activations instead of their sum."
 DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
-OPTION_HELP = ("Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1; "
-               "normalization=minmax|max|pas:0.9|ivr:0.4 chooses the map normalisation.")
+NORMALIZATION_HELP = "How maps go to [0, 1]: minmax | max | pas[:Q] | ivr[:Q] (default: the model's stored one, else minmax)."
+OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1, positive_weights=false."
+MethodOpt = Annotated[Optional[str], typer.Option(help=METHOD_HELP)]
 LayerOpt = Annotated[Optional[str], typer.Option(help=LAYER_HELP)]
-FusionOpt = Annotated[str, typer.Option(help=FUSION_HELP)]
-TtaOpt = Annotated[bool, typer.Option(help=TTA_HELP)]
-EigenOpt = Annotated[bool, typer.Option(help=EIGEN_HELP)]
+FusionOpt = Annotated[Optional[str], typer.Option(help=FUSION_HELP)]
+TtaOpt = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help=TTA_HELP, show_default=False)]
+EigenOpt = Annotated[Optional[bool], typer.Option("--eigen-smooth/--no-eigen-smooth", help=EIGEN_HELP, show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option(help=DTYPE_HELP)]
+NormalizationOpt = Annotated[Optional[str], typer.Option(help=NORMALIZATION_HELP)]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(help=OPTION_HELP)]
-InputSizeOpt = Annotated[Optional[int], typer.Option(
-    help="Run the model on inputs of this size (test-time resolution; default: the calibrated one, else the training size).")]
-CountTtaOpt = Annotated[Optional[str], typer.Option(
-    help="Counting models: test-time views averaged, none | flip | dihedral (default: the model's stored choice).")]
-
-
-def _load_at_size(model: Path, device: str | None, input_size: int | None):
-    """The model, set to run at ``input_size`` (else the size ``calibrate`` stored, else its training size)."""
-    from weakloc.models import load_model
-
-    net = load_model(model, _device(device))
-    if input_size:
-        net.config.localization["input_size"] = int(input_size)
-    return net
+TestSizeOpt = Annotated[Optional[int], typer.Option(
+    help="Run the model on inputs of this size (test-time resolution; default: the model's stored one, else the training size).")]
+CountViewsOpt = Annotated[Optional[str], typer.Option(
+    help="Counting models: test-time views the counts are averaged over, none | flip | dihedral (default: the model's stored choice).")]
 
 
 @app.command()
@@ -232,21 +241,28 @@ def synth(
     console.print(f"wrote {n} images to {out} (labels.csv, counts.csv, annotations.json)")
 
 
+ListOpt = Optional[list[str]]
+LIST_HELP = " (comma-separated, or the option repeated)"
+
+
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="labels CSV, folder with labels.csv, or folder-per-class tree."),
     out: Path = typer.Option(Path("runs/weakloc"), "--out", "-o", help="Output folder (model/ holds the best checkpoint)."),
     backbone: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
-    pretrained: str = typer.Option("imagenet", help="imagenet | none (random init)."),
-    weights: Optional[Path] = typer.Option(None, help="Backbone weights file (safetensors, or tensors-only .pth)."),
+    pretrained: str = typer.Option("imagenet", help="imagenet | none (random init) | a backbone weights file (safetensors, or tensors-only .pth)."),
     val: Optional[Path] = typer.Option(None, help="Separate validation labels (default: the data's split, or a seeded split)."),
-    image_size: int = typer.Option(224, help="Square input size."),
+    input_size: int = typer.Option(224, help="Side of the square training input."),
     output_stride: Optional[int] = typer.Option(None, help="timm output_stride (16 or 8 give denser maps)."),
+    drop_rate: float = typer.Option(0.2, help="Channel dropout before the classifier."),
     epochs: int = typer.Option(5),
     freeze_epochs: int = typer.Option(1, help="Epochs with the backbone frozen first."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(2e-3, help="Peak learning rate of the head."),
+    backbone_lr: Optional[tuple[float, float]] = typer.Option(None, help="Multipliers of --lr for the earliest and latest backbone layers (default 0.01 0.3; 0.3 1.0 with counting)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     schedule: str = typer.Option("onecycle", help="onecycle | cosine"),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing of single-label cross entropy."),
     val_fraction: float = typer.Option(0.2),
     crop_scale: Optional[tuple[float, float]] = typer.Option(None, help="Random resized crop area range (default 0.35 1.0; 1 1 with counts; raise the minimum for small objects)."),
     dihedral: bool = typer.Option(False, help="Also flip vertically and rotate by right angles (top-down images: microscopy, aerial)."),
@@ -255,12 +271,14 @@ def train(
     accelerator: str = typer.Option("auto"),
     devices: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    monitor: str = typer.Option("val_loss", help="Validation metric that picks the best epoch: val_loss | val_acc | val_auroc | val_prauc | val_map | val_count_mae."),
+    limit_batches: Optional[float] = typer.Option(None, help="At most this many batches per epoch (a whole number), or this fraction of them (below 1): smoke tests."),
     resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint in OUT/checkpoints."),
     head: str = typer.Option("cam", help="cam (GAP + linear as a 1x1 classifier) | attention (trainable attention) | tap (thresholded average pooling)."),
-    attention_stages: str = typer.Option("-3,-2", help="Stages (feature_info indices) the attention head attends."),
+    attention_stages: ListOpt = typer.Option(None, help="Stages (feature_info indices) the attention head attends (default -3,-2)" + LIST_HELP + "."),
     attention_norm: str = typer.Option("softmax", help="softmax | sigmoid attention."),
-    cbam: Optional[str] = typer.Option(None, help="Insert CBAM after these stages, e.g. 2,3."),
-    adl: Optional[str] = typer.Option(None, help="Insert attention-based dropout (ADL) after these stages, e.g. -2,-1."),
+    cbam_stages: ListOpt = typer.Option(None, help="Insert CBAM after these stages, e.g. 2,3" + LIST_HELP + "."),
+    adl_stages: ListOpt = typer.Option(None, help="Insert attention-based dropout (ADL) after these stages, e.g. -2,-1" + LIST_HELP + "."),
     tap_threshold: float = typer.Option(0.1, help="TAP head: fraction of each channel's maximum."),
     loss: str = typer.Option("ce", help="ce | focal"),
     focal_gamma: float = typer.Option(2.0),
@@ -275,10 +293,11 @@ def train(
     density_gather: float = typer.Option(0.0, help="Weight of the density maps' L1/2 sparsity: prefers counts gathered in peaks to counts spread thinly."),
     crop_consistency: float = typer.Option(0.0, help="Weight of the crop-consistency loss: a random crop's count must match the whole image's density on its cells."),
     ema_decay: float = typer.Option(0.0, help="Keep a moving average of the weights with this decay per step (0: off); the average is validated and kept."),
-    hide_and_seek: float = typer.Option(0.0, help="Hide-and-Seek: probability of hiding each of 4x4 patches (0: off)."),
-    cutmix: float = typer.Option(0.0, help="CutMix Beta alpha (0: off)."),
-    align: float = typer.Option(0.0, help="Weight of the feature-class-weight alignment loss (Kim et al. 2022; 0: off)."),
-    consistency: float = typer.Option(0.0, help="Weight of the attentive-dropout consistency loss (0: off)."),
+    hide_prob: float = typer.Option(0.0, help="Hide-and-Seek: probability of hiding each of --hide-grid x --hide-grid patches (0: off)."),
+    hide_grid: int = typer.Option(4, help="Hide-and-Seek: patches per side."),
+    cutmix_alpha: float = typer.Option(0.0, help="CutMix Beta alpha (0: off)."),
+    align_weight: float = typer.Option(0.0, help="Weight of the feature-class-weight alignment loss (Kim et al. 2022; 0: off)."),
+    consistency_weight: float = typer.Option(0.0, help="Weight of the attentive-dropout consistency loss (0: off)."),
     teacher: Optional[Path] = typer.Option(None, help="Second stage: learn a localizer from this first-stage model's maps (PSOL)."),
     teacher_method: Optional[str] = typer.Option(None, help="The teacher's map method (default: its calibrated one, else cam)."),
     teacher_threshold: Optional[float] = typer.Option(None, help="Pseudo-mask threshold (default: the teacher's calibrated one, else 0.2)."),
@@ -290,28 +309,29 @@ def train(
                                            "when the other class is a 'no' word such as no, negative, normal, absent)."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
-    import inspect
-
+    from weakloc.config import ModelConfig, TrainConfig
     from weakloc.data.labels import load_labels
     from weakloc.train import fine_tune
     from weakloc.train.fit import check_train_options
 
     _quiet_lightning()
-    options = dict(positive=positive, backbone=backbone, pretrained=str(weights) if weights else pretrained, val_data=val,
-                   image_size=image_size, output_stride=output_stride, epochs=epochs, freeze_epochs=freeze_epochs,
-                   batch_size=batch_size, lr=lr, schedule=schedule, val_fraction=val_fraction, crop_scale=crop_scale, dihedral=dihedral, seed=seed, precision=precision,
-                   accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, num_workers=workers, resume=resume,
-                   head=head, attention_stages=_int_list(attention_stages, "--attention-stages"), attention_norm=attention_norm,
-                   cbam_stages=_int_list(cbam, "--cbam"), adl_stages=_int_list(adl, "--adl"), tap_threshold=tap_threshold, loss=loss, focal_gamma=focal_gamma,
-                   balanced=balanced, counting=counting, count_loss=count_loss, count_weight=count_weight,
-                   density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency, ema_decay=ema_decay, hide_prob=hide_and_seek, cutmix_alpha=cutmix,
-                   align_weight=align, consistency_weight=consistency, teacher=teacher, teacher_method=teacher_method,
-                   teacher_threshold=teacher_threshold, density_hidden=density_hidden, test_scale=test_scale,
-                   density_context=density_context,
-                   density_stage=None if density_stage == "last" else _int_list(density_stage, "--density-stage")[0])
-    bound = inspect.signature(fine_tune).bind(data, out, **options)
-    bound.apply_defaults()
-    check_train_options(dict(bound.arguments))  # before the labels (and any annotations) are read
+    model = ModelConfig(
+        backbone=backbone, input_size=input_size, output_stride=output_stride, drop_rate=drop_rate, head=head,
+        attention_stages=_int_list(attention_stages, "--attention-stages") or [-3, -2], attention_norm=attention_norm,
+        cbam_stages=_int_list(cbam_stages, "--cbam-stages"), adl_stages=_int_list(adl_stages, "--adl-stages"),
+        tap_threshold=tap_threshold, counting=counting, density_hidden=density_hidden, density_context=density_context,
+        density_stage=None if density_stage == "last" else _one_int(density_stage, "--density-stage"))
+    settings = TrainConfig(
+        pretrained=pretrained, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+        weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
+        precision=precision, accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, workers=workers,
+        crop_scale=crop_scale, dihedral=dihedral, monitor=monitor,
+        limit_batches=int(limit_batches) if limit_batches is not None and limit_batches >= 1 and float(limit_batches).is_integer() else limit_batches,
+        loss=loss, focal_gamma=focal_gamma, balanced=balanced, count_loss=count_loss, count_weight=count_weight,
+        density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency,
+        hide_prob=hide_prob, hide_grid=hide_grid, cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight,
+        consistency_weight=consistency_weight, teacher_method=teacher_method, teacher_threshold=teacher_threshold, test_scale=test_scale)
+    check_train_options(model, settings, out)  # before the labels (and any annotations) are read
     check_output_folder("--out", out)
     if counts or counts_from:
         from weakloc.data.counts import load_count_labels
@@ -320,7 +340,7 @@ def train(
     else:
         data = load_labels(data, positive=positive)
         console.print(f"task: {_printable(data.task_description)}", highlight=False)
-    result = fine_tune(data, out, **options)
+    result = fine_tune(data, out, model=model, train=settings, val=val, teacher=teacher, resume=resume, positive=positive)
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()
                                                             if k.startswith("val_") and k != "val_images"))
@@ -331,49 +351,51 @@ def train(
     console.print(f"model saved to {result.model_dir}")
 
 
+def _load(model: Path, device: str | None):
+    from weakloc.models import load_model
+
+    return load_model(model, _device(device))
+
+
 @app.command()
 def localize(
     model: Path = typer.Argument(..., help="Model folder (model.safetensors + config.json)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
-    method: Optional[str] = typer.Option(None, help="Heatmap method (see `weakloc methods`; default: the calibrated one, else cam)."),
+    method: MethodOpt = None,
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
-    threshold: str = typer.Option("auto", help="auto | NUMBER | otsu | percentile:Q | calibrated"),
+    threshold: str = typer.Option("auto", help="auto (the calibrated one, else 0.3) | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
     layer: LayerOpt = None,
-    fusion: FusionOpt = "mean",
-    tta: TtaOpt = False,
-    eigen_smooth: EigenOpt = False,
+    fusion: FusionOpt = None,
+    tta: TtaOpt = None,
+    eigen_smooth: EigenOpt = None,
     dtype: DtypeOpt = None,
+    normalization: NormalizationOpt = None,
     option: OptionOpt = None,
-    input_size: InputSizeOpt = None,
-    count_tta: CountTtaOpt = None,
+    test_size: TestSizeOpt = None,
+    count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ):
-    """Heatmaps, boxes and overlays for images: writes overlays/, detections.json (COCO) and index.html."""
+    """Heatmaps, boxes and overlays for images: writes overlays/, masks/, detections.json (COCO) and index.html."""
     from weakloc.checks import check_choice
-    from weakloc.localize.run import localize_images
     from weakloc.localize.threshold import parse_threshold
+    from weakloc.report.localization import localize_images
 
-    _check_run_options(batch_size, input_size, count_tta)
+    opts = _check_run_options(batch_size, count_views, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
+                                                                       normalization, option, test_size))
     check_output_folder("--out", out)
     check_choice("--keep", keep, ("all", "largest"))
-    if method:
-        from weakloc.explain.registry import get_method
-
-        get_method(method)
     if threshold != "auto":
         parse_threshold(threshold)
-    opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
-    net = _load_at_size(model, device, input_size)
+    net = _load(model, device)
     with progress_bar("localizing") as update:
-        res = localize_images(net, images, out, method=method, target=target, threshold=threshold, keep=keep,
-                              batch_size=batch_size, progress=update,
-                              explain_options=opts, count_tta=count_tta)
+        res = localize_images(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep,
+                              batch_size=batch_size, progress=update, count_views=count_views)
     console.print(f"{len(res['images'])} image(s), {len(res['annotations'])} box(es) -> {out / 'index.html'}")
     for s in res["skipped"]:
-        console.print(f"[yellow]skipped {s['reason']}[/]")
+        console.print(f"[yellow]skipped {_printable(s['reason'])}[/]", highlight=False)
 
 
 @app.command("explain")
@@ -381,77 +403,70 @@ def explain_cmd(
     model: Path = typer.Argument(..., help="Model folder."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
-    method: str = typer.Option("gradcam", help="Heatmap method (see `weakloc methods`)."),
+    method: MethodOpt = None,
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
     layer: LayerOpt = None,
-    fusion: FusionOpt = "mean",
-    tta: TtaOpt = False,
-    eigen_smooth: EigenOpt = False,
+    fusion: FusionOpt = None,
+    tta: TtaOpt = None,
+    eigen_smooth: EigenOpt = None,
     dtype: DtypeOpt = None,
+    normalization: NormalizationOpt = None,
     option: OptionOpt = None,
+    test_size: TestSizeOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
 ):
     """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
-    from weakloc.explain.registry import get_method
-    from weakloc.explain.run import explain_images
-    from weakloc.models import load_model
+    from weakloc.report.explanation import explain_images
 
-    _check_run_options(batch_size)
+    opts = _check_run_options(batch_size, None, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
+                                                               normalization, option, test_size))
     check_output_folder("--out", out)
-    get_method(method)
-    opts = map_options(None, fusion, tta, eigen_smooth, dtype, option)
-    net = load_model(model, _device(device))
-    with progress_bar(f"explaining ({method})") as update:
-        res = explain_images(net, images, out, method=method, target=target, layer=layer, batch_size=batch_size, progress=update,
-                             explain_options=opts)
+    net = _load(model, device)
+    with progress_bar(f"explaining ({method or net.config.maps.method or 'cam'})") as update:
+        res = explain_images(net, images, out, maps=opts, target=target, batch_size=batch_size, progress=update)
     console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
     for s in res["skipped"]:
-        console.print(f"[yellow]skipped {s['reason']}[/]")
+        console.print(f"[yellow]skipped {_printable(s['reason'])}[/]", highlight=False)
 
 
 @app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="Model folder."),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON or Pascal VOC XML folder."),
-    method: str = typer.Option("cam"),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON, Pascal VOC XML folder or YOLO dataset."),
+    method: MethodOpt = None,
     split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
     step: float = typer.Option(0.01, help="Threshold step of the sweep (cam_curve_interval)."),
-    gt_known_tau: Optional[float] = typer.Option(None, help="Fixed threshold of GT-known / Top-1 Loc."),
+    gt_known_tau: Optional[float] = typer.Option(None, help="Fixed threshold of GT-known / Top-1 Loc (default: the calibrated one, else 0.2)."),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
-    calibrate: bool = typer.Option(False, help="Store the best IoU-50 threshold in the model for `localize`."),
     layer: LayerOpt = None,
-    fusion: FusionOpt = "mean",
-    tta: TtaOpt = False,
-    eigen_smooth: EigenOpt = False,
+    fusion: FusionOpt = None,
+    tta: TtaOpt = None,
+    eigen_smooth: EigenOpt = None,
     dtype: DtypeOpt = None,
+    normalization: NormalizationOpt = None,
     option: OptionOpt = None,
-    input_size: InputSizeOpt = None,
-    count_tta: CountTtaOpt = None,
+    test_size: TestSizeOpt = None,
+    count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
+    import dataclasses
+
     from weakloc.checks import check_float
     from weakloc.evaluate.run import evaluate_model
-    from weakloc.explain.registry import get_method
-
-    _check_run_options(batch_size, input_size, count_tta, split)
-    if out:
-        check_output_file("--out", out)
     from weakloc.evaluate.wsol import MIN_STEP
 
+    opts = _check_run_options(batch_size, count_views, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
+                                                                       normalization, option, test_size), split)
+    if out:
+        check_output_file("--out", out)
     check_float("--step", step, MIN_STEP, 0.5)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
-    get_method(method)
-    opts = map_options(layer, fusion, tta, eigen_smooth, dtype, option)
-    net = _load_at_size(model, device, input_size)
-    if calibrate:
-        from weakloc.models.checkpoint import ensure_writable
-
-        ensure_writable(model)
+    net = _load(model, device)
     counting = None
     if net.counting_head is not None:
         from weakloc.data.counts import count_labels_or_annotated
@@ -459,98 +474,93 @@ def evaluate(
 
         data = count_labels_or_annotated(data, annotations, classes=net.config.classes)
         with progress_bar("counting") as update:
-            counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, tta=count_tta, progress=update)
+            counting = evaluate_counts(net, data, annotations, split=split, batch_size=batch_size, maps=opts,
+                                       count_views=count_views, progress=update)
     with progress_bar("evaluating") as update:
-        report = evaluate_model(net, data, annotations, method=method, split=split, step=step, gt_known_tau=gt_known_tau,
-                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update,
-                                explain_options=opts)
+        report = evaluate_model(net, data, annotations, maps=opts, split=split, step=step, gt_known_tau=gt_known_tau,
+                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update)
     print_report(report)
     if counting is not None:
         print_counting(counting)
-        report["counting"] = counting
+        report = dataclasses.replace(report, counting=counting)
     _print_left_out(report, out)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report.to_dict(), indent=2))
         console.print(f"report written to {out}")
-    if calibrate:
-        from weakloc.evaluate.calibrate import calibrated_threshold
-
-        tau = calibrated_threshold(report)
-        net.config.localization = {**net.config.localization, "threshold": tau, "method": method,
-                                   "calibrated_on": report["localization_samples"]}
-        from weakloc.models import save_model
-
-        save_model(net.cpu(), model)
-        console.print(f"calibrated threshold {tau:.2f} stored in {model}")
 
 
 @app.command()
 def calibrate(
     model: Path = typer.Argument(..., help="Model folder (updated in place)."),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON or Pascal VOC XML folder."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON, Pascal VOC XML folder or YOLO dataset."),
     per_class: int = typer.Option(5, help="Annotated images per class to calibrate on."),
-    methods: str = typer.Option("cam", help="Candidate map methods, comma-separated; the best is stored."),
-    split: str = typer.Option("train", help="Split the few annotated images come from."),
+    methods: ListOpt = typer.Option(None, help="Candidate map methods (default cam)" + LIST_HELP + "; the best is stored."),
+    split: str = typer.Option("train", help="Split the few annotated images come from: train | val | test | all."),
     seed: int = typer.Option(0),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
-    input_sizes: Optional[str] = typer.Option(None, help="Test-time input sizes to choose from as well, e.g. 256,512,768."),
-    normalizations: Optional[str] = typer.Option(None, help="Map normalisations to choose from as well, e.g. minmax,pas."),
+    test_sizes: ListOpt = typer.Option(None, help="Test-time input sizes to choose from as well, e.g. 256,512,768" + LIST_HELP + "."),
+    normalizations: ListOpt = typer.Option(None, help="Map normalisations to choose from as well, e.g. minmax,pas" + LIST_HELP + "."),
     device: Optional[str] = typer.Option(None),
 ):
-    """Choose the box threshold (and map method, input size, normalisation) from K annotated images per class;
-    `localize` then uses them. For a counting model: each class's instance box size."""
+    """Choose the box threshold (and map method, test-time size, normalisation) from K annotated images per class;
+    `localize` and `evaluate` then use them. For a counting model: each class's instance box size."""
+    from weakloc.checks import check_choice, check_int
     from weakloc.evaluate.calibrate import calibrate as run_calibration
     from weakloc.evaluate.calibrate import calibrate_box_sizes
-
-    from weakloc.checks import check_choice, check_int
-    from weakloc.explain.registry import get_method
-    from weakloc.models import load_model, save_model
+    from weakloc.models import save_model
     from weakloc.models.checkpoint import ensure_writable
 
     check_int("--per-class", per_class, 1, 10_000)
     check_choice("--split", split, ("train", "val", "test", "all"))
-    if not _names(methods):
-        raise WeaklocError("--methods: give at least one method name (see `weakloc methods`)")
-    for m in _names(methods):
-        get_method(m)
-    for size in _int_list(input_sizes, "--input-sizes"):
-        check_int("--input-sizes", size, 16, 8192)
-    net = load_model(model, _device(device))
+    names, sizes, norms = _names(methods), _int_list(test_sizes, "--test-sizes"), _names(normalizations)
+    if methods is not None and not names:
+        raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
+    for m in names:
+        _check_map_options({"method": m})
+    for size in sizes:
+        _check_map_options({"test_size": size})
+    for n in norms:
+        _check_map_options({"normalization": n})
+    net = _load(model, device)
     ensure_writable(model)  # a read-only model folder fails now, not after the calibration's work
     if net.counting_head is not None:
-        if methods != "cam" or input_sizes or normalizations:
-            raise WeaklocError("a counting model calibrates its instance box sizes only: --methods, --input-sizes and "
-                               "--normalizations choose a classifier's WSOL maps")
+        if names or sizes or norms:
+            raise OptionError("a counting model calibrates its instance box sizes only: --methods, --test-sizes and "
+                              "--normalizations choose a classifier's WSOL maps")
         res = calibrate_box_sizes(net, data, annotations, per_class=per_class, split=split, seed=seed, gt_class=_parse_gt_class(gt_class))
         save_model(net.cpu(), model)
         console.print(f"instance box sizes (width x height, fraction of the image) from {res['images']} image(s): "
                       + ", ".join(f"{c} {w:.3f} x {h:.3f} ({res['boxes'][c]} boxes)" for c, (w, h) in res["box_sizes"].items())
                       + f"; stored in {model}")
         return
-    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(_names(methods)), split=split, seed=seed,
-                          gt_class=_parse_gt_class(gt_class), input_sizes=tuple(_int_list(input_sizes, "--input-sizes")) or None,
-                          normalizations=tuple(_names(normalizations)) or None)
+    res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(names or ["cam"]), split=split, seed=seed,
+                          gt_class=_parse_gt_class(gt_class), test_sizes=tuple(sizes) or None, normalizations=tuple(norms) or None)
     save_model(net.cpu(), model)
-    console.print(f"calibrated on {res['images']} image(s): method {res['method']}, threshold {res['threshold']:.2f}, "
-                  f"input size {res['input_size']}" + (f", normalisation {res['normalization']}" if res["normalization"] else "") + " "
-                  f"(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res["per_method"].items()) + f") stored in {model}")
+    console.print(f"calibrated on {res.images} image(s): method {res.method}, threshold {res.threshold:.2f}, "
+                  f"test size {res.test_size}" + (f", normalisation {res.normalization}" if res.normalization else "") + " "
+                  "(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res.per_method.items()) + f") stored in {model}")
 
 
 @app.command("explain-eval")
 def explain_eval_cmd(
     model: Path = typer.Argument(..., help="Model folder."),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): its images are used."),
-    methods: str = typer.Option("cam,gradcam,gradcam++,layercam,eigencam,random", help="Comma-separated method names."),
+    methods: ListOpt = typer.Option(None, help="Methods to compare (default cam,gradcam,gradcam++,layercam,eigencam,random)" + LIST_HELP + "."),
     split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
     limit: int = typer.Option(64, help="At most this many images."),
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
     steps: int = typer.Option(50, help="Deletion / insertion steps."),
     baseline: str = typer.Option("blur", help="What removed pixels become: blur | zero | mean | black."),
     layer: LayerOpt = None,
-    tta: TtaOpt = False,
+    fusion: FusionOpt = None,
+    tta: TtaOpt = None,
+    eigen_smooth: EigenOpt = None,
     dtype: DtypeOpt = None,
+    normalization: NormalizationOpt = None,
+    option: OptionOpt = None,
+    test_size: TestSizeOpt = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
@@ -558,25 +568,23 @@ def explain_eval_cmd(
     """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
     from weakloc.checks import check_choice, check_int
     from weakloc.evaluate.explain_eval import explain_eval
-    from weakloc.explain.registry import get_method
-    from weakloc.models import load_model
 
-    _check_run_options(batch_size, split=split)
+    opts = _check_run_options(batch_size, None, map_overrides(None, layer, fusion, tta, eigen_smooth, dtype, normalization,
+                                                               option, test_size), split)
     if out:
         check_output_file("--out", out)
     check_int("--limit", limit, 1, 1_000_000)
     check_int("--steps", steps, 2, 10_000)
     check_choice("--baseline", baseline, ("blur", "zero", "mean", "black"))
-    opts = map_options(layer, "mean", tta, False, dtype, None)
-    names = _names(methods)
+    names = _names(methods) if methods is not None else ["cam", "gradcam", "gradcam++", "layercam", "eigencam", "random"]
     if not names:
-        raise WeaklocError("--methods: give at least one method name (see `weakloc methods`)")
+        raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
     for m in names:
-        get_method(m)
-    net = load_model(model, _device(device))
+        _check_map_options({"method": m})
+    net = _load(model, device)
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
-                              batch_size=batch_size, **opts)
+                              batch_size=batch_size, maps=opts)
     table = Table("method", "deletion AUC ↓", "insertion AUC ↑", "average drop % ↓", "increase in conf. % ↑", "ms / image",
                   title=f"Explanation quality: {report['images']} {report['split']} image(s), {steps} steps, {baseline} baseline")
     for r in report["rows"]:
@@ -585,7 +593,7 @@ def explain_eval_cmd(
     console.print(table)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report.to_dict(), indent=2))
         console.print(f"table written to {out}")
 
 
@@ -629,17 +637,57 @@ def _device(name: str | None):
 SPLITS = ("auto", "train", "val", "test", "all")
 
 
-def _check_run_options(batch_size: int | None = None, input_size: int | None = None, count_tta: str | None = None,
-                       split: str | None = None) -> None:
-    """Options several commands share, checked before a model is loaded or an image read."""
+def _check_run_options(batch_size: int | None, count_views: str | None, maps: dict, split: str | None = None) -> dict:
+    """Options the map-drawing commands share, checked before a model is loaded or an image read;
+    returns ``maps`` (the map overrides)."""
     from weakloc.checks import check_choice, check_int
+    from weakloc.config import COUNT_VIEWS
 
     if batch_size is not None:
         check_int("--batch-size", batch_size, 1, 4096)
-    check_int("--input-size", input_size, 16, 8192, allow_none=True)
-    check_choice("--count-tta", count_tta, ("none", "flip", "dihedral"), allow_none=True)
+    check_choice("--count-views", count_views, COUNT_VIEWS, allow_none=True)
     if split is not None:
         check_choice("--split", split, SPLITS)
+    _check_map_options(maps)
+    return maps
+
+
+#: old option spellings per command -> the new ones (docs/changelog.md); they keep working with a warning
+RENAMED_OPTIONS: dict[str, dict[str, str]] = {
+    "train": {"--image-size": "--input-size", "--weights": "--pretrained", "--hide-and-seek": "--hide-prob",
+              "--cutmix": "--cutmix-alpha", "--align": "--align-weight", "--consistency": "--consistency-weight",
+              "--cbam": "--cbam-stages", "--adl": "--adl-stages"},
+    "localize": {"--input-size": "--test-size", "--count-tta": "--count-views"},
+    "evaluate": {"--input-size": "--test-size", "--count-tta": "--count-views"},
+    "calibrate": {"--input-sizes": "--test-sizes"},
+}
+#: options that are gone, per command, and what to do instead
+REMOVED_OPTIONS: dict[str, dict[str, str]] = {
+    "evaluate": {"--calibrate": "it chose the threshold on the very images it then scored; calibrate on a few annotated "
+                                "training images first with `weakloc calibrate MODEL DATA -a ANNOTATIONS`, then evaluate"},
+}
+
+
+def renamed_arguments(args: list[str]) -> list[str]:
+    """``args`` with old option spellings of the command they follow replaced by the new ones (a
+    deprecation warning for each); a removed option is an :class:`OptionError` saying what to use."""
+    command = next((a for a in args if not a.startswith("-") and a in RENAMED_OPTIONS.keys() | REMOVED_OPTIONS.keys()), None)
+    if command is None:
+        return args
+    at = args.index(command)
+    out = args[:at + 1]
+    for i, arg in enumerate(args[at + 1:], at + 1):
+        if arg == "--":  # the rest are arguments, whatever they look like
+            return out + args[i:]
+        flag, eq, value = arg.partition("=")
+        if flag in REMOVED_OPTIONS.get(command, {}):
+            raise OptionError(f"{command} {flag} was removed: {REMOVED_OPTIONS[command][flag]}")
+        new = RENAMED_OPTIONS.get(command, {}).get(flag)
+        if new is not None:
+            warnings.warn(f"{command} {flag} is deprecated; use {new} (docs/changelog.md)", DeprecationWarning, stacklevel=2)
+            arg = new + eq + value
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -652,6 +700,9 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:  # a warning is one line for users, not Python's two-line form with a source path
         warnings.showwarning = _show_warning
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DeprecationWarning)  # a renamed option's warning is for the user
+            args = renamed_arguments(args)
         app(args, prog_name="weakloc")  # click's standalone mode prints usage errors itself and exits 2
     except WeaklocError as e:
         if debug:
@@ -688,9 +739,9 @@ def _printable(text: str) -> str:
     characters escaped, rich markup brackets escaped."""
     from rich.markup import escape
 
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-    return escape(text)
+    from weakloc.text import escape_text
+
+    return escape(escape_text(text))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from weakloc.data.labels import load_labels
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic
+from weakloc.evaluate.calibrate import calibrate
 from weakloc.evaluate.run import evaluate_model, summary_rows
-from weakloc.localize.run import localize_images
 from weakloc.models.checkpoint import save_model
 from weakloc.report.html import gallery_cards, metrics_table, write_page
+from weakloc.report.localization import localize_images
 from weakloc.train import fine_tune
 
 DEMO_IMAGE_SIZE = 160
@@ -55,17 +56,16 @@ def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progres
     with bar("synthesising") as update:
         write_synthetic(data, SyntheticConfig(n_images=n_images, size=128, mode="single", val_fraction=0.2, seed=seed), progress=update)
     say(f"[2/4] fine-tuning tf_efficientnet_lite0 (offline ImageNet weights) on image labels only, {epochs} epochs")
-    result = fine_tune(data, out / "run", image_size=DEMO_IMAGE_SIZE, output_stride=DEMO_OUTPUT_STRIDE, epochs=epochs,
+    result = fine_tune(data, out / "run", input_size=DEMO_IMAGE_SIZE, output_stride=DEMO_OUTPUT_STRIDE, epochs=epochs,
                        batch_size=32, seed=seed, progress=console is not None)
     model = result.model
     say(f"[3/4] calibrating the box threshold on {CALIBRATION_IMAGES} training images' boxes, then evaluating "
         f"the validation images ({', '.join(methods)}; centre baseline beside)")
     labels = load_labels(data)
     train_idx = [i for i, s in enumerate(labels.splits) if s == "train"][:CALIBRATION_IMAGES]
-    calib = evaluate_model(model, labels.subset(train_idx), data / "annotations.json", method=methods[0], split="all")
-    tau = calib["localization"]["IoU50_tau"]
-    model.config.localization = {**model.config.localization, "threshold": tau, "method": methods[0], "calibrated_on": len(train_idx),
-                                 "note": "demo: best IoU-50 threshold on training images' boxes"}
+    # the one calibration route, on every one of these training images (per_class covers them all)
+    calibrate(model, labels.subset(train_idx), data / "annotations.json", per_class=CALIBRATION_IMAGES, methods=(methods[0],),
+              split="all", seed=seed)
     save_model(model, result.model_dir)
     reports = {}
     for m in methods:
@@ -79,7 +79,7 @@ def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progres
     with bar("localizing") as update:
         det = localize_images(model, val_images[:48], out / "localize", method=methods[0], threshold="calibrated", progress=update)
     elapsed = time.perf_counter() - t0
-    metrics = {"training": result.metrics, "evaluation": reports, "seconds": round(elapsed, 1)}
+    metrics = {"training": result.metrics, "evaluation": {m: r.to_dict() for m, r in reports.items()}, "seconds": round(elapsed, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = [r | {"method": m} for m in methods for r in summary_rows(reports[m])[:1]] + [summary_rows(main)[1] | {"method": "-"}]
     cols = ["map", "MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "MaxBoxAcc", "GT-known Loc", "Top-1 Loc", "PxAP"]
@@ -88,7 +88,7 @@ def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progres
              f"{result.metrics['train_images']} trained on with image-level labels only; {main['images']} validation images. "
              f"Validation accuracy {cls['acc'] * 100:.1f}%. Localization follows the WSOL protocol (Choe et al. CVPR 2020): "
              f"GT-known maps, threshold step {main['localization']['step']}; GT-known and Top-1 Loc at the threshold "
-             f"{model.config.localization['threshold']:.2f} calibrated on {CALIBRATION_IMAGES} training images' boxes. Run time {elapsed:.0f} s.</p>")
+             f"{model.config.maps.threshold:.2f} calibrated on {CALIBRATION_IMAGES} training images' boxes. Run time {elapsed:.0f} s.</p>")
     cards = gallery_cards([{"image": (out / "localize" / "overlays" / Path(c)).resolve(), "title": Path(c).name, "lines": []}
                            for c in sorted(p.name for p in (out / "localize" / "overlays").glob("*.png"))], out.resolve())
     write_page(out / "report.html", "weakloc demo — where is it?", [
