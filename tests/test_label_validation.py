@@ -79,8 +79,8 @@ def test_fine_tune_stores_the_positive_class_it_is_given(tmp_path):
     from weakloc.train import fine_tune
 
     root = _tree(tmp_path / "data", ["raccoon", "kangaroo"], n=4)
-    res = fine_tune(root, tmp_path / "run", positive="raccoon", backbone="test_resnet", pretrained="none", image_size=64,
-                    epochs=1, batch_size=4, progress=False, limit_batches=1, num_workers=0, test_scale=1)
+    res = fine_tune(root, tmp_path / "run", positive="raccoon", backbone="test_resnet", pretrained="none", input_size=64,
+                    epochs=1, batch_size=4, progress=False, limit_batches=1, workers=0, test_scale=1)
     cfg = res.model.config
     assert cfg.classes == ["kangaroo", "raccoon"] and cfg.positive_class == 1
     with pytest.raises(LabelError, match="is not a class"):
@@ -385,24 +385,18 @@ def test_evaluate_localizes_only_the_positive_class_of_a_yes_no_model(tmp_path):
 
 
 def test_calibration_never_stores_a_threshold_from_degenerate_boxes(tmp_path):
-    from weakloc.evaluate.calibrate import calibrate, calibrated_threshold
+    import copy
+
+    from weakloc.evaluate.calibrate import calibrate
 
     model, labels, names = _eval_setup(tmp_path, ["raccoon", "kangaroo"])
     doc = _coco_doc([(n, 64, 64) for n in names], [(i + 1, 1, [8, 8, 0, 0]) for i in range(len(names))], cats=["raccoon", "kangaroo"])
     (tmp_path / "zero.json").write_text(json.dumps(doc))
-    before = dict(model.config.localization)
+    before = copy.deepcopy(model.config.maps)
     with pytest.warns(UserWarning, match="zero-size"), pytest.raises(WeaklocError, match="no train image has a box"):
         calibrate(model, labels, tmp_path / "zero.json", per_class=2, split="train")
-    assert model.config.localization == before
-    report = {"localization_samples": 4, "localization": {"method": "cam", "IoU30": 0.0, "IoU30_tau": 0.0, "IoU50": 0.0,
-                                                          "IoU50_tau": 0.0}}
-    with pytest.raises(WeaklocError, match="no threshold gives a box with IoU >= 0.3 on any of the 4"):
-        calibrated_threshold(report)
-    fallback = {**report, "localization": {**report["localization"], "IoU30": 50.0, "IoU30_tau": 0.2}}
-    with pytest.warns(UserWarning, match="best at IoU 0.3"):
-        assert calibrated_threshold(fallback) == 0.2
-    good = {**report, "localization": {**fallback["localization"], "IoU50": 25.0, "IoU50_tau": 0.35}}
-    assert calibrated_threshold(good) == 0.35
+    assert model.config.maps == before
+    # the typed reports calibrated_threshold reads: tests/test_evaluation_pipeline.py::test_calibrated_threshold_reads_the_typed_report
 
 
 # --- the real datasets still load: warnings, no errors ---

@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from weakloc.config import CONFIG_SCHEMA, LOCALIZATION_SCHEMA, MAPS_SCHEMA, MapConfig
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models import ModelConfig, WeaklocNet, load_config, load_model, save_model
 from weakloc.models.checkpoint import ensure_writable
 from weakloc.data.labels import class_name_problem
-from weakloc.models.classifier import CONFIG_SCHEMA, LOCALIZATION_SCHEMA, check_finite
+from weakloc.models.classifier import check_finite
 
 
 def _tiny(**kw) -> WeaklocNet:
@@ -29,11 +30,16 @@ def _tiny(**kw) -> WeaklocNet:
 
 @pytest.fixture(scope="module")
 def good_config() -> dict:
-    """config.json as today's save_model writes it, with the localization settings fine_tune and calibrate store."""
+    """config.json as today's save_model writes it, with the map settings fine_tune and calibrate store."""
     model = _tiny()
-    model.config.localization = {"threshold": 0.35, "method": "gradcam", "calibrated_on": 15, "per_class": 5, "input_size": 96,
-                                 "options": {"cam": {"normalization": "pas"}}, "note": "hand note"}
+    model.config.maps = MapConfig(threshold=0.35, method="gradcam", test_size=96, options={"cam": {"normalization": "pas"}},
+                                  sources={"threshold": {"by": "calibrate", "split": "train", "images": 15, "per_class": 5}})
     return json.loads(model.config.to_json())
+
+
+# format 1 (before the typed configuration): a free-form ``localization`` object
+V1_LOCALIZATION = {"threshold": 0.35, "method": "gradcam", "calibrated_on": 15, "per_class": 5, "input_size": 96,
+                   "options": {"cam": {"normalization": "pas"}}, "note": "hand note"}
 
 
 def _dropped(key):
@@ -57,10 +63,27 @@ def _raw(key, text):
     return ("field", key, text)
 
 
+def _set_maps(key, value):
+    def edit(c):
+        c["maps"][key] = value
+    return edit
+
+
+def _v1(edit=None):
+    """The good config written as format 1, then ``edit``."""
+    def as_v1(c):
+        c.pop("maps")
+        c.pop("train")
+        c.update(format_version=1, localization=json.loads(json.dumps(V1_LOCALIZATION)))
+        if edit is not None:
+            edit(c)
+    return as_v1
+
+
 def _set_loc(key, value):
     def edit(c):
         c["localization"][key] = value
-    return edit
+    return _v1(edit)
 
 
 # (id, edit of the good config dict or the whole file's text, the field the error must name)
@@ -124,8 +147,30 @@ CORRUPTIONS = [
     ("density-hidden-negative", _set("density_hidden", -1), "'density_hidden'"),
     ("density-context-string", _set("density_context", "yes"), "'density_context'"),
     ("localizer-int", _set("localizer", 1), "'localizer'"),
-    ("localization-list", _set("localization", []), "'localization'"),
-    ("localization-null", _set("localization", None), "'localization'"),
+    ("maps-list", _set("maps", []), "'maps'"),
+    ("maps-null", _set("maps", None), "'maps'"),
+    ("maps-unknown-key", _set_maps("colour", "red"), "'maps'"),
+    ("maps-threshold-high", _set_maps("threshold", 2), "'maps.threshold'"),
+    ("maps-threshold-string", _set_maps("threshold", "otsu"), "'maps.threshold'"),
+    ("maps-method-number", _set_maps("method", 3), "'maps.method'"),
+    ("maps-layer-number", _set_maps("layer", 3), "'maps.layer'"),
+    ("maps-fusion-unknown", _set_maps("fusion", "sum"), "'maps.fusion'"),
+    ("maps-tta-string", _set_maps("tta", "yes"), "'maps.tta'"),
+    ("maps-eigen-smooth-int", _set_maps("eigen_smooth", 1), "'maps.eigen_smooth'"),
+    ("maps-dtype-unknown", _set_maps("dtype", "fp8"), "'maps.dtype'"),
+    ("maps-normalization-number", _set_maps("normalization", 0.9), "'maps.normalization'"),
+    ("maps-test-size-zero", _set_maps("test_size", 0), "'maps.test_size'"),
+    ("maps-options-list", _set_maps("options", ["cam"]), "'maps.options'"),
+    ("maps-options-method-number", _set_maps("options", {"cam": 1}), "'maps.options'"),
+    ("maps-box-sizes-zero", _set_maps("box_sizes", {"a": [0, 0.1], "b": [0.1, 0.1], "c": [0.1, 0.1]}), "'maps.box_sizes'"),
+    ("maps-count-views-unknown", _set_maps("count_views", "many"), "'maps.count_views'"),
+    ("maps-sources-list", _set_maps("sources", {"threshold": []}), "'maps.sources'"),
+    ("train-list", _set("train", [1]), "'train'"),
+    ("train-unknown-key", _set("train", {"epochs": 2, "speed": 3}), "'train'"),
+    ("format-2-with-localization", _set("localization", {"threshold": 0.3}), "'localization'"),
+    ("format-1-with-maps", _v1(_set("maps", {})), "'maps'"),
+    ("localization-list", _v1(_set("localization", [])), "'localization'"),
+    ("localization-null", _v1(_set("localization", None)), "'localization'"),
     ("threshold-high", _set_loc("threshold", 2), "'localization.threshold'"),
     ("threshold-string", _set_loc("threshold", "otsu"), "'localization.threshold'"),
     ("method-number", _set_loc("method", 3), "'localization.method'"),
@@ -136,7 +181,7 @@ CORRUPTIONS = [
     ("box-sizes-short", _set_loc("box_sizes", {"a": [0.1]}), "'localization.box_sizes'"),
     ("box-sizes-over-one", _set_loc("box_sizes", {"a": [2, 0.1]}), "'localization.box_sizes'"),
     ("count-tta-unknown", _set_loc("count_tta", "many"), "'localization.count_tta'"),
-    ("format-version-newer", _set("format_version", 2), "'format_version'"),
+    ("format-version-newer", _set("format_version", 3), "'format_version'"),
     ("format-version-string", _set("format_version", "1"), "'format_version'"),
 ]
 
@@ -169,6 +214,9 @@ def test_hand_edited_config_gives_one_line_naming_the_field(tmp_path, good_confi
 def test_every_schema_field_has_a_corruption_case():
     named = {field.split("'")[1] for _, _, field in CORRUPTIONS if field.startswith("'")}
     assert set(CONFIG_SCHEMA) <= named
+    assert {f"maps.{k}" for k in MAPS_SCHEMA} - {"maps.sources"} <= named | {"maps.sources"}
+    assert {f"maps.{k}" for k in ("threshold", "method", "layer", "fusion", "tta", "eigen_smooth", "dtype", "normalization",
+                                  "test_size", "options", "box_sizes", "count_views")} <= named
     assert {f"localization.{k}" for k in LOCALIZATION_SCHEMA} <= named
 
 
@@ -198,11 +246,11 @@ def test_missing_folder_and_folder_without_config(tmp_path):
 
 def test_good_config_loads_with_defaults_and_null_normalisation(tmp_path, good_config):
     cfg = dict(good_config, mean=None, std=None)
-    for key in ("head", "counting", "format_version", "localization"):
+    for key in ("head", "counting", "format_version", "maps", "train"):
         cfg.pop(key)
     _write_config(tmp_path / "m", cfg, lambda c: None)
     loaded = load_config(tmp_path / "m")
-    assert loaded.head == "cam" and loaded.counting is None and loaded.localization == {}
+    assert loaded.head == "cam" and loaded.counting is None and loaded.maps == MapConfig() and loaded.train is None
     assert loaded.mean == (0.485, 0.456, 0.406) and loaded.std == (0.229, 0.224, 0.225)
 
 
@@ -219,11 +267,15 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(sorted(CONFIG_SCHEMA) + [f"localization.{k}" for k in LOCALIZATION_SCHEMA]), value=JSON)
+@given(key=st.sampled_from(sorted(CONFIG_SCHEMA) + [f"maps.{k}" for k in MAPS_SCHEMA]
+                          + [f"localization.{k}" for k in LOCALIZATION_SCHEMA]), value=JSON)
 def test_any_json_value_in_any_field_loads_or_names_the_field(good_config, key, value):
     cfg = json.loads(json.dumps(good_config))
     if key.startswith("localization."):
+        _v1()(cfg)
         cfg["localization"][key.split(".", 1)[1]] = value
+    elif key.startswith("maps."):
+        cfg["maps"][key.split(".", 1)[1]] = value
     else:
         cfg[key] = value
     try:
@@ -242,9 +294,9 @@ def test_any_json_value_in_any_field_loads_or_names_the_field(good_config, key, 
 ], ids=["yes-no", "counting-localizer"])
 def test_saved_today_loads_with_identical_outputs(tmp_path, kw):
     model = _tiny(**kw)
-    model.config.localization = {"threshold": 0.25, "method": "cam", "calibrated_on": 3, "per_class": 5, "input_size": 96,
-                                 "options": {"cam": {"normalization": "pas"}}, "count_tta": "flip",
-                                 "box_sizes": {c: [0.1, 0.2] for c in model.config.classes}, "box_sizes_from": 3, "note": "x"}
+    model.config.maps = MapConfig(threshold=0.25, method="cam", test_size=96, options={"cam": {"normalization": "pas"}},
+                                  count_views="flip", box_sizes={c: [0.1, 0.2] for c in model.config.classes},
+                                  sources={"threshold": {"by": "calibrate", "images": 3, "per_class": 5}, "box_sizes": {"images": 3}})
     folder = save_model(model, tmp_path / "m")
     again = load_model(folder)
     x = torch.randn(2, 3, 64, 64)

@@ -563,7 +563,7 @@ def resolve_maps(config: ModelConfig, overrides: MapConfig | dict | None = None,
         asked_options = overrides.method_options(given.get("method") or overrides.method or config.maps.method)
     else:
         asked, asked_options = split_overrides(overrides)
-    asked = {k: v for k, v in {**asked, **given}.items() if v is not None}
+    asked = {k: v for k, v in [*asked.items(), *given.items()] if v is not None}  # a keyword left None keeps the override
     unknown = set(asked) - set(MAP_SETTINGS)
     if unknown:
         raise OptionError(f"map settings: unknown {sorted(unknown)} (known: {', '.join(MAP_SETTINGS)})")

@@ -28,6 +28,7 @@ from weakloc.errors import CheckpointError, ImageReadError, OptionError, Weakloc
 from weakloc.evaluate.classification import classification_metrics
 from weakloc.evaluate.wsol import BoxMetrics, BoxSweep, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list, wsol_box_metrics
 from weakloc.explain import centre_gaussian, get_method, pipeline
+from weakloc.explain.run import check_maps
 from weakloc.results import Result
 
 if TYPE_CHECKING:
@@ -69,15 +70,6 @@ def check_gt_class(gt_class, name: str = "gt_class") -> dict[str, str] | None:
     if not isinstance(gt_class, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in gt_class.items()):
         raise OptionError(f"{name}: expected a dict of annotation class name -> model class name, got {gt_class!r}")
     return gt_class
-
-
-def check_maps(maps, name: str = "maps") -> MapConfig | dict | None:
-    """``maps`` as map-setting overrides for :func:`~weakloc.explain.pipeline.map_settings`: a
-    :class:`~weakloc.config.MapConfig`, a flat dict of settings and method options
-    (``{"fusion": "max", "positive_weights": True}``), or None."""
-    if maps is not None and not isinstance(maps, MapConfig) and not (isinstance(maps, dict) and all(isinstance(k, str) for k in maps)):
-        raise OptionError(f"{name}: expected a MapConfig or a dict of map settings and method options, got {maps!r}")
-    return maps
 
 
 def check_batch_size(batch_size, name: str = "batch_size") -> int:
