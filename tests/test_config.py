@@ -132,3 +132,19 @@ def test_resolve_maps_accepts_a_map_config_and_refuses_unknown_settings():
 def test_copying_a_model_folder_keeps_its_config(tmp_path):
     shutil.copytree(FIXTURES / "model_v1", tmp_path / "m")
     assert load_model(tmp_path / "m").config == load_model(FIXTURES / "model_v1").config
+
+
+def test_a_keyword_left_none_keeps_the_callers_override():
+    cfg = _cfg(method="cam")
+    assert resolve_maps(cfg, {"method": "gradcam"}, method=None).method == "gradcam"
+    assert resolve_maps(cfg, {"method": "gradcam"}, method="layercam").method == "layercam"  # the keyword wins
+
+
+def test_an_unknown_method_option_is_refused_before_any_image_is_read():
+    from weakloc.explain.pipeline import map_settings
+    from weakloc.models import WeaklocNet
+
+    net = WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], input_size=32), pretrained="none")
+    with pytest.raises(OptionError, match="option: method 'cam' takes no option"):
+        map_settings(net, {"num_samples": 4}, method="cam")
+    assert map_settings(net, {"chunk": 4}, method="scorecam").method_options() == {"chunk": 4}

@@ -18,7 +18,7 @@ import torch
 
 from weakloc.config import COUNT_VIEWS, FUSIONS, MapConfig, resolve_maps
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain import Heatmaps, explain
+from weakloc.explain import Heatmaps, _method_options, explain
 from weakloc.explain.maps import normalize_maps
 from weakloc.explain.registry import get_method
 
@@ -34,9 +34,13 @@ def check_map_settings(settings: MapConfig, where: str = "") -> MapConfig:
         return where + (field.replace("_", "-") if where.startswith("--") else field)
 
     try:
-        get_method(settings.method)
+        method = get_method(settings.method)
     except WeaklocError as e:
         raise OptionError(f"{name('method')}: {e}") from None
+    try:  # an unknown method option fails here, before any image is read
+        _method_options(method, settings.method_options())
+    except WeaklocError as e:
+        raise OptionError(f"{name('option')}: {e}") from None
     if settings.fusion not in FUSIONS:
         raise OptionError(f"{name('fusion')}: {settings.fusion!r} is not one of {', '.join(FUSIONS)}")
     if settings.dtype is not None and settings.dtype not in AUTOCAST_DTYPES:
