@@ -224,7 +224,8 @@ def synth(
     n: int = typer.Option(1000, "--n", help="Number of images."),
     size: int = typer.Option(128, help="Image side in pixels."),
     mode: str = typer.Option("single", help="single | binary | multi"),
-    classes: str = typer.Option("triangle,square,star", help="Comma-separated shape classes (triangle, square, star, cross)."),
+    classes: Optional[list[str]] = typer.Option(None, help="Shape classes: triangle, square, star, cross (default triangle,square,star; "
+                                                "comma-separated, or the option repeated)."),
     max_instances: int = typer.Option(1, help="Most instances of one class per image."),
     target: str = typer.Option("star", help="The class asked about in binary mode."),
     val_fraction: float = typer.Option(0.2, help="Share of images in the val split."),
@@ -234,7 +235,7 @@ def synth(
     """Write a synthetic dataset with exact boxes, masks and points (labels.csv, counts.csv, annotations.json)."""
     from weakloc.data.synthetic import SyntheticConfig, write_synthetic
 
-    cfg = SyntheticConfig(n_images=n, size=size, mode=mode, classes=tuple(_names(classes)),
+    cfg = SyntheticConfig(n_images=n, size=size, mode=mode, classes=tuple(_names(classes)) if classes is not None else SyntheticConfig.classes,
                           max_instances=max_instances, target=target, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     with progress_bar("synthesising") as update:
         write_synthetic(out, cfg, progress=update)
