@@ -301,6 +301,12 @@ def test_cli_counts_train_localize_evaluate(tmp_path, monkeypatch):
     assert set(det["images"][0]["counts"]) == {"triangle", "square", "star"}
     assert all("point" in a and "instance" in a for a in det["annotations"])
     assert len(list((tmp_path / "loc" / "overlays").glob("*.png"))) == 3
+    import csv
+
+    with open(tmp_path / "loc" / "counts.csv", newline="", encoding="utf-8") as f:  # the spreadsheet summary
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [i["file_name"] for i in det["images"]]
+    assert all({c: int(r[c]) for c in ("triangle", "square", "star")} == i["counts"] for r, i in zip(rows, det["images"]))
     r = run.invoke(app, ["calibrate", str(model), str(d), "-a", str(d / "annotations.json"), "--per-class", "2"])
     assert r.exit_code == 0, r.output
     assert "instance box sizes" in r.output

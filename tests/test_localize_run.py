@@ -188,3 +188,14 @@ def test_counting_views_come_from_the_settings(images, monkeypatch):
     with pytest.warns(UserWarning):
         localize(model, images, batch_size=8, maps={"count_views": "none"})
     assert seen == ["dihedral", "flip", "none"]
+
+
+def test_counts_csv_escapes_formula_cells_and_lists_every_class():
+    from weakloc.localize.run import LocalizationResult, LocalizedImage
+    from weakloc.report.localization import counts_csv
+
+    result = LocalizationResult(classes=["fish", "=shark"], images=[
+        LocalizedImage(id=1, file_name="a.jpg", width=4, height=4, probabilities=[0.5, 0.5], counts={"fish": 3, "=shark": 0}),
+        LocalizedImage(id=2, file_name="=b.jpg", width=4, height=4, probabilities=[0.5, 0.5], counts={"fish": 12, "=shark": 1}),
+    ])
+    assert counts_csv(result) == "path,fish,'=shark\na.jpg,3,0\n'=b.jpg,12,1\n"

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,23 @@ from weakloc.report.overlay import blend, draw_detections, save_png
 from weakloc.report.paths import OutputFolder, safe_component
 
 
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading =, +, - or @ would start a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+def counts_csv(result: LocalizationResult) -> str:
+    """A counting run's per-class counts as CSV text: a ``path,<class>,...`` header, then one row per
+    image with its whole counts (what ``detections.json`` holds as ``counts``), for a spreadsheet."""
+    buffer = io.StringIO()
+    rows = csv.writer(buffer, lineterminator="\n")
+    rows.writerow(["path", *(_cell(c) for c in result.classes)])
+    for image in result.images:
+        counts = image.counts or {}
+        rows.writerow([_cell(image.file_name), *(counts.get(c, "") for c in result.classes)])
+    return buffer.getvalue()
+
+
 class LocalizationWriter:
     """Writes one localization run into ``out``, batch by batch.
 
@@ -31,7 +50,8 @@ class LocalizationWriter:
     :func:`~weakloc.report.paths.safe_component`): ``overlays/NNNNN_stem.png`` (the first shown
     class's map with every box, or for counting models all classes' density with numbered
     instances), ``masks/NNNNN_stem_class.png`` (classifiers: the binary mask of each shown class
-    at the original size), and at :meth:`finish` ``detections.json`` and ``index.html``.
+    at the original size), and at :meth:`finish` ``detections.json``, ``index.html`` and, for a
+    counting model, ``counts.csv``.
     """
 
     def __init__(self, out: str | Path | OutputFolder, classes: list[str]):
@@ -105,10 +125,13 @@ class LocalizationWriter:
             self._cards.append({"image": png, "title": Path(path).name, "lines": [summary, f"{len(labels)} instance(s)"]})
 
     def finish(self, result: LocalizationResult, method: str, threshold) -> None:
-        """Write ``detections.json`` (``result.to_dict()``) and ``index.html`` (the gallery, with a
-        note of the ``method`` and ``threshold``)."""
+        """Write ``detections.json`` (``result.to_dict()``), ``index.html`` (the gallery, with a
+        note of the ``method`` and ``threshold``) and, for a counting model, ``counts.csv``
+        (:func:`counts_csv`)."""
         out = self.out
         out.file(None, "detections", ".json").write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        if any(image.counts is not None for image in result.images):
+            out.file(None, "counts", ".csv").write_text(counts_csv(result), encoding="utf-8")
         note = (f"<p class='note'>Method {html.escape(str(method))}, threshold {html.escape(str(threshold))}, {len(result.images)} "
                 f"image(s), {len(result.annotations)} box(es); boxes in detections.json (COCO format, original pixels).</p>")
         write_page(out.file(None, "index", ".html"), "weakloc — localization", [("", note), ("", gallery_cards(self._cards, out.root))])
