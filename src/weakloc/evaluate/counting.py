@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from weakloc.checks import check_choice, check_device, check_float, check_int
+from weakloc.checks import check_choice, check_float, check_int
 from weakloc.config import COUNT_VIEWS, MapConfig
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.counts import load_count_labels
@@ -17,6 +17,7 @@ from weakloc.errors import OptionError, WeaklocError
 from weakloc.evaluate.run import check_batch_size, check_maps, skipped_images
 from weakloc.explain import pipeline
 from weakloc.localize.instances import REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
+from weakloc.explain.run import model_device
 from weakloc.results import Result
 
 
@@ -216,9 +217,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
         raise OptionError(f"train_counts: expected an (N, {len(model.config.classes)}) tensor of counts, got "
                           f"{tuple(train_counts.shape) if isinstance(train_counts, torch.Tensor) else type(train_counts).__name__}")
     settings = pipeline.map_settings(model, check_maps(maps), count_views=count_views)
-    if device is not None:
-        device = check_device("device", device)
-    device = torch.device(device or next(model.parameters()).device)
+    device = model_device(model, device)
     model = model.to(device).eval()
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_count_labels(data, classes=cfg.classes)

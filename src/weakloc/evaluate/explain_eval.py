@@ -10,16 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Subset
 
-from weakloc.checks import check_device, check_int
+from weakloc.checks import check_int
 from weakloc.config import MapConfig
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
 from weakloc.evaluate.faithfulness import MethodQuality, check_settings, compare_methods
 from weakloc.evaluate.run import check_batch_size, check_maps, check_methods
 from weakloc.explain import pipeline
+from weakloc.explain.run import model_device
 from weakloc.results import Result
 
 
@@ -74,9 +74,7 @@ def explain_eval(model, data: str | Path | LabeledImages, methods: list[str], *,
     batch_size = check_batch_size(batch_size)
     check_maps(maps)
     settings = [pipeline.map_settings(model, maps, method=m) for m in methods]  # one test size: it is no method's own
-    if device is not None:
-        device = check_device("device", device)
-    device = torch.device(device or next(model.parameters()).device)
+    device = model_device(model, device)
     model = model.to(device).eval()
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from weakloc.checks import check_device, check_float, check_int
+from weakloc.checks import check_float, check_int
 from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD, MapConfig
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
@@ -28,7 +28,7 @@ from weakloc.errors import CheckpointError, ImageReadError, OptionError, Weakloc
 from weakloc.evaluate.classification import classification_metrics
 from weakloc.evaluate.wsol import BoxMetrics, BoxSweep, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list, wsol_box_metrics
 from weakloc.explain import centre_gaussian, get_method, pipeline
-from weakloc.explain.run import check_maps
+from weakloc.explain.run import check_maps, model_device
 from weakloc.results import Result
 
 if TYPE_CHECKING:
@@ -244,9 +244,7 @@ def evaluate_model(
     batch_size = check_batch_size(batch_size)
     gt_class = check_gt_class(gt_class)
     settings = pipeline.map_settings(model, check_maps(maps), method=method)
-    if device is not None:
-        device = check_device("device", device)
-    device = torch.device(device or next(model.parameters()).device)
+    device = model_device(model, device)
     model = model.to(device).eval()
     cfg = model.config
     labeled = data if isinstance(data, LabeledImages) else load_labels(data, classes=cfg.classes)
