@@ -129,6 +129,9 @@ def _harness_cases():
     def nothing(env: Env):
         return None
 
+    def warn(env: Env):
+        print("warning: train --old is deprecated; use --new (docs/changelog.md)")
+
     ok = {"ok": lambda env, res: None}
     return [
         (Case("self/segfault", "api", lambda env: None, Api(seg), "ok", checks=ok), "crash"),
@@ -139,6 +142,9 @@ def _harness_cases():
         (Case("self/outside", "api", lambda env: None, Api(write_outside), "ok", checks=ok), "outside"),
         (Case("self/silent", "api", lambda env: None, Api(nothing), "error", match=("x",)), "silent"),
         (Case("self/usage", "option", lambda env: None, Cli(["synth", "{out}", "--n", "abc"]), "error", match=("--n",)), "error"),
+        (Case("self/warned", "api", lambda env: None, Api(warn), "ok", checks=ok, warns=("--old", "--new")), "ok"),
+        (Case("self/unwarned", "api", lambda env: None, Api(nothing), "ok", checks=ok, warns=("--old", "--new")), "unwarned"),
+        (Case("self/wrong_warning", "api", lambda env: None, Api(warn), "ok", checks=ok, warns=("--old", "--other")), "unwarned"),
     ], Assets
 
 

@@ -1,4 +1,5 @@
-"""Python API arguments: ``explain``, ``localize_images``, ``evaluate_model``, ``fine_tune`` and the
+"""Python API arguments: ``explain``, ``localize_images``, ``explain_images``, ``evaluate_model``,
+``calibrate``, ``fine_tune``, ``load_model`` and the
 region / threshold functions, called with tensors of the wrong shape or dtype, out-of-range numbers,
 wrong types and unknown names.
 
@@ -16,8 +17,10 @@ from . import files as F
 from .harness import Api, Case, Env, Result
 
 E, OK = "error", "ok"
-TINY = {"backbone": "test_resnet", "pretrained": "none", "image_size": 32, "epochs": 1, "batch_size": 4, "progress": False,
-        "num_workers": 0}
+TINY = {"backbone": "test_resnet", "pretrained": "none", "input_size": 32, "epochs": 1, "batch_size": 4, "progress": False,
+        "workers": 0}
+#: fine_tune's deprecated keywords (they warn and still work) -> the new ones
+OLD_KEYWORDS = {"image_size": "input_size", "num_workers": "workers", "val_data": "val", "map_options": "maps"}
 
 
 def _setup(env: Env) -> None:
@@ -157,7 +160,7 @@ api("explain/model_is_a_string", _explain_not_a_model, E, "model")
 
 def _localize(images="{imgs}", out="{out}", **kw):
     def call(env: Env):
-        from weakloc.localize.run import localize_images
+        from weakloc.report.localization import localize_images
 
         imgs = [Path(i.format_map(env.vars)) for i in images] if isinstance(images, list) else (
             images.format_map(env.vars) if isinstance(images, str) else images)
@@ -188,13 +191,13 @@ api("localize_images/images_empty_list", _localize(images=[]), E, "image")
 api("localize_images/images_missing", _localize(images="{root}/no-such-images"), E, "no-such-images")
 api("localize_images/target_unknown", _localize(target="hexagon"), E, "hexagon")
 api("localize_images/method_unknown", _localize(method="no_such_method"), E, "no_such_method")
-api("localize_images/count_tta_unknown", _localize(count_tta="sideways"), E, "count_tta|sideways")
+api("localize_images/count_views_unknown", _localize(count_views="sideways"), E, "count_views|sideways")
 api("localize_images/threshold_0.3", _localize(threshold=0.3), OK, check=ok_if(_boxes_inside, "one image, boxes inside it"))
 api("localize_images/no_out_folder", _localize(out=None), OK, check=ok_if(_boxes_inside, "one image, boxes inside it"))
 
 
 def _localize_out_is_file(env: Env):
-    from weakloc.localize.run import localize_images
+    from weakloc.report.localization import localize_images
 
     env.out.parent.mkdir(parents=True, exist_ok=True)
     env.out.write_text("a file")
@@ -202,6 +205,64 @@ def _localize_out_is_file(env: Env):
 
 
 api("localize_images/out_is_a_file", _localize_out_is_file, E, "out")
+
+
+def _mapcfg(**kw):
+    from weakloc.config import MapConfig
+
+    return MapConfig(**kw)
+
+
+def _typed(pred):
+    """``pred`` of a typed result, which must also be a Result whose ``to_dict()`` item access mirrors."""
+
+    def check(res) -> bool:
+        from weakloc.results import Result as Typed
+
+        d = res.to_dict() if isinstance(res, Typed) else None
+        return d is not None and all(res[k] == d[k] for k in d) and pred(res)
+
+    return check
+
+
+# maps= (issue 17: explain_options= -> maps=, a flat dict of settings and method options, or a MapConfig)
+api("localize_images/maps_method_unknown", _localize(maps={"method": "no_such_method"}), E, "no_such_method")
+api("localize_images/maps_unknown_key", _localize(maps={"nosuch": 1}), E, "nosuch")
+api("localize_images/maps_test_size_zero", _localize(maps={"test_size": 0}), E, "test_size",
+    note="a test size of 0 must not fall back to the training size")
+api("localize_images/maps_test_size_huge", _localize(maps={"test_size": 100000}), E, "test_size")
+api("localize_images/maps_normalization_unknown", _localize(maps={"normalization": "foo"}), E, "normalization|foo")
+api("localize_images/maps_string", _localize(maps="gradcam"), E, "maps")
+api("localize_images/maps_num_samples_zero", _localize(maps={"method": "sscam", "num_samples": 0}), E, "num_samples")
+api("localize_images/mapconfig_test_size_zero", lambda env: _localize(maps=_mapcfg(test_size=0))(env), E, "test_size")
+api("localize_images/maps_test_size_48", _localize(maps={"test_size": 48}), OK,
+    check=ok_if(_typed(_boxes_inside), "a typed result, one image, boxes inside it"))
+api("localize_images/mapconfig_gradcam", lambda env: _localize(maps=_mapcfg(method="gradcam"))(env), OK,
+    check=ok_if(_typed(_boxes_inside), "a typed result, one image, boxes inside it"))
+
+
+# --- explain_images -------------------------------------------------------------------------------
+
+
+def _explain_images(out="{out}", **kw):
+    def call(env: Env):
+        from weakloc.report.explanation import explain_images
+
+        return explain_images(_net(env), env["imgs"], out.format_map(env.vars), **kw)
+
+    return call
+
+
+def _explained_one(res) -> bool:
+    return len(res["images"]) == 1
+
+
+api("explain_images/method_unknown", _explain_images(method="no_such_method"), E, "no_such_method")
+api("explain_images/maps_test_size_zero", _explain_images(maps={"test_size": 0}), E, "test_size")
+api("explain_images/maps_unknown_key", _explain_images(maps={"nosuch": 1}), E, "nosuch")
+api("explain_images/batch_size_zero", _explain_images(batch_size=0), E, "batch_size")
+api("explain_images/maps_test_size_48", _explain_images(maps={"test_size": 48}), OK,
+    check=ok_if(_typed(_explained_one), "a typed result, one image explained"))
 
 
 # --- evaluate_model -------------------------------------------------------------------------------
@@ -231,7 +292,41 @@ api("evaluate_model/batch_size_zero", _evaluate(batch_size=0), E, "batch_size")
 api("evaluate_model/annotations_missing", _evaluate(annotations="{root}/no-ann.json"), E, "no-ann.json")
 api("evaluate_model/method_unknown", _evaluate(method="no_such_method"), E, "no_such_method")
 api("evaluate_model/gt_class_unknown", _evaluate(gt_class={"triangle": "hexagon"}), E, "hexagon")
-api("evaluate_model/step_0.05", _evaluate(step=0.05), OK, check=ok_if(_report_ok, "metrics in [0, 100] over 12 images"))
+api("evaluate_model/step_0.05", _evaluate(step=0.05), OK, check=ok_if(_typed(_report_ok), "metrics in [0, 100] over 12 images"))
+api("evaluate_model/maps_test_size_zero", _evaluate(maps={"test_size": 0}), E, "test_size")
+api("evaluate_model/maps_method_unknown", _evaluate(maps={"method": "no_such_method"}), E, "no_such_method")
+api("evaluate_model/maps_unknown_key", _evaluate(maps={"nosuch": 1}), E, "nosuch")
+api("evaluate_model/maps_test_size_48", _evaluate(maps={"test_size": 48}), OK,
+    check=ok_if(_typed(_report_ok), "metrics in [0, 100] over 12 images"))
+
+
+# --- calibrate ------------------------------------------------------------------------------------
+
+
+def _calibrate(**kw):
+    def call(env: Env):
+        from weakloc.evaluate.calibrate import calibrate
+
+        kw.setdefault("per_class", 2)
+        return calibrate(_net(env), env["labels"], env["ann"], **kw)
+
+    return call
+
+
+def _calibration_ok(sizes):
+    def pred(res) -> bool:
+        return 0 <= res.threshold <= 1 and res.test_size in (*sizes, 32) and res["method"] == res.method
+
+    return pred
+
+
+for name, value in [("zero", (0,)), ("negative", (-32,)), ("huge", (100000,)), ("word", ("big",))]:
+    api(f"calibrate/test_sizes_{name}", _calibrate(test_sizes=value), E, "test_sizes|test_size")
+api("calibrate/methods_unknown", _calibrate(methods=("no_such_method",)), E, "no_such_method")
+api("calibrate/per_class_zero", _calibrate(per_class=0), E, "per_class")
+api("calibrate/maps_unknown_key", _calibrate(maps={"nosuch": 1}), E, "nosuch")
+api("calibrate/test_sizes_32_48", _calibrate(test_sizes=(32, 48)), OK,
+    check=ok_if(_typed(_calibration_ok((32, 48))), "a typed result: threshold in [0, 1], a candidate test size"))
 
 
 # --- fine_tune (Trainer.fit is a stub) --------------------------------------------------------------
@@ -241,7 +336,9 @@ def _fine_tune(data="{labels}", **kw):
     def call(env: Env):
         from weakloc.train import fine_tune
 
-        args = {**TINY, **kw}
+        # an old keyword replaces its new one (both given would be refused as given twice)
+        args = {**{k: v for k, v in TINY.items() if k not in {OLD_KEYWORDS.get(o) for o in kw}},
+                **{k: v.format_map(env.vars) if isinstance(v, str) else v for k, v in kw.items()}}
         src = data(env) if callable(data) else data.format_map(env.vars)
         return fine_tune(src, env.out, **args)
 
@@ -266,9 +363,62 @@ FT_BAD = [
     ("limit_batches_zero", {"limit_batches": 0}, "limit_batches"), ("ema_decay_one", {"ema_decay": 1.0}, "ema_decay"),
     ("loss_unknown", {"loss": "foo"}, "loss|foo"), ("map_options_unknown_method", {"map_options": {"no_such_method": {}}}, "no_such_method"),
     ("tap_threshold_2", {"head": "tap", "tap_threshold": 2.0}, "tap_threshold"), ("seed_negative", {"seed": -1}, "seed"),
+    # the new keywords of the deprecated ones above (image_size, num_workers, map_options)
+    ("input_size_zero", {"input_size": 0}, "input_size"), ("workers_negative", {"workers": -1}, "workers"),
+    ("val_data_missing", {"val_data": "{root}/no-val.csv"}, "no-val.csv"), ("val_missing", {"val": "{root}/no-val.csv"}, "no-val.csv"),
+    ("pretrained_missing_file", {"pretrained": "{root}/no-weights.safetensors"}, "no-weights"),
 ]
 for name, kw, match in FT_BAD:
     api(f"fine_tune/{name}", _fine_tune(**kw), E, match)
+
+
+def _fine_tune_maps(**maps):
+    def call(env: Env):
+        return _fine_tune(maps=_mapcfg(**maps))(env)
+
+    return call
+
+
+def _fine_tune_twice(env: Env):
+    """``input_size`` given twice, by its name and by its old name ``image_size``: refused, not one silently winning."""
+    from weakloc.train import fine_tune
+
+    return fine_tune(env["labels"], env.out, **{**TINY, "image_size": 48})
+
+
+api("fine_tune/maps_options_unknown_method", _fine_tune_maps(options={"no_such_method": {}}), E, "no_such_method")
+api("fine_tune/maps_threshold_5", _fine_tune_maps(threshold=5), E, "threshold",
+    note="a stored threshold config.json's reader refuses would save a model that cannot be loaded")
+api("fine_tune/maps_test_size_zero", _fine_tune_maps(test_size=0), E, "test_size")
+api("fine_tune/maps_method_unknown", _fine_tune_maps(method="no_such_method"), E, "no_such_method")
+api("fine_tune/maps_not_a_mapconfig", _fine_tune(maps="gradcam"), E, "maps")
+api("fine_tune/old_and_new_keyword", _fine_tune_twice, E, "image_size|input_size")
+
+
+def _fine_tune_old_keywords(env: Env):
+    """fine_tune with its deprecated keywords, the DeprecationWarnings it gives kept in ``env.info``."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            return _fine_tune(image_size=48, num_workers=0, val_data="{labels}")(env)
+        finally:
+            env.info["deprecations"] = [str(w.message) for w in seen if issubclass(w.category, DeprecationWarning)]
+
+
+def _old_keywords_reached(env: Env, res: Result) -> None:
+    _reached(env, res)
+    module = res.reached_training["module"]
+    assert module.model.config.input_size == 48, f"image_size=48 gave input_size {module.model.config.input_size}"
+    assert module.settings.workers == 0, f"num_workers=0 gave workers {module.settings.workers}"
+    said = " ".join(env.info["deprecations"])
+    for old, new in (("image_size", "input_size"), ("num_workers", "workers"), ("val_data", "val")):
+        assert old in said and new in said, f"no DeprecationWarning naming {old} and {new} (got {env.info['deprecations']})"
+
+
+api("fine_tune/old_keywords_work", _fine_tune_old_keywords, OK, check=_old_keywords_reached,
+    note="deprecated keywords keep working, each with a DeprecationWarning naming its new name")
 
 
 def _empty_labels(env: Env):

@@ -19,7 +19,7 @@ from .checks import evaluate_skipped, evaluated, mentions_skip, reached_training
 from .corpus import CLASSES
 from .harness import Case, Cli, Env, Proc, Result
 
-TRAIN = ["--backbone", "test_resnet", "--pretrained", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+TRAIN = ["--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32", "--epochs", "1", "--batch-size", "4",
          "--workers", "0"]
 
 

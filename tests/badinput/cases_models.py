@@ -67,11 +67,33 @@ def _del(key):
     return edit
 
 
-def _loc(**kw):
+def _maps(**kw):
+    """Edit format 2's ``maps`` object (the map settings and calibration results)."""
+
     def edit(cfg):
-        cfg["localization"] = {**cfg.get("localization", {}), **kw}
+        cfg["maps"] = {**cfg.get("maps", {}), **kw}
 
     return edit
+
+
+def _v1(version: int | None = 1, **kw):
+    """The config as a format-1 file (no ``maps`` / ``train``; ``format_version`` 1, or absent when
+    ``version`` is None, as files written before the field existed) with ``kw`` set, e.g. its
+    ``localization`` object."""
+
+    def edit(cfg):
+        for key in ("maps", "train", "format_version"):
+            cfg.pop(key, None)
+        if version is not None:
+            cfg["format_version"] = version
+        cfg.update(kw)
+
+    return edit
+
+
+def _v1_loc(version: int | None = 1, **kw):
+    """A format-1 file whose ``localization`` object holds ``kw``."""
+    return _v1(version, localization=dict(kw))
 
 
 def _classes(*names):
@@ -162,10 +184,34 @@ MODEL_CASES = [
     ("head_unknown", model(_set(head="mlp")), "error", "mlp", "l", None),
     ("unknown_key", model(_set(favourite_colour="blue")), "error", "favourite_colour", "l", None),
     ("format_version_99", model(_set(format_version=99)), "error", "format_version|99", "l", "a model from a newer weakloc"),
-    ("localization_string", model(_set(localization="calibrated")), "error", "localization", "l", None),
-    ("localization_threshold_5", model(_loc(threshold=5)), "error", "threshold", "lev", "a hand-edited calibrated threshold"),
-    ("localization_input_size_0", model(_loc(input_size=0)), "error", "input_size", "l", None),
-    ("localization_method_unknown", model(_loc(method="no_such_method")), "error", "no_such_method", "l", None),
+    # format 2: the map settings live in "maps"
+    ("maps_string", model(_set(maps="calibrated")), "error", "maps", "l", None),
+    ("maps_list", model(_set(maps=[0.3])), "error", "maps", "l", None),
+    ("maps_threshold_5", model(_maps(threshold=5)), "error", "threshold", "lev", "a hand-edited calibrated threshold"),
+    ("maps_threshold_word", model(_maps(threshold="high")), "error", "threshold", "l", None),
+    ("maps_test_size_0", model(_maps(test_size=0)), "error", "test_size", "le", "a silent fall back to the training size"),
+    ("maps_test_size_huge", model(_maps(test_size=10**6)), "error", "test_size", "l", None),
+    ("maps_method_unknown", model(_maps(method="no_such_method")), "error", "no_such_method", "le", None),
+    ("maps_fusion_unknown", model(_maps(fusion="sideways")), "error", "sideways|fusion", "l", None),
+    ("maps_normalization_unknown", model(_maps(normalization="foo")), "error", "normalization|foo", "l", None),
+    ("maps_count_views_unknown", model(_maps(count_views="sideways")), "error", "sideways|count_views", "l", None),
+    ("maps_options_not_object", model(_maps(options=[1, 2])), "error", "options", "l", None),
+    ("maps_unknown_key", model(_maps(favourite_colour="blue")), "error", "favourite_colour", "l", None),
+    ("maps_old_key_input_size", model(_maps(input_size=64)), "error", "input_size", "l", "format 1's key inside format 2's maps"),
+    ("train_string", model(_set(train="yes")), "error", "train", "l", None),
+    ("localization_in_format_2", model(_set(localization={"threshold": 0.3})), "error", "localization", "l",
+     "format 1's object in a format-2 file would be ignored"),
+    ("format_version_0", model(_set(format_version=0)), "error", "format_version", "l", None),
+    ("format_version_word", model(_set(format_version="2")), "error", "format_version", "l", None),
+    # format 1 (hand-edited before issue 17): still read, and a bad value still named
+    ("v1_localization_string", model(_v1(localization="calibrated")), "error", "localization", "l", None),
+    ("v1_localization_threshold_5", model(_v1_loc(threshold=5)), "error", "threshold", "lev", "a hand-edited calibrated threshold"),
+    ("v1_localization_input_size_0", model(_v1_loc(input_size=0)), "error", "input_size", "l", None),
+    ("v1_localization_method_unknown", model(_v1_loc(method="no_such_method")), "error", "no_such_method", "l", None),
+    ("v1_localization_count_tta_unknown", model(_v1_loc(count_tta="sideways")), "error", "sideways|count_tta", "l", None),
+    ("v1_no_version_threshold_5", model(_v1_loc(None, threshold=5)), "error", "threshold", "l",
+     "no format_version: format 1, written before the field existed"),
+    ("v1_holding_maps", model(_v1(maps={"threshold": 0.3})), "error", "maps", "l", "format 2's object in a format-1 file"),
     ("positive_class_7", model(_set(positive_class=7)), "error", "positive_class", "l", None),
     ("decision_threshold_2", model(_set(decision_threshold=2.0)), "error", "decision_threshold", "l", None),
     ("counting_unknown", model(_set(counting="sometimes")), "error", "sometimes", "l", None),
@@ -186,6 +232,10 @@ MODEL_CASES = [
     ("weights_fp16", model(edit_weights=_half), "ok", None, "le", "half-precision weights load as the model's dtype"),
     ("safetensors_path", model(arg="{model}/model.safetensors"), "ok", None, "l", "the weights file instead of its folder"),
     ("config_compact_json", model(edit_config=lambda cfg: None), "ok", None, "l", "config.json rewritten without indentation"),
+    ("v1_calibrated", model(_v1_loc(threshold=0.25, method="gradcam", input_size=48, calibrated_on=6, per_class=2)), "ok", None,
+     "lev", "a format-1 folder calibrated before issue 17 still loads"),
+    ("v1_no_version", model(_v1_loc(None, threshold=0.25)), "ok", None, "l", "format 1 without format_version"),
+    ("maps_calibrated", model(_maps(threshold=0.25, method="gradcam", test_size=48)), "ok", None, "lev", None),
 ]
 
 # hostile class names: either refused with a clear error naming the class, or used -- and then every

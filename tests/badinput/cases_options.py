@@ -97,13 +97,57 @@ def _and(*builders):
     return build
 
 
+def option_names(option: str) -> str:
+    """The ways a message may name an option: ``--crop-scale``, ``crop_scale``, ``crop scale``, ``crop-scale``."""
+    bare = option.lstrip("-")
+    return "|".join(dict.fromkeys([option, bare, bare.replace("-", "_"), bare.replace("-", " ")]))
+
+
 # (command, option, values, expect, extra argv, extra builder, note)
 # values is a string (one value) or a list (several tokens, e.g. --crop-scale 1 0.2); None: a flag
 OPTIONS: list[tuple] = []
 
 
-def opt(command, option, values, expect, extra=(), build=None, note="", match=None):
-    OPTIONS.append((command, option, values, expect, list(extra), build, note, match))
+def opt(command, option, values, expect, extra=(), build=None, note="", match=None, check=None, warns=()):
+    """One option case; ``check`` replaces the command's ok-check, ``warns`` are strings a
+    ``warning:`` line of the output must name (``Case.warns``)."""
+    OPTIONS.append((command, option, values, expect, list(extra), build, note, match, check, tuple(warns)))
+
+
+def trained_with(**want):
+    """The ok-check of ``train``: training would start, with these settings reached -- ``model.X``
+    (ModelConfig) or ``train.X`` (TrainConfig) keys, e.g. ``{"train.hide_prob": 0.5}``."""
+    started = reached_training()
+
+    def check(env: Env, res: Result) -> None:
+        started(env, res)
+        got = res.reached_training["module"]
+        for key, value in want.items():
+            where, name = key.split(".")
+            obj = got.model.config if where == "model" else got.settings
+            have = getattr(obj, name)
+            have = list(have) if isinstance(have, tuple) else have
+            assert have == value, f"{key} = {have!r}, expected {value!r}"
+
+    return check
+
+
+def _backbone_file(env: Env) -> None:
+    """A test_resnet backbone's weights as safetensors, every tensor filled with 0.25 (a value no
+    random initialisation gives), for ``--pretrained FILE``."""
+    import timm
+    from safetensors.torch import save_file
+
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=0, global_pool="")
+    state = {k: (v.detach().clone().fill_(0.25) if v.is_floating_point() else v.clone()) for k, v in net.state_dict().items()}
+    save_file(state, str(env.root / "backbone.safetensors"))
+
+
+def _loaded_backbone(env: Env, res: Result) -> None:
+    reached_training()(env, res)
+    weights = res.reached_training["module"].model.backbone.state_dict()
+    w = next(v for k, v in weights.items() if k.endswith("conv1.weight"))
+    assert bool((w == 0.25).all()), "the backbone did not get the weights of the --pretrained file"
 
 
 # --- synth
@@ -138,7 +182,7 @@ opt("train", "--batch-size", "1000", OK, note="a batch larger than the data set 
 for v in ("0", "-1", "nan", "inf"):
     opt("train", "--lr", v, E, note="issue: --lr -1 crashes")
 for v in ("0", "-1", "100000"):
-    opt("train", "--image-size", v, E, note="issue: --image-size 0 crashes")
+    opt("train", "--input-size", v, E, note="issue: --image-size 0 crashes")
 for v in ("7", "0", "-8"):
     opt("train", "--output-stride", v, E, note="issue: --output-stride 7 is accepted")
 opt("train", "--output-stride", "16", OK)
@@ -167,8 +211,8 @@ opt("train", "--attention-stages", "a,b", E)
 opt("train", "--attention-stages", "99", E, extra=["--head", "attention"])
 opt("train", "--attention-norm", "foo", E)
 for v in ("99", "a"):
-    opt("train", "--cbam", v, E)
-opt("train", "--adl", "99", E)
+    opt("train", "--cbam-stages", v, E)
+opt("train", "--adl-stages", "99", E)
 for v in ("-1", "1.5", "nan"):
     opt("train", "--tap-threshold", v, E)
 opt("train", "--loss", "foo", E)
@@ -179,12 +223,13 @@ opt("train", "--counting", "foo", E)
 opt("train", "--counting", "density", E, note="a counting head without counting labels")
 opt("train", "--count-loss", "foo", E, extra=["--counts"], build=lambda env: env.set(labels=env["counts"]))
 opt("train", "--count-weight", "-1", E)
-for name in ("--density-l1", "--density-tv", "--density-gather", "--crop-consistency", "--cutmix", "--align", "--consistency"):
+for name in ("--density-l1", "--density-tv", "--density-gather", "--crop-consistency", "--cutmix-alpha", "--align-weight",
+             "--consistency-weight"):
     opt("train", name, "-1", E)
 for v in ("1", "-0.1", "nan"):
     opt("train", "--ema-decay", v, E)
 for v in ("1.5", "-0.1"):
-    opt("train", "--hide-and-seek", v, E)
+    opt("train", "--hide-prob", v, E)
 opt("train", "--teacher", "{root}/no-teacher", E, match="no-teacher")
 opt("train", "--teacher-threshold", "1.5", E, extra=["--teacher", "{model}"])
 opt("train", "--teacher-method", "foo", E, extra=["--teacher", "{model}"])
@@ -193,8 +238,8 @@ opt("train", "--density-stage", "99", E, extra=["--counts"], build=lambda env: e
 opt("train", "--density-hidden", "-1", E)
 for v in ("0", "-1", "nan"):
     opt("train", "--test-scale", v, E, note="issue: --test-scale 0 is accepted")
-opt("train", "--weights", "{root}/no-weights.safetensors", E, match="no-weights")
-opt("train", "--weights", "{root}/weights.safetensors", E, build=_garbage_weights, match="weights.safetensors")
+opt("train", "--pretrained", "{root}/no-weights.safetensors", E, match="no-weights")
+opt("train", "--pretrained", "{root}/weights.safetensors", E, build=_garbage_weights, match="weights.safetensors")
 opt("train", "--backbone", "no_such_net", E, match="no_such_net")
 opt("train", "--pretrained", "foo", E, match="foo")
 opt("train", "--val", "{root}/no-val.csv", E, match="no-val.csv")
@@ -210,8 +255,8 @@ for v in ("otsu", "percentile:90", "0", "0.5"):
 opt("localize", "--keep", "foo", E, note="issue: --keep foo crashes")
 opt("localize", "--keep", "largest", OK)
 for v in ("0", "-1", "100000"):
-    opt("localize", "--input-size", v, E, note="issue: --input-size 0 is accepted")
-opt("localize", "--input-size", "64", OK)
+    opt("localize", "--test-size", v, E, note="issue: --input-size 0 is accepted")
+opt("localize", "--test-size", "64", OK)
 for v in ("0", "-1"):
     opt("localize", "--batch-size", v, E)
 opt("localize", "--method", "foo", E)
@@ -229,7 +274,7 @@ for v in ("x", "nosuch=1", "normalization=foo", "normalization=pas:2"):
 opt("localize", "--option", "chunk=0", E, extra=["--method", "scorecam"], match="chunk")
 opt("localize", "--option", "num_samples=0", E, extra=["--method", "sscam"], match="num_samples")
 opt("localize", "--option", "std=-1", E, extra=["--method", "sscam"], match="std")
-opt("localize", "--count-tta", "foo", E)
+opt("localize", "--count-views", "foo", E)
 for v in ("cuda", "foo", "cuda:7"):
     opt("localize", "--device", v, E, note="issue: --device cuda on a CPU machine crashes" if v == "cuda" else "")
 opt("localize", "--device", "cpu", OK)
@@ -265,8 +310,8 @@ opt("evaluate", "--gt-class", "triangle=hexagon", E, match="hexagon")
 opt("evaluate", "--method", "foo", E)
 opt("evaluate", "--batch-size", "0", E)
 for v in ("0", "-1"):
-    opt("evaluate", "--input-size", v, E)
-opt("evaluate", "--count-tta", "foo", E)
+    opt("evaluate", "--test-size", v, E)
+opt("evaluate", "--count-views", "foo", E)
 opt("evaluate", "--device", "cuda", E)
 opt("evaluate", "-o", "{out}/report.json", E, build=_dir_at_report, match="report.json", note="-o names a folder")
 opt("evaluate", "-a", "{root}/no-ann.json", E, match="no-ann.json")
@@ -280,8 +325,8 @@ opt("calibrate", "--methods", "cam,gradcam", OK)
 opt("calibrate", "--split", "foo", E)
 opt("calibrate", "--split", "test", E)
 for v in ("0", "-32", "abc"):
-    opt("calibrate", "--input-sizes", v, E)
-opt("calibrate", "--input-sizes", "32,64", OK)
+    opt("calibrate", "--test-sizes", v, E)
+opt("calibrate", "--test-sizes", "32,64", OK, check=calibrated(test_sizes=(32, 64)))
 opt("calibrate", "--normalizations", "foo", E)
 opt("calibrate", "--normalizations", "minmax,pas", OK)
 opt("calibrate", "--gt-class", "noequals", E, match="--gt-class")
@@ -300,18 +345,54 @@ opt("explain-eval", "--split", "foo", E)
 opt("explain-eval", "--dtype", "foo", E)
 opt("explain-eval", "--methods", "cam,random", OK)
 
+# --- new options of issue 17 (one name per setting): the map options on every map-drawing command
+opt("train", "--pretrained", "{root}/backbone.safetensors", OK, build=_backbone_file, check=_loaded_backbone)
+opt("train", "--hide-prob", "0.5", OK, check=trained_with(**{"train.hide_prob": 0.5}))
+opt("train", "--cbam-stages", "2", OK, check=trained_with(**{"model.cbam_stages": [2]}))
+opt("train", "--input-size", "48", OK, check=trained_with(**{"model.input_size": 48}))
+for command in ("explain", "explain-eval"):
+    for v in ("0", "100000"):
+        opt(command, "--test-size", v, E)
+opt("explain", "--test-size", "48", OK)
+for command in ("localize", "evaluate", "explain"):
+    opt(command, "--normalization", "foo", E, match="--normalization|normalization|normalisation|'foo'")
+opt("localize", "--normalization", "pas", OK)
+opt("localize", "--tta", None, OK)
+
+# --- old spellings (docs/changelog.md): each still works, with a one-line warning naming the new
+# option first; a bad value gives the same error as the new spelling
+# (command, old, new, a bad value, a good value or None, ok-check or None: the command's own)
+DEPRECATED = [
+    ("train", "--image-size", "--input-size", "0", "48", trained_with(**{"model.input_size": 48})),
+    ("train", "--weights", "--pretrained", "{root}/no-weights.safetensors", "{root}/backbone.safetensors", _loaded_backbone),
+    ("train", "--hide-and-seek", "--hide-prob", "1.5", "0.5", trained_with(**{"train.hide_prob": 0.5})),
+    ("train", "--cutmix", "--cutmix-alpha", "-1", "1", trained_with(**{"train.cutmix_alpha": 1.0})),
+    ("train", "--align", "--align-weight", "-1", "0.5", trained_with(**{"train.align_weight": 0.5})),
+    ("train", "--consistency", "--consistency-weight", "-1", "0.5", trained_with(**{"train.consistency_weight": 0.5})),
+    ("train", "--cbam", "--cbam-stages", "99", "2", trained_with(**{"model.cbam_stages": [2]})),
+    ("train", "--adl", "--adl-stages", "99", "-1", trained_with(**{"model.adl_stages": [-1]})),
+    ("localize", "--input-size", "--test-size", "-1", "48", None),
+    ("localize", "--count-tta", "--count-views", "sideways", None, None),
+    ("evaluate", "--input-size", "--test-size", "-1", "48", None),
+    ("evaluate", "--count-tta", "--count-views", "sideways", None, None),
+    ("calibrate", "--input-sizes", "--test-sizes", "0", "32,64", calibrated(test_sizes=(32, 64))),
+]
+for command, old, new, bad, good, check in DEPRECATED:
+    warns = (old, new, "deprecated")
+    build = _backbone_file if old == "--weights" else None
+    opt(command, old, bad, E, match=option_names(new) + "|" + option_names(old) + (f"|{bad.split('/')[-1]}" if "/" in bad else ""),
+        warns=warns, note=f"old spelling of {new}")
+    if good is not None:
+        opt(command, old, good, OK, build=build, check=check, warns=warns, note=f"old spelling of {new}")
+opt("evaluate", "--calibrate", None, E, match="weakloc calibrate",
+    note="removed: it chose the threshold on the images it then scored")
+
 # --- demo (synthesises, then stops where training would start)
 for name in ("--n", "--epochs"):
     for v in ("0", "-1"):
         opt("demo", name, v, E)
 opt("demo", "-o", "{out}", E, build=_file_at_out, match="out")
 opt("demo", "--seed", "3", OK)
-
-
-def option_names(option: str) -> str:
-    """The ways a message may name an option: ``--crop-scale``, ``crop_scale``, ``crop scale``, ``crop-scale``."""
-    bare = option.lstrip("-")
-    return "|".join(dict.fromkeys([option, bare, bare.replace("-", "_"), bare.replace("-", " ")]))
 
 
 def _slug(values) -> str:
@@ -324,8 +405,9 @@ def _slug(values) -> str:
 def cases() -> list[Case]:
     out: list[Case] = []
     seen: dict[str, int] = {}
-    for command, option, values, expect, extra, build, note, match in OPTIONS:
+    for command, option, values, expect, extra, build, note, match, check, warns in OPTIONS:
         base, builder, ok_check, writes = COMMANDS[command]
+        ok_check = check or ok_check
         vals = [] if values is None else (values if isinstance(values, list) else [values])
         argv = with_option(base, option, vals) + extra
         expect = (expect,) if isinstance(expect, str) else expect
@@ -340,5 +422,5 @@ def cases() -> list[Case]:
             default += f"|'{vals[0]}'"  # an unknown word named as given is as clear as the option's name
         out.append(Case(cid, "option", _and(builder, build) if build else builder, Cli(argv), expect,
                         match=(match or default,) if E in expect else (), checks={OK: ok_check} if OK in expect else {},
-                        writes=writes, note=note, timeout=90 if command in ("demo", "synth") else 60))
+                        writes=writes, note=note, warns=warns, timeout=90 if command in ("demo", "synth") else 60))
     return out

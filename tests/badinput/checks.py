@@ -193,11 +193,20 @@ def evaluate_skipped(name: str):
     return check
 
 
-def calibrated(model_key: str = "model"):
+def calibrated(model_key: str = "model", test_sizes: tuple[int, ...] | None = None):
+    """calibrate stored, in the model's format-2 ``config.json``, a threshold in [0, 1] and its
+    source (and, given ``test_sizes``, a ``maps.test_size`` among them or the training size)."""
+
     def check(env: Env, res: Result) -> None:
         cfg = _load(Path(env[model_key]) / "config.json")
-        tau = cfg["localization"].get("threshold")
+        assert cfg.get("format_version") == 2 and "localization" not in cfg, \
+            f"calibrate wrote format {cfg.get('format_version')} (keys {sorted(cfg)[:8]}...), not format 2's maps"
+        tau = cfg["maps"].get("threshold")
         assert isinstance(tau, (int, float)) and 0 <= tau <= 1, f"stored threshold {tau}"
+        assert "threshold" in cfg["maps"].get("sources", {}), "calibrate did not record where maps.threshold came from"
+        if test_sizes is not None:
+            size = cfg["maps"].get("test_size")
+            assert size is None or size in (*test_sizes, cfg["input_size"]), f"stored test size {size}, candidates {test_sizes}"
 
     return check
 

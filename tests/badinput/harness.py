@@ -19,7 +19,9 @@ Observed outcomes:
 - ``silent``: exit 0 although the input should have been refused or reported;
 - ``wrong``: exit 0 but the ok-check failed (a wrong result);
 - ``refused``: a good input refused (expected ``ok``, got an error);
-- ``outside``: something was written (or removed) outside the folders the command may write to.
+- ``outside``: something was written (or removed) outside the folders the command may write to;
+- ``unwarned``: the outcome asked for, but no ``warning:`` line names what the case expects (an old
+  option spelling and its new one).
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class Case:
         train: let training start (else ``Trainer.fit`` is replaced by a stub that records what
             it was given, so argument checks are tested without training).
         requires: returns a reason to skip the case on this machine (e.g. running as root).
+        warns: strings one ``warning:`` line of the output must contain, whatever the outcome
+            (``a|b`` accepts either), e.g. a deprecated option's old and new spellings.
         note: what the issue says about this input.
     """
 
@@ -173,6 +177,7 @@ class Case:
     train: bool = False
     timeout: float = 60.0
     requires: Callable[[], str | None] | None = None
+    warns: tuple[str, ...] = ()
     note: str = ""
 
     def __post_init__(self):
@@ -180,6 +185,8 @@ class Case:
             self.expect = (self.expect,)
         if isinstance(self.match, str):
             self.match = (self.match,)
+        if isinstance(self.warns, str):
+            self.warns = (self.warns,)
         bad = [o for o in self.expect if o not in OUTCOMES]
         assert not bad, f"{self.id}: unknown outcome(s) {bad}"
         missing = [o for o in self.expect if o != "error" and o not in self.checks]
@@ -273,8 +280,28 @@ def _success(case: Case, env: Env, res: Result) -> tuple[str, str]:
     return "silent", f"accepted ({what}): {first_line(res.text)}"
 
 
+def _warned(case: Case, env: Env, text: str) -> str | None:
+    """Why the output lacks the ``warning:`` line ``case.warns`` asks for (None: it has it)."""
+    if not case.warns:
+        return None
+    wanted = [_fmt(w, env) for w in case.warns]
+    lines = text.splitlines()
+    if any(ln.strip().startswith("warning:") and all(_names(ln, w) for w in wanted) for ln in lines):
+        return None
+    seen = [ln.strip()[:200] for ln in lines if "warning" in ln.lower()]
+    return f"no one-line warning naming {wanted}" + (f" (saw: {seen[0]})" if seen else " (no warning printed)")
+
+
 def judge(case: Case, env: Env, res: Result) -> tuple[str, str]:
-    """Observed outcome and a one-line detail."""
+    """Observed outcome and a one-line detail (``unwarned`` when the outcome is right but the
+    warning ``case.warns`` asks for is missing)."""
+    observed, detail = _judge(case, env, res)
+    if observed in case.expect and (missing := _warned(case, env, res.text)):
+        return "unwarned", missing
+    return observed, detail
+
+
+def _judge(case: Case, env: Env, res: Result) -> tuple[str, str]:
     from weakloc.errors import WeaklocError
 
     if TRACEBACK in res.text:
