@@ -186,14 +186,19 @@ def map_overrides(method: str | None = None, layer: str | None = None, fusion: s
     return opts
 
 
-def _check_map_options(opts: dict) -> None:
+def _check_map_options(opts: dict, flag: str | None = None) -> None:
     """The map options' values checked before a model is loaded (method name, fusion, dtype,
-    normalisation, test size), each named by its option."""
+    normalisation, test size), each named by its option (or by ``flag``, a list option's name)."""
     from weakloc.config import ModelConfig, resolve_maps, split_overrides
     from weakloc.explain.pipeline import check_map_settings
 
     settings, _ = split_overrides(opts)
-    check_map_settings(resolve_maps(ModelConfig(classes=["_"]), settings), where="--")
+    try:
+        check_map_settings(resolve_maps(ModelConfig(classes=["_"]), settings), where="--")
+    except OptionError as e:
+        if flag is None:
+            raise
+        raise OptionError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
 
 
 METHOD_HELP = "Heatmap method (see `weakloc methods`; default: the model's stored one, else cam)."
@@ -308,6 +313,9 @@ def train(
     test_scale: float = typer.Option(2.0, help="Maps and boxes are made on inputs this many times the training size (1: same)."),
     positive: Optional[str] = typer.Option(None, help="With two classes: the 'yes' class, making a yes/no task (default: yes/no only "
                                            "when the other class is a 'no' word such as no, negative, normal, absent)."),
+    interpretation: bool = typer.Option(True, "--interpretation/--no-interpretation", help="After training, write "
+                                        "OUT/interpretation.html on the validation images: confusion matrix, top losses with the "
+                                        "heatmaps of the predicted and true class, most and least confident correct images per class."),
 ):
     """Fine-tune a pretrained backbone on image-level labels (fast.ai style: frozen warm-up, then all layers)."""
     from weakloc.config import ModelConfig, TrainConfig
@@ -350,6 +358,23 @@ def train(
 
         console.print(f"[yellow]{_printable(result.skipped.summary(out / SKIPPED_FILE))}[/]", highlight=False)
     console.print(f"model saved to {result.model_dir}")
+    if interpretation:
+        _write_interpretation(result, data, out, val, positive, "cpu" if accelerator == "cpu" else _device(None), min(batch_size, 16))
+
+
+def _write_interpretation(result, data, out: Path, val, positive, device, batch_size: int) -> None:
+    """``OUT/interpretation.html`` after training; the model is saved already, so a problem here is a
+    one-line warning, never a failed training."""
+    from weakloc.report.interpretation import after_training
+
+    try:
+        with console.status("writing interpretation.html (top losses with heatmaps)"):
+            page = after_training(result, data, out, val=val, positive=positive, device=device, batch_size=batch_size)
+    except Exception as e:  # noqa: BLE001 - the trained model is saved; the page is an extra
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"[yellow]warning:[/] interpretation.html not written: {_printable(first)}", soft_wrap=True, highlight=False)
+        return
+    console.print(f"where it looked when it was wrong: {page}")
 
 
 def _load(model: Path, device: str | None):
@@ -519,11 +544,11 @@ def calibrate(
     if methods is not None and not names:
         raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
     for m in names:
-        _check_map_options({"method": m})
+        _check_map_options({"method": m}, "--methods")
     for size in sizes:
-        _check_map_options({"test_size": size})
+        _check_map_options({"test_size": size}, "--test-sizes")
     for n in norms:
-        _check_map_options({"normalization": n})
+        _check_map_options({"normalization": n}, "--normalizations")
     net = _load(model, device)
     ensure_writable(model)  # a read-only model folder fails now, not after the calibration's work
     if net.counting_head is not None:
@@ -581,7 +606,7 @@ def explain_eval_cmd(
     if not names:
         raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
     for m in names:
-        _check_map_options({"method": m})
+        _check_map_options({"method": m}, "--methods")
     net = _load(model, device)
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
@@ -596,6 +621,48 @@ def explain_eval_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_dict(), indent=2))
         console.print(f"table written to {out}")
+
+
+@app.command()
+def report(
+    model: Path = typer.Argument(..., help="Model folder."),
+    data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders; a counts CSV for a counting model)."),
+    out: Path = typer.Option(Path("weakloc-report"), "--out", "-o", help="Output folder: interpretation.html and interpretation/*.png."),
+    split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
+    k: int = typer.Option(12, "--k", help="How many top losses to show."),
+    per_class: int = typer.Option(3, help="Most, and least, confident correct images shown per class (0: none)."),
+    method: MethodOpt = None,
+    layer: LayerOpt = None,
+    fusion: FusionOpt = None,
+    tta: TtaOpt = None,
+    eigen_smooth: EigenOpt = None,
+    dtype: DtypeOpt = None,
+    normalization: NormalizationOpt = None,
+    option: OptionOpt = None,
+    test_size: TestSizeOpt = None,
+    batch_size: int = typer.Option(16),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+):
+    """Where it looked when it was wrong: interpretation.html with the confusion matrix, the top losses with the heatmaps
+    of the predicted and true class side by side, and per class the most and least confident correct images."""
+    from weakloc.checks import check_int
+    from weakloc.report.interpretation import top_losses
+
+    opts = _check_run_options(batch_size, None, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype, normalization,
+                                                               option, test_size), split)
+    check_output_folder("--out", out)
+    check_int("--k", k, 1, 100_000)
+    check_int("--per-class", per_class, 0, 10_000)
+    net = _load(model, device)
+    with progress_bar("interpreting") as update:
+        res = top_losses(net, data, out, k=k, per_class=per_class, split=split, maps=opts, batch_size=batch_size, progress=update)
+    wrong = sum(not c.correct for c in res.top_losses)
+    console.print(f"{res.images} {res.split} image(s), accuracy {res.accuracy:.1f}%, {wrong} of the top {len(res.top_losses)} "
+                  f"losses wrong -> {out / 'interpretation.html'}", highlight=False)
+    for note in res.notes:
+        console.print(f"[yellow]note:[/] {_printable(note)}", highlight=False)
+    for s in res.skipped:
+        console.print(f"[yellow]skipped {_printable(s.file)}: {_printable(s.reason)}[/]", highlight=False)
 
 
 @app.command()

@@ -261,7 +261,7 @@ class ModelConfig:
 
     def inference_size(self) -> int:
         """Side of the input for maps, boxes and predictions: ``maps.test_size``, else the training size."""
-        return int(self.maps.test_size or self.input_size)
+        return int(self.input_size if self.maps.test_size is None else self.maps.test_size)
 
     def instance_box_sizes(self) -> list[list[float]] | None:
         """Counting models: each class's instance box ``[width, height]`` (fractions of the image) in
@@ -579,6 +579,7 @@ def resolve_maps(config: ModelConfig, overrides: MapConfig | dict | None = None,
     options.update(asked_options)
     if "normalization" in options:  # the caller's option spelling of the setting
         out["normalization"] = options.pop("normalization")
-    out["test_size"] = int(out["test_size"] or config.input_size)
+    if out["test_size"] is None:  # not set: the training size (a 0 stays, for the check to refuse)
+        out["test_size"] = config.input_size
     return MapConfig(**out, options={out["method"]: options} if options else {}, threshold=stored.threshold,
                      box_sizes=stored.box_sizes, sources=dict(stored.sources))

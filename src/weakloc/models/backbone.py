@@ -58,7 +58,7 @@ def create_backbone(name: str, pretrained: str = "imagenet", output_stride: int 
     except OSError as e:  # the hub download failed
         raise WeaklocError(
             f"cannot download ImageNet weights for {name!r} ({type(e).__name__}). Offline, use "
-            f"--backbone tf_efficientnet_lite0 (weights ship with weakloc), --weights FILE, or --pretrained none."
+            f"--backbone tf_efficientnet_lite0 (weights ship with weakloc), --pretrained FILE, or --pretrained none."
         ) from None
     if pretrained == "imagenet" and name in OFFLINE_IMAGENET:
         load_backbone_weights(model, offline_imagenet_path(name))
