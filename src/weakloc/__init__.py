@@ -59,6 +59,7 @@ API: dict[str, tuple[str, str]] = {
     "evaluate_counts": ("weakloc.evaluate.counting", "evaluate_counts"),
     "CountingReport": ("weakloc.evaluate.counting", "CountingReport"),
     "explain_eval": ("weakloc.evaluate.explain_eval", "explain_eval"),
+    "top_losses": ("weakloc.report.interpretation", "top_losses"),
     # the offline demo
     "run_demo": ("weakloc.demo", "run_demo"),
 }
