@@ -71,7 +71,7 @@ def test_single_label_confusion_matrix_top_losses_and_maps(single_data, monkeypa
         hand[t][p] += 1
     assert res.task == "single" and res.split == "val" and res.images == len(labeled) and res.test_size == 48
     assert res.confusion.tolist() == hand
-    assert len({p for p in pred.tolist()}) > 1, "the test model should predict more than one class"
+    assert len(set(pred.tolist())) > 1, "the test model should predict more than one class"
     assert res.accuracy == pytest.approx(100 * sum(hand[k][k] for k in range(3)) / len(y))
     # the top losses: the 5 highest cross-entropies, highest first, each the loss of its own image
     losses = F.cross_entropy(logits, y, reduction="none")
@@ -158,7 +158,7 @@ def test_page_escapes_class_and_file_names_and_stays_in_its_folder(tmp_path):
     from weakloc.report import top_losses
 
     src = write_synthetic(tmp_path / "s", SyntheticConfig(n_images=8, size=40, seed=5))
-    rows = list(csv.DictReader(open(src / "labels.csv", newline="")))
+    rows = list(csv.DictReader((src / "labels.csv").read_text().splitlines()))
     odd = tmp_path / "odd"
     odd.mkdir()
     names = {"triangle": "<script>", "square": "a&b\"q", "star": "star"}
@@ -169,7 +169,7 @@ def test_page_escapes_class_and_file_names_and_stays_in_its_folder(tmp_path):
             target = odd / f"<img src=x onerror=alert({i})>.jpg"
             target.write_bytes((src / r["path"]).read_bytes())
             w.writerow([target.name, names[r["label"]]])
-    classes = sorted(set(names[r["label"]] for r in rows))
+    classes = sorted({names[r["label"]] for r in rows})
     net = _model(classes)
     out = tmp_path / "out"
     res = top_losses(net, odd, out, k=4, per_class=1)
@@ -228,7 +228,7 @@ def test_cli_report_and_train_write_the_page(single_data, tmp_path, monkeypatch)
     r = run.invoke(app, [*train, "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     page = (tmp_path / "run" / "interpretation.html").read_text(encoding="utf-8")
-    val = sum(1 for row in csv.DictReader(open(single_data / "labels.csv", newline="")) if row["split"] == "val")
+    val = sum(1 for row in csv.DictReader((single_data / "labels.csv").read_text().splitlines()) if row["split"] == "val")
     assert f"{val} validation image(s)" in page and "where it looked when it was wrong" in r.output
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"model", "checkpoints", "metrics.json", "interpretation.html", "interpretation"}
 

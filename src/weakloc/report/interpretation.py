@@ -13,8 +13,6 @@ import dataclasses
 import html
 from pathlib import Path
 
-import torch
-
 from weakloc.config import MapConfig
 from weakloc.errors import OptionError
 from weakloc.evaluate.interpretation import Case, Interpretation, interpret
