@@ -72,3 +72,5 @@ for _name, _fn, _grad, _relu, _summary in [
     ("sobel", methods.sobel_baseline, False, False, "Baseline: image edge magnitude (model-free)"),
 ]:
     register(ExplainMethod(_name, _fn, _grad, _relu, _summary))
+
+from weakloc.explain import conceptor as _conceptor  # noqa: E402,F401 -- registers the Conceptor-CAM methods
