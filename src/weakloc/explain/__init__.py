@@ -41,7 +41,7 @@ class Heatmaps(NamedTuple):
 _OPTION_RANGES = {
     "chunk": ("int", 1, None), "num_samples": ("int", 1, None), "n_compare": ("int", 1, None), "seed": ("int", 0, None),
     "std": ("float", 0.0, None), "alpha": ("float", None, None), "discard_ratio": ("float", 0.0, 1.0),
-    "differentiable": ("bool",), "positive_weights": ("bool",), "eigen_smooth": ("bool",),
+    "differentiable": ("bool",), "positive_weights": ("bool",), "eigen_smooth": ("bool",), "aperture": ("float", 0.0, None),
 }
 
 
