@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     labels = write_labels(args.root, args.out)
-    result = fine_tune(labels, args.out / "run", backbone=args.backbone, image_size=args.image_size, output_stride=args.output_stride,
+    result = fine_tune(labels, args.out / "run", backbone=args.backbone, input_size=args.image_size, output_stride=args.output_stride,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, monitor="val_auroc", crop_scale=tuple(args.crop_scale),
                        progress=False)
     rows = {}
@@ -85,7 +85,8 @@ def main() -> None:
     B = first["centre_baseline"]
     print(f"| centre baseline | {B['MaxBoxAccV2']:.1f} | {B['IoU30']:.1f} | {B['IoU50']:.1f} | {B['IoU70']:.1f} | {B['MaxBoxAcc']:.1f} | - |")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": device,
-                                                       "seconds": elapsed, "training": result.metrics, "evaluation": rows}, indent=2))
+                                                       "seconds": elapsed, "training": result.metrics,
+                                                       "evaluation": {m: rep.to_dict() for m, rep in rows.items()}}, indent=2))
 
 
 if __name__ == "__main__":

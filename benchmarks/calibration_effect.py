@@ -39,10 +39,10 @@ def main() -> None:
             method, tau = methods[0], 0.2
         else:
             res = calibrate(model, args.labels, args.annotations, per_class=k, methods=methods, seed=args.seed)
-            method, tau = res["method"], res["threshold"]
+            method, tau = res.method, res.threshold
         rep = evaluate_model(model, args.labels, args.annotations, method=method, split=args.split, gt_known_tau=tau)
-        loc = rep["localization"]
-        print(f"| {k} | {method} | {tau:.2f} | {loc['GT-known Loc']:.1f} | {loc['MaxBoxAccV2']:.1f} |")
+        loc = rep.localization
+        print(f"| {k} | {method} | {tau:.2f} | {loc.gt_known_loc:.1f} | {loc.max_box_acc_v2:.1f} |")
 
 
 if __name__ == "__main__":

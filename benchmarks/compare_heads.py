@@ -63,12 +63,12 @@ def main() -> None:
         train_kw, methods = CONFIGS[name]
         kw = {"output_stride": 16, "lr": 2e-3, "freeze_epochs": 1, **train_kw}
         t0 = time.perf_counter()
-        res = fine_tune(labels, args.out / name, image_size=size, epochs=args.epochs, batch_size=32 if args.dataset == "synthetic" else 16,
+        res = fine_tune(labels, args.out / name, input_size=size, epochs=args.epochs, batch_size=32 if args.dataset == "synthetic" else 16,
                         seed=args.seed, monitor=monitor, crop_scale=crop, progress=False, **kw)
         train_s = time.perf_counter() - t0
         for method in methods:
             opts = {"positive_weights": True} if method == "cam+positive" else {}
-            rep = evaluate_model(res.model, labels, annotations, method=method.split("+")[0], split=split, explain_options=opts)
+            rep = evaluate_model(res.model, labels, annotations, method=method.split("+")[0], split=split, maps=opts).to_dict()
             results[f"{name}/{method}"] = {"train_seconds": train_s, "classification": rep["classification"],
                                            "localization": rep["localization"], "centre": rep["centre_baseline"],
                                            "images": rep["images"], "samples": rep["localization_samples"]}

@@ -29,6 +29,7 @@ from weakloc.data.counts import load_count_labels  # noqa: E402
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform  # noqa: E402
 from weakloc.data.labels import select_split  # noqa: E402
 from weakloc.evaluate.counting import count_metrics  # noqa: E402
+from weakloc.explain import pipeline  # noqa: E402
 from weakloc.localize.instances import counting_forward, predicted_counts  # noqa: E402
 from weakloc.models import load_model  # noqa: E402
 from weakloc.models.classifier import ModelOutput  # noqa: E402
@@ -39,10 +40,12 @@ def model_dir(run: Path) -> Path:
     return run if (run / "config.json").is_file() else run / "density" / "model"
 
 
-def counts_and_logits(model, labeled, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(N, K)`` counts and logits averaged over the model's stored views, and the ``(N, K)`` true counts."""
+def counts_and_logits(model, labeled, batch_size: int = 16, test_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, K)`` counts and logits averaged over the model's stored views, and the ``(N, K)`` true counts;
+    images at ``test_size`` (default: the model's stored test-time size, as ``evaluate`` counts)."""
     cfg = model.config
-    loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(cfg.input_size, cfg.mean, cfg.std)),
+    settings = pipeline.map_settings(model, {"test_size": test_size} if test_size else None)
+    loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(settings.test_size, cfg.mean, cfg.std)),
                         batch_size=batch_size, collate_fn=collate_skip_bad)
     k = len(cfg.classes)
     counts, logits, truth = [], [], []
@@ -50,7 +53,7 @@ def counts_and_logits(model, labeled, batch_size: int = 16) -> tuple[torch.Tenso
         if batch["image"] is None:
             continue
         with torch.no_grad():
-            out = counting_forward(model, batch["image"], cfg.count_views())
+            out = counting_forward(model, batch["image"], settings.count_views)
         counts.append(out.counts.float())
         logits.append(out.logits.float())
         truth.append(batch["target"][:, k:].float())
@@ -100,11 +103,9 @@ def main() -> None:
     for run, model in zip(args.runs, models) if args.input_sizes else []:
         trained = model.config.input_size
         for size in (int(v) for v in args.input_sizes.split(",")):
-            model.config.input_size = size  # the input the images are resized to
-            c, lg, _ = counts_and_logits(model, test)
+            c, lg, _ = counts_and_logits(model, test, test_size=size)  # the side the images are resized to
             print(row(f"{run.name} at {size} px (trained at {trained}); mean raw count "
                       + ", ".join(f"{n} {v:.2f}" for n, v in zip(classes, c.mean(0).tolist())), whole(c, lg)))
-        model.config.input_size = trained
     for n in range(2, len(scored)):
         maes = [count_metrics(whole(torch.stack([scored[i][0] for i in combo]).mean(0), torch.stack([scored[i][1] for i in combo]).mean(0)),
                               truth, classes)["per_class"] for combo in itertools.combinations(range(len(scored)), n)]

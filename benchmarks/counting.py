@@ -91,10 +91,11 @@ def main() -> None:
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}  # heads already measured are kept
 
-    def record(key: str, model, train_seconds: float, tta: str | None = None) -> None:
-        """Score ``model`` on the test split into ``results[key]`` and save the cache."""
-        rep = evaluate_counts(model, labels, annotations, split="test", tta=tta, train_counts=train_counts)
-        results[key] = {**rep, "train_seconds": train_seconds}
+    def record(key: str, model, train_seconds: float, views: str | None = None) -> None:
+        """Score ``model`` on the test split (counts averaged over ``views``; default: the model's
+        stored ones) into ``results[key]`` and save the cache."""
+        rep = evaluate_counts(model, labels, annotations, split="test", count_views=views, train_counts=train_counts)
+        results[key] = {**rep.to_dict(), "train_seconds": train_seconds}
         cache.write_text(json.dumps(results, indent=2))
 
     for head in args.heads.split(","):
@@ -103,7 +104,7 @@ def main() -> None:
         if head in results:
             continue
         t0 = time.perf_counter()
-        res = fine_tune(train_data, args.out / head, val_data=val_data, image_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
+        res = fine_tune(train_data, args.out / head, val=val_data, input_size=size, output_stride=args.output_stride, epochs=args.epochs, batch_size=16,
                         seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, balanced=args.balanced, progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
                         density_context=not args.no_density_context,
@@ -127,7 +128,7 @@ def main() -> None:
         print("|---|" + "---:|" * len(scales))
         for head in args.heads.split(","):
             model = load_model(args.out / head / "model")
-            f1 = [evaluate_counts(model, labels, annotations, split="val", tta="none", box_scale=v)["boxes"]["F1"] for v in scales]
+            f1 = [evaluate_counts(model, labels, annotations, split="val", count_views="none", box_scale=v).boxes.f1 for v in scales]
             print(f"| {head} | " + " | ".join(f"{v:.3f}" for v in f1) + " |")
     device = machine_name()
     results = {h: r for h, r in results.items() if h.split(",")[0] in args.heads.split(",")}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -31,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels as write_bccd_labels  # noqa: E402
 
+from weakloc.config import MapConfig, upgrade_v1  # noqa: E402
 from weakloc.data.annotations import read_annotations  # noqa: E402
+from weakloc.errors import WeaklocError  # noqa: E402
 from weakloc.evaluate.calibrate import calibrate  # noqa: E402
 from weakloc.evaluate.run import evaluate_model  # noqa: E402
 from weakloc.models import load_model  # noqa: E402
@@ -50,7 +53,9 @@ MODELS: dict[str, dict] = {
     "align-psol": {"output_stride": 16, "align_weight": 1.0, "consistency_weight": 1.0, "teacher": "align"},
 }
 
-#: rows: name -> (model, map method, explain options, what the row adds)
+#: rows: name -> (model, map method, map overrides, what the row adds). The overrides are ``maps=`` of
+#: ``evaluate_model`` / ``calibrate`` (``test_size``, ``normalization``, ``tta``, method options), plus
+#: ``input_scale`` (the test-time size as a multiple of the training size) and ``choose`` (a K-shot row)
 ROWS: dict[str, tuple[str, str, dict, str]] = {
     "cam": ("stride32", "cam", {}, "plain CAM, native stride 32"),
     "stride16": ("stride16", "cam", {}, "denser maps: output_stride 16"),
@@ -69,23 +74,23 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "align-psol": ("align-psol", "localizer", {}, "second stage on the aligned model's pseudo-masks"),
     "align-tta": ("align", "cam", {"tta": True}, "alignment + consistency, with TTA"),
     # test-time resolution: the fully convolutional model run on a larger input than it was trained on
-    "cam-640": ("stride32", "cam", {"input_size": 640}, "plain CAM, input 640 px at test time"),
-    "hires-448": ("stride16", "cam", {"input_size": 448}, "stride 16, input 448 px at test time"),
-    "hires-640": ("stride16", "cam", {"input_size": 640}, "stride 16, input 640 px at test time"),
-    "hires-640-positive": ("stride16", "cam", {"input_size": 640, "positive_weights": True}, "... and negative weights clamped"),
-    "hires-640-eigencam": ("stride16", "eigencam", {"input_size": 640}, "... Eigen-CAM instead of CAM"),
-    "hires-640-tta": ("stride16", "cam", {"input_size": 640, "tta": True}, "... with TTA"),
-    "cam-640-positive": ("stride32", "cam", {"input_size": 640, "positive_weights": True}, "plain CAM at 640 px, negative weights clamped"),
-    "hires-640-positive-pas": ("stride16", "cam", {"input_size": 640, "positive_weights": True, "normalization": "pas"},
+    "cam-640": ("stride32", "cam", {"test_size": 640}, "plain CAM, input 640 px at test time"),
+    "hires-448": ("stride16", "cam", {"test_size": 448}, "stride 16, input 448 px at test time"),
+    "hires-640": ("stride16", "cam", {"test_size": 640}, "stride 16, input 640 px at test time"),
+    "hires-640-positive": ("stride16", "cam", {"test_size": 640, "positive_weights": True}, "... and negative weights clamped"),
+    "hires-640-eigencam": ("stride16", "eigencam", {"test_size": 640}, "... Eigen-CAM instead of CAM"),
+    "hires-640-tta": ("stride16", "cam", {"test_size": 640, "tta": True}, "... with TTA"),
+    "cam-640-positive": ("stride32", "cam", {"test_size": 640, "positive_weights": True}, "plain CAM at 640 px, negative weights clamped"),
+    "hires-640-positive-pas": ("stride16", "cam", {"test_size": 640, "positive_weights": True, "normalization": "pas"},
                                "stride 16, 640 px, clamped weights, percentile normalisation"),
-    "hires-640-positive-tta": ("stride16", "cam", {"input_size": 640, "positive_weights": True, "tta": True},
+    "hires-640-positive-tta": ("stride16", "cam", {"test_size": 640, "positive_weights": True, "tta": True},
                                "stride 16, 640 px, clamped weights, TTA"),
-    "cam-640-positive-pas": ("stride32", "cam", {"input_size": 640, "positive_weights": True, "normalization": "pas"},
+    "cam-640-positive-pas": ("stride32", "cam", {"test_size": 640, "positive_weights": True, "normalization": "pas"},
                              "plain CAM at 640 px, clamped weights, percentile normalisation"),
-    "hires-800-positive": ("stride16", "cam", {"input_size": 800, "positive_weights": True}, "stride 16, 800 px, clamped weights"),
-    "has-640": ("has", "cam", {"input_size": 640}, "Hide-and-Seek, input 640 px at test time"),
-    "psol-640": ("psol", "localizer", {"input_size": 640}, "second stage, input 640 px at test time"),
-    "align-640": ("align", "cam", {"input_size": 640}, "alignment + consistency, input 640 px at test time"),
+    "hires-800-positive": ("stride16", "cam", {"test_size": 800, "positive_weights": True}, "stride 16, 800 px, clamped weights"),
+    "has-640": ("has", "cam", {"test_size": 640}, "Hide-and-Seek, input 640 px at test time"),
+    "psol-640": ("psol", "localizer", {"test_size": 640}, "second stage, input 640 px at test time"),
+    "align-640": ("align", "cam", {"test_size": 640}, "alignment + consistency, input 640 px at test time"),
     "x2": ("stride16", "cam", {"input_scale": 2}, "stride 16, input twice the training size at test time"),
     "x2-eigencam": ("stride16", "eigencam", {"input_scale": 2}, "... Eigen-CAM instead of CAM"),
     "attention-x2": ("attention", "attention", {"input_scale": 2}, "attention head's maps, input twice the training size"),
@@ -130,7 +135,7 @@ def train(name: str, labels: Path, args, cfg: dict) -> Path:
     if "teacher" in kw:
         kw["teacher"] = train(kw["teacher"], labels, args, cfg)
     t0 = time.perf_counter()
-    fine_tune(labels, folder, image_size=cfg["size"], epochs=args.epochs, batch_size=16, seed=args.seed, monitor=cfg["monitor"],
+    fine_tune(labels, folder, input_size=cfg["size"], epochs=args.epochs, batch_size=16, seed=args.seed, monitor=cfg["monitor"],
               crop_scale=cfg["crop"], progress=False, **kw)
     (folder / "train_seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
     return folder / "model"
@@ -141,30 +146,39 @@ CHOICE_K = 5
 
 
 def prepare(row: str, labels: Path, gt, args, cfg: dict, chosen: dict | None = None):
-    """The row's model (trained if needed) with its test-time size and map options set; its map
-    method, the method's label in the table and the explain options. ``chosen``: the model's
-    ``localization`` after a K-shot row's choice, cached, so filling a later column does not choose again."""
+    """The row's model (trained if needed) with no stored test-time size or map options; its map
+    method, the method's label in the table and the row's map overrides (``maps=`` of
+    ``evaluate_model`` / ``calibrate``). ``chosen``: the model's ``config.maps`` (``to_dict()``) after
+    a K-shot row's choice, cached, so filling a later column does not choose again."""
     model_name, method, options, _ = ROWS[row]
     model = load_model(train(model_name, labels, args, cfg))
     options = dict(options)
-    model.config.localization.pop("input_size", None)  # rows state their test-time size; default: the training size
-    model.config.localization.pop("options", None)  # ... and their map options (fine_tune stores defaults)
-    if "input_size" in options:  # test-time resolution (`--input-size` of evaluate / localize)
-        model.config.localization["input_size"] = options.pop("input_size")
-    if "input_scale" in options:
-        model.config.localization["input_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
+    # rows state their test-time size (default: the training size) and their map options; fine_tune stores defaults of both
+    stored = model.config.maps
+    model.config.maps = dataclasses.replace(stored, test_size=None, options={},
+                                            sources={k: v for k, v in stored.sources.items() if k not in ("test_size", "options")})
+    if "input_scale" in options:  # test-time resolution (`--test-size` of evaluate / localize)
+        options["test_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
     label = method
     choose = options.pop("choose", None)
     if choose and chosen:
-        model.config.localization = dict(chosen)
-        method = chosen["method"]
+        model.config.maps = cached_maps(chosen)
+        method = model.config.maps.method
     elif choose:  # a K-shot row: calibration picks the method, the size (and the normalisation); the test split is scored with them
         sizes = tuple(int(round(model.config.input_size * f / 32) * 32) for f in choose["scales"])
-        picked = calibrate(model, labels, gt, per_class=CHOICE_K, methods=choose["methods"], input_sizes=sizes,
-                           explain_options=options, seed=args.seed, normalizations=choose.get("normalizations"))
-        method = picked["method"]  # calibrate stored the picked size (and normalisation) in model.config.localization
-        label = f"{method} @ {picked['input_size']} px" + (f", {picked['normalization']}" if picked["normalization"] else "")
+        picked = calibrate(model, labels, gt, per_class=CHOICE_K, methods=choose["methods"], test_sizes=sizes,
+                           maps=options, seed=args.seed, normalizations=choose.get("normalizations"))
+        method = picked.method  # calibrate stored the picked size (and normalisation) in model.config.maps
+        label = f"{method} @ {picked.test_size} px" + (f", {picked.normalization}" if picked.normalization else "")
     return model, method, label, options
+
+
+def cached_maps(chosen: dict) -> MapConfig:
+    """A K-shot row's cached map settings; caches written before ``config.maps`` hold the old
+    ``localization`` dict (``input_size``, ...), read as a format-1 model's."""
+    if set(chosen) <= {f.name for f in dataclasses.fields(MapConfig)}:
+        return MapConfig(**chosen)
+    return MapConfig(**upgrade_v1({"localization": chosen})["maps"])
 
 
 def calibrated(res: dict) -> dict[str, dict]:
@@ -204,19 +218,24 @@ def main() -> None:
             continue
         model, method, label, options = prepare(row, labels, gt, args, cfg, results.get(row, {}).get("chosen"))
         if row not in results:
-            rep = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=0.2)
+            rep = evaluate_model(model, labels, gt, method=method, maps=options, split="test", gt_known_tau=0.2).to_dict()
             seconds = args.out / ROWS[row][0] / "train_seconds.txt"
             results[row] = {"model": ROWS[row][0], "method": label, "options": ROWS[row][2], "classification": rep["classification"],
                             "localization": rep["localization"], "centre": rep["centre_baseline"], "images": rep["images"],
                             "samples": rep["localization_samples"],
                             "train_seconds": float(seconds.read_text()) if seconds.is_file() else None}
             if "choose" in ROWS[row][2]:
-                results[row]["chosen"] = dict(model.config.localization)
+                results[row]["chosen"] = model.config.maps.to_dict()
             print(f"{row}: MaxBoxAccV2 {rep['localization']['MaxBoxAccV2']:.1f}", flush=True)
         for k in missing:  # GT-known Loc at the threshold calibrated on K annotated train images per class
-            cal = calibrate(model, labels, gt, per_class=k, methods=(method,), explain_options=options, seed=args.seed)
-            rep_k = evaluate_model(model, labels, gt, method=method, explain_options=options, split="test", gt_known_tau=cal["threshold"])
-            results[row].setdefault("calibrated", {})[str(k)] = {"tau": cal["threshold"], "gt_known": rep_k["localization"]["GT-known Loc"]}
+            try:
+                cal = calibrate(model, labels, gt, per_class=k, methods=(method,), maps=options, seed=args.seed)
+            except WeaklocError as e:  # no threshold localizes any of the K images' boxes: the cell says so, the other rows still run
+                print(f"{row}, K = {k}: {e}", flush=True)
+                results[row].setdefault("calibrated", {})[str(k)] = {"tau": None, "gt_known": None, "error": str(e)}
+                continue
+            rep_k = evaluate_model(model, labels, gt, method=method, maps=options, split="test", gt_known_tau=cal.threshold)
+            results[row].setdefault("calibrated", {})[str(k)] = {"tau": cal.threshold, "gt_known": rep_k.localization.gt_known_loc}
         cache.write_text(json.dumps(results, indent=2))
     device = machine_name()
     rows = [r for r in args.rows.split(",") if r in results]
@@ -234,7 +253,8 @@ def main() -> None:
         cls = f"{c['acc'] * 100:.1f}" + (f" / {c['map'] * 100:.1f}" if "map" in c else f" / AUROC {c['auroc'] * 100:.1f}" if "auroc" in c else "")
         vs_cam = f"{loc['MaxBoxAccV2'] - plain:+.1f}" if plain is not None else "-"
         cal = calibrated(res)
-        cols = " | ".join(f"{cal[str(k)]['gt_known']:.1f} ({cal[str(k)]['tau']:.2f})" if str(k) in cal else "-" for k in ks)
+        cols = " | ".join(f"{cal[str(k)]['gt_known']:.1f} ({cal[str(k)]['tau']:.2f})" if cal.get(str(k), {}).get("tau") is not None
+                          else "no threshold" if str(k) in cal else "-" for k in ks)
         print(f"| {r} | {ROWS[r][3]} | {res['model']} | {res['method']} | {cls} | {loc['MaxBoxAccV2']:.1f} | {loc['MaxBoxAccV2'] - centre:+.1f} | "
               f"{vs_cam} | {loc['IoU30']:.1f}/{loc['IoU50']:.1f}/{loc['IoU70']:.1f} | {loc['GT-known Loc']:.1f} | {cols} |")
     cb = first["centre"]
