@@ -42,6 +42,7 @@ LAYER_OF = {
     "weakloc.api": "top",
     "weakloc.cli": "top",
     "weakloc.demo": "top",
+    "weakloc.serve": "top",  # the web app: runs localize and draws with report's overlay
     "weakloc.__main__": "top",
 }
 

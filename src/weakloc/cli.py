@@ -666,6 +666,39 @@ def report(
 
 
 @app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Model folder (model.safetensors + config.json)."),
+    images: Optional[Path] = typer.Option(None, help="A folder of images the page lists (only image files under it are served)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on: 127.0.0.1 serves this machine only; another (0.0.0.0: every "
+                             "network) is reachable by others, with no authentication, and is logged."),
+    port: int = typer.Option(8000),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    max_batch: int = typer.Option(8, help="Most images in one device batch (concurrent requests are batched)."),
+    batch_window_ms: float = typer.Option(20.0, help="How long a request waits for others to share its batch."),
+    queue_size: int = typer.Option(64, help="Most images waiting; past that requests get 503 with Retry-After."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest request body (uploads), in MiB."),
+    max_files: int = typer.Option(16, help="Most images in one request."),
+    keep_results: int = typer.Option(256, help="How many images' maps are kept for new thresholds and downloads."),
+):
+    """A local web page and JSON API: heatmaps, boxes, masks and counts of uploaded images (docs/serve.md)."""
+    from weakloc.checks import check_int
+
+    check_int("--port", port, 0, 65535)
+    check_int("--max-batch", max_batch, 1, 1024)
+    check_int("--queue-size", queue_size, 1)
+    check_int("--max-files", max_files, 1)
+    check_int("--keep-results", keep_results, 1)
+    if images is not None and not images.is_dir():
+        raise OptionError(f"--images {_printable(str(images))}: not a folder")
+    net = _load(model, device)
+    from weakloc.serve.app import run_server
+
+    run_server(net, images=images, host=host, port=port, max_batch=max_batch, window_ms=batch_window_ms, queue_size=queue_size,
+               max_upload_mb=max_upload_mb, max_files=max_files, keep_results=keep_results,
+               say=lambda line: console.print(_printable(line), soft_wrap=True, highlight=False))
+
+
+@app.command()
 def methods():
     """List the heatmap methods."""
     from weakloc.explain import METHODS

@@ -99,6 +99,7 @@ def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progres
     loc, base = main["localization"], main["centre_baseline"]
     say(f"MaxBoxAccV2 {loc['MaxBoxAccV2']:.1f} (centre baseline {base['MaxBoxAccV2']:.1f}, "
         f"{loc['MaxBoxAccV2'] - base['MaxBoxAccV2']:+.1f} points)")
+    say(f"see it live (heatmaps, boxes, a threshold slider): uv run weakloc serve {result.model_dir} --images {data / 'images'}")
     return metrics
 
 
