@@ -221,6 +221,14 @@ TestSizeOpt = Annotated[Optional[int], typer.Option(
     help="Run the model on inputs of this size (test-time resolution; default: the model's stored one, else the training size).")]
 CountViewsOpt = Annotated[Optional[str], typer.Option(
     help="Counting models: test-time views the counts are averaged over, none | flip | dihedral (default: the model's stored choice).")]
+MODEL_HELP = "Model folder, or timm:NAME: any timm classifier (e.g. timm:resnet50; see --weights, --classes)."
+WeightsOpt = Annotated[Optional[Path], typer.Option(
+    help="With MODEL timm:NAME: the network's weights, safetensors or a tensors-only .pth (torchvision ResNet/VGG names are mapped; "
+         "default: the packaged ImageNet weights of tf_efficientnet_lite0/1/2, else timm's download).")]
+ClassesOpt = Annotated[Optional[Path], typer.Option(
+    help="With MODEL timm:NAME: a text file of class names, one per line, in the classifier's order (default: ImageNet's for 1,000 classes).")]
+NumClassesOpt = Annotated[Optional[int], typer.Option(
+    help="With MODEL timm:NAME: the classifier's number of classes (checked against --weights and --classes).")]
 
 
 @app.command()
@@ -377,15 +385,28 @@ def _write_interpretation(result, data, out: Path, val, positive, device, batch_
     console.print(f"where it looked when it was wrong: {page}")
 
 
-def _load(model: Path, device: str | None):
-    from weakloc.models import load_model
+def _load(model: Path, device: str | None, weights: Path | None = None, classes: Path | None = None,
+          num_classes: int | None = None, saves: bool = False):
+    """The model a command runs: a model folder, or ``timm:NAME`` with ``--weights/--classes/--num-classes``
+    (``saves``: the command writes into the model folder, which a timm network does not have)."""
+    from weakloc.models import is_model_spec, load_model, load_model_spec
 
+    if is_model_spec(model):
+        if saves:
+            raise OptionError(f"MODEL {_printable(str(model))}: calibrate stores its choices in a model folder, and a timm network "
+                              "has none; fine-tune one with `weakloc train` first, or give localize/evaluate --threshold, "
+                              "--method and --test-size directly")
+        return load_model_spec(str(model), weights=weights, classes=classes, num_classes=num_classes, device=_device(device))
+    given = [flag for flag, value in (("--weights", weights), ("--classes", classes), ("--num-classes", num_classes)) if value is not None]
+    if given:
+        raise OptionError(f"{', '.join(given)}: only with MODEL timm:NAME; the model folder {_printable(str(model))} holds its "
+                          "own weights and classes")
     return load_model(model, _device(device))
 
 
 @app.command()
 def localize(
-    model: Path = typer.Argument(..., help="Model folder (model.safetensors + config.json)."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
     method: MethodOpt = None,
@@ -403,6 +424,9 @@ def localize(
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    num_classes: NumClassesOpt = None,
 ):
     """Heatmaps, boxes and overlays for images: writes overlays/, masks/, detections.json (COCO) and index.html."""
     from weakloc.checks import check_choice
@@ -415,7 +439,7 @@ def localize(
     check_choice("--keep", keep, ("all", "largest"))
     if threshold != "auto":
         parse_threshold(threshold)
-    net = _load(model, device)
+    net = _load(model, device, weights, classes, num_classes)
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep,
                               batch_size=batch_size, progress=update, count_views=count_views)
@@ -426,7 +450,7 @@ def localize(
 
 @app.command("explain")
 def explain_cmd(
-    model: Path = typer.Argument(..., help="Model folder."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
     method: MethodOpt = None,
@@ -441,6 +465,9 @@ def explain_cmd(
     test_size: TestSizeOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    num_classes: NumClassesOpt = None,
 ):
     """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
     from weakloc.report.explanation import explain_images
@@ -448,7 +475,7 @@ def explain_cmd(
     opts = _check_run_options(batch_size, None, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
                                                                normalization, option, test_size))
     check_output_folder("--out", out)
-    net = _load(model, device)
+    net = _load(model, device, weights, classes, num_classes)
     with progress_bar(f"explaining ({method or net.config.maps.method or 'cam'})") as update:
         res = explain_images(net, images, out, maps=opts, target=target, batch_size=batch_size, progress=update)
     console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
@@ -458,7 +485,7 @@ def explain_cmd(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="Model folder."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
     annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON, Pascal VOC XML folder or YOLO dataset."),
     method: MethodOpt = None,
@@ -478,6 +505,9 @@ def evaluate(
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    num_classes: NumClassesOpt = None,
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
     import dataclasses
@@ -492,7 +522,7 @@ def evaluate(
         check_output_file("--out", out)
     check_float("--step", step, MIN_STEP, 0.5)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
-    net = _load(model, device)
+    net = _load(model, device, weights, classes, num_classes)
     counting = None
     if net.counting_head is not None:
         from weakloc.data.counts import count_labels_or_annotated
@@ -518,7 +548,7 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    model: Path = typer.Argument(..., help="Model folder (updated in place)."),
+    model: Path = typer.Argument(..., help="Model folder (updated in place; not a timm:NAME network)."),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
     annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON, Pascal VOC XML folder or YOLO dataset."),
     per_class: int = typer.Option(5, help="Annotated images per class to calibrate on."),
@@ -549,7 +579,7 @@ def calibrate(
         _check_map_options({"test_size": size}, "--test-sizes")
     for n in norms:
         _check_map_options({"normalization": n}, "--normalizations")
-    net = _load(model, device)
+    net = _load(model, device, saves=True)
     ensure_writable(model)  # a read-only model folder fails now, not after the calibration's work
     if net.counting_head is not None:
         if names or sizes or norms:
@@ -571,7 +601,7 @@ def calibrate(
 
 @app.command("explain-eval")
 def explain_eval_cmd(
-    model: Path = typer.Argument(..., help="Model folder."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): its images are used."),
     methods: ListOpt = typer.Option(None, help="Methods to compare (default cam,gradcam,gradcam++,layercam,eigencam,random)" + LIST_HELP + "."),
     split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
@@ -590,6 +620,9 @@ def explain_eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
+    weights: WeightsOpt = None,
+    classes: ClassesOpt = None,
+    num_classes: NumClassesOpt = None,
 ):
     """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
     from weakloc.checks import check_choice, check_int
@@ -607,7 +640,7 @@ def explain_eval_cmd(
         raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
     for m in names:
         _check_map_options({"method": m}, "--methods")
-    net = _load(model, device)
+    net = _load(model, device, weights, classes, num_classes)
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
                               batch_size=batch_size, maps=opts)
