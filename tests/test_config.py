@@ -148,3 +148,21 @@ def test_an_unknown_method_option_is_refused_before_any_image_is_read():
     with pytest.raises(OptionError, match="option: method 'cam' takes no option"):
         map_settings(net, {"num_samples": 4}, method="cam")
     assert map_settings(net, {"chunk": 4}, method="scorecam").method_options() == {"chunk": 4}
+
+
+def test_old_option_spellings_are_renamed_for_their_command_only():
+    import warnings
+
+    from weakloc.cli import renamed_arguments
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert renamed_arguments(["--max-pixels", "10", "train", "d", "--image-size=64", "--cutmix", "1"]) == \
+            ["--max-pixels", "10", "train", "d", "--input-size=64", "--cutmix-alpha", "1"]
+        # an image folder named like a command is not the command
+        assert renamed_arguments(["explain", "timm:resnet50", "train", "--weights", "w.pth"]) == \
+            ["explain", "timm:resnet50", "train", "--weights", "w.pth"]
+        assert renamed_arguments(["localize", "m", "x", "--", "--input-size"]) == ["localize", "m", "x", "--", "--input-size"]
+    assert [str(w.message).split(";")[0] for w in seen] == ["train --image-size is deprecated", "train --cutmix is deprecated"]
+    with pytest.raises(OptionError, match="weakloc calibrate"):
+        renamed_arguments(["evaluate", "m", "d", "-a", "a.json", "--calibrate"])

@@ -805,10 +805,12 @@ REMOVED_OPTIONS: dict[str, dict[str, str]] = {
 def renamed_arguments(args: list[str]) -> list[str]:
     """``args`` with old option spellings of the command they follow replaced by the new ones (a
     deprecation warning for each); a removed option is an :class:`OptionError` saying what to use."""
-    command = next((a for a in args if not a.startswith("-") and a in RENAMED_OPTIONS.keys() | REMOVED_OPTIONS.keys()), None)
-    if command is None:
+    at = 0
+    while at < len(args) and args[at].startswith("-"):  # the global options before the command
+        at += 2 if args[at] == "--max-pixels" else 1
+    command = args[at] if at < len(args) else None
+    if command not in RENAMED_OPTIONS.keys() | REMOVED_OPTIONS.keys():
         return args
-    at = args.index(command)
     out = args[:at + 1]
     for i, arg in enumerate(args[at + 1:], at + 1):
         if arg == "--":  # the rest are arguments, whatever they look like
