@@ -38,6 +38,7 @@ API: dict[str, tuple[str, str]] = {
     # models
     "load_model": ("weakloc.models.checkpoint", "load_model"),
     "save_model": ("weakloc.models.checkpoint", "save_model"),
+    "load_model_spec": ("weakloc.models.external", "load_model_spec"),
     "WeaklocNet": ("weakloc.models.classifier", "WeaklocNet"),
     # training
     "fine_tune": ("weakloc.train.fit", "fine_tune"),
