@@ -11,17 +11,26 @@ The names below load on first use, so ``import weakloc`` (and the command line) 
 stages are also usable one by one from their packages (``weakloc.data``, ``weakloc.models``,
 ``weakloc.explain``, ``weakloc.localize``, ``weakloc.evaluate``, ``weakloc.train``,
 ``weakloc.report``; docs/architecture.md). ``weakloc.explain``, ``weakloc.localize`` and
-``weakloc.evaluate`` are the functions here; their packages stay importable as
-``from weakloc.localize.regions import ...``.
+``weakloc.evaluate`` are both: the packages (``import weakloc.localize.regions``,
+``from weakloc.evaluate import calibrate``) and, called, the functions of the same name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import sys
 import types
 
 from weakloc._version import __version__
+
+#: the subpackages that are also the API's functions when called: name -> (module, function)
+CALLABLE_PACKAGES: dict[str, tuple[str, str]] = {
+    "explain": ("weakloc.explain", "explain"),
+    "localize": ("weakloc.report.localization", "localize_images"),
+    "evaluate": ("weakloc.evaluate.run", "evaluate_model"),
+}
 
 #: the public API: name -> (module, attribute)
 API: dict[str, tuple[str, str]] = {
@@ -44,15 +53,12 @@ API: dict[str, tuple[str, str]] = {
     "fine_tune": ("weakloc.train.fit", "fine_tune"),
     "TrainResult": ("weakloc.train.fit", "TrainResult"),
     # maps
-    "explain": ("weakloc.explain", "explain"),
     "METHODS": ("weakloc.explain.registry", "METHODS"),
     "map_settings": ("weakloc.explain.pipeline", "map_settings"),
     "explain_images": ("weakloc.report.explanation", "explain_images"),
     # localization and counting
-    "localize": ("weakloc.report.localization", "localize_images"),
     "LocalizationResult": ("weakloc.localize.run", "LocalizationResult"),
     # evaluation and calibration
-    "evaluate": ("weakloc.evaluate.run", "evaluate_model"),
     "EvaluationReport": ("weakloc.evaluate.run", "EvaluationReport"),
     "calibrate": ("weakloc.evaluate.calibrate", "calibrate"),
     "CalibrationResult": ("weakloc.evaluate.calibrate", "CalibrationResult"),
@@ -65,15 +71,35 @@ API: dict[str, tuple[str, str]] = {
     "run_demo": ("weakloc.demo", "run_demo"),
 }
 
-__all__ = ["__version__", *API]
+__all__ = ["__version__", *CALLABLE_PACKAGES, *API]
+
+
+class _CallablePackage(types.ModuleType):
+    """A subpackage that is also a function: ``weakloc.localize(model, images)`` calls
+    :func:`weakloc.report.localization.localize_images`, while ``import weakloc.localize.regions``
+    and ``from weakloc.localize import region_boxes`` work as for any package."""
+
+    def __call__(self, *args, **kwargs):
+        return self.__function__(*args, **kwargs)
+
+    @property
+    def __function__(self):
+        module, attribute = CALLABLE_PACKAGES[self.__name__.rpartition(".")[2]]
+        return getattr(importlib.import_module(module), attribute)
+
+    @functools.cached_property
+    def __signature__(self):
+        return inspect.signature(self.__function__)
 
 
 class _Package(types.ModuleType):
-    """``weakloc`` itself: the API names load on first use, and importing a subpackage that shares
-    a name with a function (``weakloc.explain``, ``weakloc.localize``, ``weakloc.evaluate``) does not
-    replace the function (Python sets a package's attribute to each subpackage it imports)."""
+    """``weakloc`` itself: the API names load on first use; ``explain``, ``localize`` and
+    ``evaluate`` are their subpackages, made callable (:class:`_CallablePackage`) however they were
+    first imported."""
 
     def __getattr__(self, name: str):
+        if name in CALLABLE_PACKAGES:
+            return importlib.import_module(f"{__name__}.{name}")  # the import sets the attribute (__setattr__)
         if name not in API:
             raise AttributeError(f"module 'weakloc' has no attribute {name!r}")
         module, attribute = API[name]
@@ -82,12 +108,12 @@ class _Package(types.ModuleType):
         return value
 
     def __setattr__(self, name: str, value) -> None:
-        if name in API and isinstance(value, types.ModuleType):
-            return  # a subpackage named like an API function: reachable through sys.modules, not here
+        if name in CALLABLE_PACKAGES and type(value) is types.ModuleType:
+            value.__class__ = _CallablePackage
         super().__setattr__(name, value)
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(API))
+        return sorted(set(super().__dir__()) | set(API) | set(CALLABLE_PACKAGES))
 
 
 sys.modules[__name__].__class__ = _Package
