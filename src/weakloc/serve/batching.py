@@ -135,7 +135,7 @@ class Batcher:
         """Cancel ``job``: a queued one leaves the queue at once; a running one is marked, and
         ``run`` stops at its next check (its result is dropped). False when already final."""
         with self._cond:
-            if job.final or job.state == "cancelled":
+            if job.final:
                 return False
             if job in self._pending:
                 self._pending.remove(job)
