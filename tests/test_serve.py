@@ -125,6 +125,10 @@ def test_the_page_and_its_assets_are_served_from_the_package(served):
         assert client.get(asset).status_code == 200
     assert "http" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # no CDN: nothing from another origin
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/localize", "/api/jobs", "/api/results/{result_id}"}
+    docs = client.get("/docs")  # the OpenAPI page works offline too: its script and style are packaged
+    assert docs.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text.lower()
+    for asset in ("/docs-static/swagger-ui-bundle.js", "/docs-static/swagger-ui.css"):
+        assert client.get(asset).status_code == 200
 
 
 def test_the_page_writes_names_as_text_only():

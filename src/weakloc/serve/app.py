@@ -26,8 +26,10 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from weakloc.data.images import is_image_file, list_images, read_image
 from weakloc.errors import ImageReadError, OptionError, WeaklocError
@@ -196,7 +198,7 @@ def create_app(service: Service, *, images: str | Path | None = None, max_upload
     root = Path(images).resolve() if images is not None else None
     if root is not None and not root.is_dir():
         raise WeaklocError(f"--images {display_path(images)}: not a folder")
-    app = FastAPI(title="weakloc serve", version="1",
+    app = FastAPI(title="weakloc serve", version="1", docs_url=None,  # /docs below, from packaged files: no CDN
                   description="Heatmaps, boxes, masks and counts of a weakloc model. Results use the COCO-style schema of "
                               "`weakloc localize`'s detections.json.")
     jobs = _Jobs()
@@ -230,6 +232,13 @@ def create_app(service: Service, *, images: str | Path | None = None, max_upload
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _api_docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js", swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon-32x32.png")
 
     # --- model and images ---------------------------------------------------------------------
 
