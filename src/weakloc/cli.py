@@ -1,4 +1,5 @@
-"""The ``weakloc`` command line: synth, train, localize, explain, evaluate, explain-eval, methods, demo."""
+"""The ``weakloc`` command line: synth, train, localize, explain, evaluate, calibrate, explain-eval, report, serve,
+methods, demo."""
 
 from __future__ import annotations
 
