@@ -3,6 +3,8 @@ methods, demo."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -187,6 +189,29 @@ def map_overrides(method: str | None = None, layer: str | None = None, fusion: s
     return opts
 
 
+def with_map_options(method: bool = True):
+    """Decorator of a command that draws maps: adds the shared map options (``--method`` unless
+    ``method`` is False, ``--layer``, ``--fusion``, ``--tta``, ``--eigen-smooth``, ``--dtype``,
+    ``--normalization``, ``--option``, ``--test-size``) to its parameters, one definition for every
+    command, and calls it with ``maps``: the overrides given (:func:`map_overrides`)."""
+    names = [*(["method"] if method else []), *MAP_OPTIONS]
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # the module postpones annotations; typer needs objects
+        kept = [p for p in signature.parameters.values() if p.name != "maps"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=MAP_OPTION_TYPES[n]) for n in names]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            given = {n: kwargs.pop(n) for n in names}
+            return command(**kwargs, maps=map_overrides(**given))
+
+        run.__signature__ = signature.replace(parameters=kept + added)
+        return run
+
+    return decorate
+
+
 def _check_map_options(opts: dict, flag: str | None = None) -> None:
     """The map options' values checked before a model is loaded (method name, fusion, dtype,
     normalisation, test size), each named by its option (or by ``flag``, a list option's name)."""
@@ -230,6 +255,10 @@ ClassesOpt = Annotated[Optional[Path], typer.Option(
     help="With MODEL timm:NAME: a text file of class names, one per line, in the classifier's order (default: ImageNet's for 1,000 classes).")]
 NumClassesOpt = Annotated[Optional[int], typer.Option(
     help="With MODEL timm:NAME: the classifier's number of classes (checked against --weights and --classes).")]
+#: the map options every map-drawing command takes (:func:`with_map_options`), with their types
+MAP_OPTION_TYPES = {"method": MethodOpt, "layer": LayerOpt, "fusion": FusionOpt, "tta": TtaOpt, "eigen_smooth": EigenOpt,
+                    "dtype": DtypeOpt, "normalization": NormalizationOpt, "option": OptionOpt, "test_size": TestSizeOpt}
+MAP_OPTIONS = [n for n in MAP_OPTION_TYPES if n != "method"]
 
 
 @app.command()
@@ -406,36 +435,28 @@ def _load(model: Path, device: str | None, weights: Path | None = None, classes:
 
 
 @app.command()
+@with_map_options()
 def localize(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
-    method: MethodOpt = None,
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto (the calibrated one, else 0.3) | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
-    layer: LayerOpt = None,
-    fusion: FusionOpt = None,
-    tta: TtaOpt = None,
-    eigen_smooth: EigenOpt = None,
-    dtype: DtypeOpt = None,
-    normalization: NormalizationOpt = None,
-    option: OptionOpt = None,
-    test_size: TestSizeOpt = None,
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
     num_classes: NumClassesOpt = None,
+    maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Heatmaps, boxes and overlays for images: writes overlays/, masks/, detections.json (COCO) and index.html."""
     from weakloc.checks import check_choice
     from weakloc.localize.threshold import parse_threshold
     from weakloc.report.localization import localize_images
 
-    opts = _check_run_options(batch_size, count_views, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
-                                                                       normalization, option, test_size))
+    opts = _check_run_options(batch_size, count_views, maps)
     check_output_folder("--out", out)
     check_choice("--keep", keep, ("all", "largest"))
     if threshold != "auto":
@@ -450,34 +471,26 @@ def localize(
 
 
 @app.command("explain")
+@with_map_options()
 def explain_cmd(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out: Path = typer.Option(Path("weakloc-explain"), "--out", "-o"),
-    method: MethodOpt = None,
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
-    layer: LayerOpt = None,
-    fusion: FusionOpt = None,
-    tta: TtaOpt = None,
-    eigen_smooth: EigenOpt = None,
-    dtype: DtypeOpt = None,
-    normalization: NormalizationOpt = None,
-    option: OptionOpt = None,
-    test_size: TestSizeOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
     num_classes: NumClassesOpt = None,
+    maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
     from weakloc.report.explanation import explain_images
 
-    opts = _check_run_options(batch_size, None, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
-                                                               normalization, option, test_size))
+    opts = _check_run_options(batch_size, None, maps)
     check_output_folder("--out", out)
     net = _load(model, device, weights, classes, num_classes)
-    with progress_bar(f"explaining ({method or net.config.maps.method or 'cam'})") as update:
+    with progress_bar(f"explaining ({maps.get('method') or net.config.maps.method or 'cam'})") as update:
         res = explain_images(net, images, out, maps=opts, target=target, batch_size=batch_size, progress=update)
     console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
     for s in res["skipped"]:
@@ -485,30 +498,23 @@ def explain_cmd(
 
 
 @app.command()
+@with_map_options()
 def evaluate(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
     annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO JSON, Pascal VOC XML folder or YOLO dataset."),
-    method: MethodOpt = None,
     split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
     step: float = typer.Option(0.01, help="Threshold step of the sweep (cam_curve_interval)."),
     gt_known_tau: Optional[float] = typer.Option(None, help="Fixed threshold of GT-known / Top-1 Loc (default: the calibrated one, else 0.2)."),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
-    layer: LayerOpt = None,
-    fusion: FusionOpt = None,
-    tta: TtaOpt = None,
-    eigen_smooth: EigenOpt = None,
-    dtype: DtypeOpt = None,
-    normalization: NormalizationOpt = None,
-    option: OptionOpt = None,
-    test_size: TestSizeOpt = None,
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
     num_classes: NumClassesOpt = None,
+    maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
     import dataclasses
@@ -517,8 +523,7 @@ def evaluate(
     from weakloc.evaluate.run import evaluate_model
     from weakloc.evaluate.wsol import MIN_STEP
 
-    opts = _check_run_options(batch_size, count_views, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype,
-                                                                       normalization, option, test_size), split)
+    opts = _check_run_options(batch_size, count_views, maps, split)
     if out:
         check_output_file("--out", out)
     check_float("--step", step, MIN_STEP, 0.5)
@@ -601,6 +606,7 @@ def calibrate(
 
 
 @app.command("explain-eval")
+@with_map_options(method=False)
 def explain_eval_cmd(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): its images are used."),
@@ -610,27 +616,19 @@ def explain_eval_cmd(
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
     steps: int = typer.Option(50, help="Deletion / insertion steps."),
     baseline: str = typer.Option("blur", help="What removed pixels become: blur | zero | mean | black."),
-    layer: LayerOpt = None,
-    fusion: FusionOpt = None,
-    tta: TtaOpt = None,
-    eigen_smooth: EigenOpt = None,
-    dtype: DtypeOpt = None,
-    normalization: NormalizationOpt = None,
-    option: OptionOpt = None,
-    test_size: TestSizeOpt = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
     weights: WeightsOpt = None,
     classes: ClassesOpt = None,
     num_classes: NumClassesOpt = None,
+    maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
     from weakloc.checks import check_choice, check_int
     from weakloc.evaluate.explain_eval import explain_eval
 
-    opts = _check_run_options(batch_size, None, map_overrides(None, layer, fusion, tta, eigen_smooth, dtype, normalization,
-                                                               option, test_size), split)
+    opts = _check_run_options(batch_size, None, maps, split)
     if out:
         check_output_file("--out", out)
     check_int("--limit", limit, 1, 1_000_000)
@@ -658,6 +656,7 @@ def explain_eval_cmd(
 
 
 @app.command()
+@with_map_options()
 def report(
     model: Path = typer.Argument(..., help="Model folder."),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders; a counts CSV for a counting model)."),
@@ -665,25 +664,16 @@ def report(
     split: str = typer.Option("auto", help="auto (test, else val, else all) | train | val | test | all"),
     k: int = typer.Option(12, "--k", help="How many top losses to show."),
     per_class: int = typer.Option(3, help="Most, and least, confident correct images shown per class (0: none)."),
-    method: MethodOpt = None,
-    layer: LayerOpt = None,
-    fusion: FusionOpt = None,
-    tta: TtaOpt = None,
-    eigen_smooth: EigenOpt = None,
-    dtype: DtypeOpt = None,
-    normalization: NormalizationOpt = None,
-    option: OptionOpt = None,
-    test_size: TestSizeOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Where it looked when it was wrong: interpretation.html with the confusion matrix, the top losses with the heatmaps
     of the predicted and true class side by side, and per class the most and least confident correct images."""
     from weakloc.checks import check_int
     from weakloc.report.interpretation import top_losses
 
-    opts = _check_run_options(batch_size, None, map_overrides(method, layer, fusion, tta, eigen_smooth, dtype, normalization,
-                                                               option, test_size), split)
+    opts = _check_run_options(batch_size, None, maps, split)
     check_output_folder("--out", out)
     check_int("--k", k, 1, 100_000)
     check_int("--per-class", per_class, 0, 10_000)
