@@ -189,22 +189,27 @@ def map_overrides(method: str | None = None, layer: str | None = None, fusion: s
     return opts
 
 
-def with_map_options(method: bool = True):
+def with_map_options(method: bool = True, network: bool = False):
     """Decorator of a command that draws maps: adds the shared map options (``--method`` unless
     ``method`` is False, ``--layer``, ``--fusion``, ``--tta``, ``--eigen-smooth``, ``--dtype``,
     ``--normalization``, ``--option``, ``--test-size``) to its parameters, one definition for every
-    command, and calls it with ``maps``: the overrides given (:func:`map_overrides`)."""
+    command, and calls it with ``maps``: the overrides given (:func:`map_overrides`). With
+    ``network``, also ``--weights``, ``--classes`` and ``--num-classes`` (a ``timm:NAME`` MODEL),
+    passed as ``network``: the keyword arguments of :func:`_load`."""
     names = [*(["method"] if method else []), *MAP_OPTIONS]
+    sources = list(NETWORK_OPTION_TYPES) if network else []
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)  # the module postpones annotations; typer needs objects
-        kept = [p for p in signature.parameters.values() if p.name != "maps"]
-        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=MAP_OPTION_TYPES[n]) for n in names]
+        kept = [p for p in signature.parameters.values() if p.name not in ("maps", "network")]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation={**MAP_OPTION_TYPES, **NETWORK_OPTION_TYPES}[n])
+                 for n in sources + names]
 
         @functools.wraps(command)
         def run(**kwargs):
             given = {n: kwargs.pop(n) for n in names}
-            return command(**kwargs, maps=map_overrides(**given))
+            extra = {"network": {n: kwargs.pop(n) for n in sources}} if network else {}
+            return command(**kwargs, **extra, maps=map_overrides(**given))
 
         run.__signature__ = signature.replace(parameters=kept + added)
         return run
@@ -259,6 +264,8 @@ NumClassesOpt = Annotated[Optional[int], typer.Option(
 MAP_OPTION_TYPES = {"method": MethodOpt, "layer": LayerOpt, "fusion": FusionOpt, "tta": TtaOpt, "eigen_smooth": EigenOpt,
                     "dtype": DtypeOpt, "normalization": NormalizationOpt, "option": OptionOpt, "test_size": TestSizeOpt}
 MAP_OPTIONS = [n for n in MAP_OPTION_TYPES if n != "method"]
+#: the options naming a timm network's weights and classes (:func:`with_map_options`), with their types
+NETWORK_OPTION_TYPES = {"weights": WeightsOpt, "classes": ClassesOpt, "num_classes": NumClassesOpt}
 
 
 @app.command()
@@ -435,7 +442,7 @@ def _load(model: Path, device: str | None, weights: Path | None = None, classes:
 
 
 @app.command()
-@with_map_options()
+@with_map_options(network=True)
 def localize(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
@@ -446,9 +453,7 @@ def localize(
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    num_classes: NumClassesOpt = None,
+    network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Heatmaps, boxes and overlays for images: writes overlays/, masks/, detections.json (COCO) and index.html."""
@@ -461,7 +466,7 @@ def localize(
     check_choice("--keep", keep, ("all", "largest"))
     if threshold != "auto":
         parse_threshold(threshold)
-    net = _load(model, device, weights, classes, num_classes)
+    net = _load(model, device, **network)
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep,
                               batch_size=batch_size, progress=update, count_views=count_views)
@@ -471,7 +476,7 @@ def localize(
 
 
 @app.command("explain")
-@with_map_options()
+@with_map_options(network=True)
 def explain_cmd(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
@@ -479,9 +484,7 @@ def explain_cmd(
     target: str = typer.Option("predicted", help="predicted | all | topK | CLASS"),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    num_classes: NumClassesOpt = None,
+    network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Heatmaps of any method: overlays/, maps.safetensors (raw and normalised maps), maps.json, index.html."""
@@ -489,7 +492,7 @@ def explain_cmd(
 
     opts = _check_run_options(batch_size, None, maps)
     check_output_folder("--out", out)
-    net = _load(model, device, weights, classes, num_classes)
+    net = _load(model, device, **network)
     with progress_bar(f"explaining ({maps.get('method') or net.config.maps.method or 'cam'})") as update:
         res = explain_images(net, images, out, maps=opts, target=target, batch_size=batch_size, progress=update)
     console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
@@ -498,7 +501,7 @@ def explain_cmd(
 
 
 @app.command()
-@with_map_options()
+@with_map_options(network=True)
 def evaluate(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders)."),
@@ -511,9 +514,7 @@ def evaluate(
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(32),
     device: Optional[str] = typer.Option(None),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    num_classes: NumClassesOpt = None,
+    network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Classification and WSOL localization metrics (MaxBoxAcc, MaxBoxAccV2, GT-known/Top-1 Loc, PxAP) with the centre baseline."""
@@ -528,7 +529,7 @@ def evaluate(
         check_output_file("--out", out)
     check_float("--step", step, MIN_STEP, 0.5)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
-    net = _load(model, device, weights, classes, num_classes)
+    net = _load(model, device, **network)
     counting = None
     if net.counting_head is not None:
         from weakloc.data.counts import count_labels_or_annotated
@@ -606,7 +607,7 @@ def calibrate(
 
 
 @app.command("explain-eval")
-@with_map_options(method=False)
+@with_map_options(method=False, network=True)
 def explain_eval_cmd(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): its images are used."),
@@ -619,9 +620,7 @@ def explain_eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here."),
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None),
-    weights: WeightsOpt = None,
-    classes: ClassesOpt = None,
-    num_classes: NumClassesOpt = None,
+    network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
     """Compare heatmap methods: deletion/insertion AUC, Average Drop, Increase in Confidence, ms per image."""
@@ -639,7 +638,7 @@ def explain_eval_cmd(
         raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
     for m in names:
         _check_map_options({"method": m}, "--methods")
-    net = _load(model, device, weights, classes, num_classes)
+    net = _load(model, device, **network)
     with console.status(f"explaining and scoring {len(names)} method(s)"):
         report = explain_eval(net, data, names, split=split, limit=limit, target=target, steps=steps, baseline=baseline,
                               batch_size=batch_size, maps=opts)
