@@ -106,18 +106,24 @@ def localized(names: list[str] | None = None, sizes: dict | None = None, n_image
     return check
 
 
-def localize_skipped(name: str, good: list[str] = ("good.png",)):
-    """localize reported ``name`` as skipped (output and detections.json) and still did the good images."""
+def _skipped(name: str, good, listing: str, file_key: str, verb: str):
+    """The command reported ``name`` as skipped (output and ``listing``'s skipped list) and still did
+    the ``good`` images (``listing``'s images, named by ``file_key``)."""
 
     def check(env: Env, res: Result) -> None:
         mentions_skip(res.text, name)
-        doc = _load(env.out / "detections.json")
+        doc = _load(env.out / listing)
         skipped = [_base(s["file"]) for s in doc.get("skipped", [])]
-        assert _named(name, skipped), f"{name!r} not in detections.json's skipped list {skipped}"
-        done = {_base(im["file_name"]) for im in doc["images"]}
-        assert set(good) <= done, f"good image(s) {sorted(set(good) - done)} not localized"
+        assert _named(name, skipped), f"{name!r} not in {listing}'s skipped list {skipped}"
+        done = {_base(im[file_key]) for im in doc["images"]}
+        assert set(good) <= done, f"good image(s) {sorted(set(good) - done)} not {verb}"
 
     return check
+
+
+def localize_skipped(name: str, good: list[str] = ("good.png",)):
+    """localize reported ``name`` as skipped (output and detections.json) and still did the good images."""
+    return _skipped(name, good, "detections.json", "file_name", "localized")
 
 
 def explained(names: list[str] | None = None, sizes: dict | None = None, n_images: int | None = None,
@@ -153,15 +159,8 @@ def explained(names: list[str] | None = None, sizes: dict | None = None, n_image
 
 
 def explain_skipped(name: str, good: list[str] = ("good.png",)):
-    def check(env: Env, res: Result) -> None:
-        mentions_skip(res.text, name)
-        doc = _load(env.out / "maps.json")
-        skipped = [_base(s["file"]) for s in doc.get("skipped", [])]
-        assert _named(name, skipped), f"{name!r} not in maps.json's skipped list {skipped}"
-        done = {_base(im["file"]) for im in doc["images"]}
-        assert set(good) <= done, f"good image(s) {sorted(set(good) - done)} not explained"
-
-    return check
+    """explain reported ``name`` as skipped (output and maps.json) and still did the good images."""
+    return _skipped(name, good, "maps.json", "file", "explained")
 
 
 # --- evaluate / calibrate -----------------------------------------------------------------------
