@@ -470,9 +470,9 @@ def localize(
     with progress_bar("localizing") as update:
         res = localize_images(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep,
                               batch_size=batch_size, progress=update, count_views=count_views)
-    console.print(f"{len(res['images'])} image(s), {len(res['annotations'])} box(es) -> {out / 'index.html'}")
-    for s in res["skipped"]:
-        console.print(f"[yellow]skipped {_printable(s['reason'])}[/]", highlight=False)
+    console.print(f"{len(res.images)} image(s), {len(res.annotations)} box(es) -> {out / 'index.html'}")
+    for s in res.skipped:  # attributes: res["..."] would build the whole detections.json each time
+        console.print(f"[yellow]skipped {_printable(s.reason)}[/]", highlight=False)
 
 
 @app.command("explain")
@@ -495,9 +495,9 @@ def explain_cmd(
     net = _load(model, device, **network)
     with progress_bar(f"explaining ({maps.get('method') or net.config.maps.method or 'cam'})") as update:
         res = explain_images(net, images, out, maps=opts, target=target, batch_size=batch_size, progress=update)
-    console.print(f"{len(res['images'])} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
-    for s in res["skipped"]:
-        console.print(f"[yellow]skipped {_printable(s['reason'])}[/]", highlight=False)
+    console.print(f"{len(res.images)} image(s) -> {out / 'index.html'}, {out / 'maps.safetensors'}")
+    for s in res.skipped:
+        console.print(f"[yellow]skipped {_printable(s.reason)}[/]", highlight=False)
 
 
 @app.command()
