@@ -32,6 +32,7 @@ LAYER_OF = {
     "weakloc.checks": "leaf",
     "weakloc.text": "leaf",
     "weakloc.results": "leaf",
+    "weakloc.distributed": "leaf",
     "weakloc.data": "data",
     "weakloc.models": "models",
     "weakloc.explain": "explain",

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from weakloc.checks import check_output_file, check_output_folder
+from weakloc.checks import check_int, check_output_file, check_output_folder
 from weakloc.errors import OptionError, WeaklocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -445,34 +445,61 @@ def _load(model: Path, device: str | None, weights: Path | None = None, classes:
 @with_map_options(network=True)
 def localize(
     model: Path = typer.Argument(..., help=MODEL_HELP),
-    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    images: list[Path] = typer.Argument(..., help="Image files, folders and/or file lists (.txt: one path per line; .csv: a path column)."),
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto (the calibrated one, else 0.3) | NUMBER | otsu | percentile:Q | calibrated"),
     keep: str = typer.Option("all", help="all regions, or the largest per map."),
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)."),
+    pictures: str = typer.Option("all", help="all (overlays and masks) | overlays | none (records only, fastest)."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding the images (default: one per core but one, at most 4)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the results of an earlier run in --out instead of resuming it."),
     network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
 ):
-    """Heatmaps, boxes and overlays for images: writes overlays/, masks/, detections.json (COCO) and index.html."""
+    """Heatmaps, boxes and overlays for images, streamed to disk and resumable: writes parts/*.jsonl as it goes, overlays/, masks/,
+    and at the end detections.json (COCO), counts.csv (counting models) and index.html. Run the same command again after an
+    interruption to finish the rest; under torchrun each rank takes its share."""
     from weakloc.checks import check_choice
     from weakloc.localize.threshold import parse_threshold
-    from weakloc.report.localization import localize_images
+    from weakloc.report.localization import PICTURES, localize_to_folder
 
     opts = _check_run_options(batch_size, count_views, maps)
     check_output_folder("--out", out)
     check_choice("--keep", keep, ("all", "largest"))
+    check_choice("--pictures", pictures, PICTURES)
+    workers = default_workers() if workers is None else check_int("--workers", workers, 0)
     if threshold != "auto":
         parse_threshold(threshold)
     net = _load(model, device, **network)
     with progress_bar("localizing") as update:
-        res = localize_images(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep,
-                              batch_size=batch_size, progress=update, count_views=count_views)
-    console.print(f"{len(res.images)} image(s), {len(res.annotations)} box(es) -> {out / 'index.html'}")
-    for s in res.skipped:  # attributes: res["..."] would build the whole detections.json each time
+        res = localize_to_folder(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep, batch_size=batch_size,
+                                 progress=update, count_views=count_views, pictures=pictures, workers=workers, restart=restart)
+    resumed = f" ({res.resumed} done by an earlier run)" if res.resumed else ""
+    where = out / "detections.json" if res.rank == 0 else out / "parts"
+    shard = f"rank {res.rank} of {res.world}: " if res.world > 1 else ""
+    console.print(f"{shard}{res.images} image(s){resumed}, {res.boxes} box(es), {res.skipped} unreadable -> {where}", highlight=False)
+    for s in res.skipped_files[:20]:
         console.print(f"[yellow]skipped {_printable(s.reason)}[/]", highlight=False)
+    if res.skipped > 20:
+        console.print(f"[yellow]... and {res.skipped - 20} more (all in {out / 'detections.json'})[/]", highlight=False)
+
+
+@app.command()
+def assemble(out: Path = typer.Argument(..., help="The output folder of weakloc localize.")):
+    """Merge a localization run's parts/*.jsonl into detections.json, counts.csv and index.html now (also while it runs or after it
+    was stopped)."""
+    from weakloc.report.stream import assemble as merge
+
+    res = merge(out)
+    console.print(f"{res.images} image(s), {res.boxes} box(es), {res.skipped} unreadable -> {out / 'detections.json'}", highlight=False)
+
+
+def default_workers() -> int:
+    """Decoding processes beside this one: one per core but one (the model's), at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 @app.command("explain")

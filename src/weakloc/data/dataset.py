@@ -227,10 +227,10 @@ class PredictDataset(Dataset):
     An unreadable file gives ``(index, None, message, None)`` (the :class:`ImageReadError`'s one
     line, naming the file by :func:`~weakloc.text.display_path`) so callers can report and
     skip it. The display image is the original resized for pictures (:func:`fit_size`: longest
-    side 256..``display`` px).
+    side 256..``display`` px; None when ``display`` is None).
     """
 
-    def __init__(self, paths: list[Path], size: int, mean, std, display: int = 512):
+    def __init__(self, paths: list[Path], size: int, mean, std, display: int | None = 512):
         self.paths, self.tf, self.display = list(paths), eval_transform(size, mean, std), display
 
     def __len__(self) -> int:
@@ -242,6 +242,8 @@ class PredictDataset(Dataset):
         except ImageReadError as e:
             return i, None, str(e), None
         h, w = img.shape[-2:]
+        if self.display is None:
+            return i, self.tf(img), (h, w), None
         dh, dw = fit_size(h, w, self.display)
         shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
         return i, self.tf(img), (h, w), shown

@@ -617,9 +617,12 @@ def is_image_file(path: str | bytes | os.PathLike) -> bool:
 
 
 def list_images(sources: list[str | bytes | os.PathLike] | str | bytes | os.PathLike) -> list[Path]:
-    """Image files from files and folders (folders searched recursively, regular files with an
-    image suffix, sorted). Names that are not valid UTF-8 are kept (decoded as the file system
-    does); messages name them by :func:`display_path`."""
+    """Image files from files, folders and file lists (folders searched recursively, regular files
+    with an image suffix, sorted; a ``.txt`` / ``.lst`` / ``.csv`` file is a list of images,
+    :func:`~weakloc.data.sources.read_file_list`). Names that are not valid UTF-8 are kept (decoded
+    as the file system does); messages name them by :func:`display_path`."""
+    from weakloc.data.sources import is_file_list, read_file_list  # the list reader builds on the labels reader, which builds on this module
+
     if isinstance(sources, (str, bytes, os.PathLike)):
         sources = [sources]
     paths = [_as_path(s) for s in sources]
@@ -628,7 +631,7 @@ def list_images(sources: list[str | bytes | os.PathLike] | str | bytes | os.Path
         if s.is_dir():
             out += sorted(p for p in s.rglob("*") if is_image_file(p) and p.is_file())
         elif s.is_file():
-            out.append(s)
+            out += read_file_list(s) if is_file_list(s) else [s]
         elif os.path.lexists(s):
             kind = "a broken symbolic link" if os.path.islink(s) else "not a regular file or folder (a pipe, socket or device)"
             raise WeaklocError(f"{display_path(s)}: {kind}")

@@ -100,9 +100,11 @@ class ImageBatch:
         paths: each image's file (B).
         sizes: each image's original ``(H, W)``.
         display: each image's picture for overlays, ``(3, h, w)`` uint8 (CPU; longest side
-            256..``display_size``).
+            256..``display_size``); empty when no pictures were asked for.
         skipped: the batch's unreadable files.
         done, total: images handled so far (this batch included), and in all.
+        positions: each readable image's position in the list of files given.
+        skipped_positions: each unreadable file's position in that list.
     """
 
     x: torch.Tensor | None
@@ -112,22 +114,32 @@ class ImageBatch:
     skipped: list[SkippedFile]
     done: int
     total: int
+    positions: list[int] = field(default_factory=list)
+    skipped_positions: list[int] = field(default_factory=list)
 
 
 def image_batches(model, paths: list[Path], size: int, batch_size: int, device: torch.device,
-                  display_size: int = 512) -> Iterator[ImageBatch]:
+                  display_size: int | None = 512, workers: int = 0) -> Iterator[ImageBatch]:
     """``paths`` read and normalised at ``size × size`` (the model's mean and std), ``batch_size``
-    at a time; ``x`` is None for a batch with no readable image."""
+    at a time; ``x`` is None for a batch with no readable image.
+
+    Files are decoded (torchvision's libjpeg-turbo / libpng decoders, :func:`read_image`) and
+    resized in ``workers`` DataLoader processes (0: in this one) while the device works on the
+    previous batch; batches bound for a GPU come from pinned memory and are copied without
+    blocking. ``display_size`` None: no pictures for overlays are made."""
     cfg = model.config
-    loader = DataLoader(PredictDataset(paths, size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list)
+    loader = DataLoader(PredictDataset(paths, size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list,
+                        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     done = 0
     for batch in loader:
         done += len(batch)
         good = [b for b in batch if b[1] is not None]
-        skipped = [SkippedFile(escape_text(str(paths[i]), controls=False), escape_text(reason, controls=False))
-                   for i, x, reason, _ in batch if x is None]
-        yield ImageBatch(torch.stack([b[1] for b in good]).to(device) if good else None, [paths[i] for i, *_ in good],
-                         [tuple(hw) for _, _, hw, _ in good], [shown for *_, shown in good], skipped, done, len(paths))
+        bad = [(i, reason) for i, x, reason, _ in batch if x is None]
+        skipped = [SkippedFile(escape_text(str(paths[i]), controls=False), escape_text(reason, controls=False)) for i, reason in bad]
+        x = torch.stack([b[1] for b in good]).to(device, non_blocking=True) if good else None
+        yield ImageBatch(x, [paths[i] for i, *_ in good], [tuple(hw) for _, _, hw, _ in good],
+                         [shown for *_, shown in good if shown is not None], skipped, done, len(paths),
+                         [i for i, *_ in good], [i for i, _ in bad])
 
 
 @dataclass

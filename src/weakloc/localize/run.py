@@ -89,6 +89,7 @@ class LocalizedImage(Result):
             rounding and the presence gate (2 places).
         masks: class -> its mask file, relative to the output folder; given by the writer
             (:mod:`weakloc.report.localization`) for the classes shown, None before.
+        overlay: its overlay picture, relative to the output folder (given by the writer).
     """
 
     id: int
@@ -100,6 +101,7 @@ class LocalizedImage(Result):
     counts: dict[str, int] | None = None
     raw_counts: dict[str, float] | None = None
     masks: dict[str, str] | None = None
+    overlay: str | None = None
 
     def to_dict(self) -> dict:
         out = {"id": self.id, "file_name": self.file_name, "width": self.width, "height": self.height}
@@ -110,7 +112,15 @@ class LocalizedImage(Result):
         out["probabilities"] = list(self.probabilities)
         if self.masks is not None:
             out["masks"] = dict(self.masks)
+        if self.overlay is not None:
+            out["overlay"] = self.overlay
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LocalizedImage:
+        """The record ``to_dict()`` gave."""
+        return cls(d["id"], d["file_name"], d["width"], d["height"], list(d["probabilities"]), predicted=d.get("predicted"),
+                   counts=d.get("counts"), raw_counts=d.get("raw_counts"), masks=d.get("masks"), overlay=d.get("overlay"))
 
 
 @dataclass
@@ -123,8 +133,10 @@ class LocalizedBatch(Result):
         annotations: their boxes.
         skipped: the batch's unreadable files.
         paths: each record's file.
-        display: each image's ``(3, h, w)`` uint8 picture for overlays (CPU).
+        display: each image's ``(3, h, w)`` uint8 picture for overlays (CPU); empty when the run
+            makes no pictures.
         probabilities: ``(B, K)`` the model's class probabilities.
+        skipped_ids: the id each unreadable file would have had (its place in the run's list + 1).
     """
 
     images: list[LocalizedImage]
@@ -133,6 +145,7 @@ class LocalizedBatch(Result):
     paths: list[Path]
     display: list[torch.Tensor]
     probabilities: torch.Tensor
+    skipped_ids: list[int]
 
     def to_dict(self) -> dict:
         return {"images": [im.to_dict() for im in self.images], "annotations": [a.to_dict() for a in self.annotations],
@@ -206,6 +219,12 @@ class LocalizationResult(Result):
         return {"images": [im.to_dict() for im in self.images], "annotations": [a.to_dict() for a in self.annotations],
                 "categories": self.categories, "skipped": [s.to_dict() for s in self.skipped]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> LocalizationResult:
+        """The result whose ``to_dict()`` is ``d`` (a ``detections.json``)."""
+        return cls([c["name"] for c in sorted(d["categories"], key=lambda c: c["id"])], [LocalizedImage.from_dict(i) for i in d["images"]],
+                   [LocalizedBox(**a) for a in d["annotations"]], [SkippedFile(**s) for s in d["skipped"]])
+
 
 class LocalizeBatches:
     """A checked localization run (:func:`localize_batches`); iterate it to compute its batches.
@@ -219,37 +238,53 @@ class LocalizeBatches:
     """
 
     def __init__(self, model, settings: MapConfig, threshold, target, keep: str, min_area: int, paths: list[Path],
-                 batch_size: int, device: torch.device, display_size: int, progress):
+                 batch_size: int, device: torch.device, display_size: int | None, progress, workers: int = 0):
         self.model, self.settings, self.threshold, self.target, self.paths = model, settings, threshold, target, paths
         self._keep, self._min_area, self._batch_size, self._device = keep, min_area, batch_size, device
-        self._display_size, self._progress = display_size, progress
+        self._display_size, self._progress, self._workers = display_size, progress, workers
         self.counting = getattr(model, "counting_head", None) is not None
         self._box_sizes = model.config.instance_box_sizes() if self.counting else None
+        self.positions: list[int] = list(range(len(paths)))
+
+    def restrict(self, positions: list[int]) -> LocalizeBatches:
+        """Compute only the images at ``positions`` (indices into :attr:`paths`, increasing): a shard
+        of a distributed run, or what a resumed run has left. Image ids stay ``position + 1``."""
+        self.positions = list(positions)
+        return self
 
     @property
     def method(self) -> str:
         return self.settings.method
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def result(self) -> LocalizationResult:
         """An empty :class:`LocalizationResult` of this run, for :meth:`LocalizationResult.add`."""
         return LocalizationResult(list(self.model.config.classes))
 
     def __iter__(self) -> Iterator[LocalizedBatch]:
-        image_id, box_id = 0, 0
-        for batch in image_batches(self.model, self.paths, self.settings.test_size, self._batch_size, self._device, self._display_size):
+        box_id, todo = 0, self.positions
+        paths = [self.paths[p] for p in todo]
+        for batch in image_batches(self.model, paths, self.settings.test_size, self._batch_size, self._device, self._display_size,
+                                   self._workers):
+            # ids from each file's place in the whole list, so a shard or a resumed run numbers its images as a whole run does
+            batch.positions = [todo[i] for i in batch.positions]
+            batch.skipped_positions = [todo[i] for i in batch.skipped_positions]
             if batch.x is None:
-                out = LocalizedBatch([], [], batch.skipped, [], [], torch.zeros(0, len(self.model.config.classes)))
+                out = LocalizedBatch([], [], batch.skipped, [], [], torch.zeros(0, len(self.model.config.classes)), [])
             elif self.counting:
-                out = self._count(batch, image_id, box_id)
+                out = self._count(batch, box_id)
             else:
-                out = self._regions(batch, image_id, box_id)
-            image_id += len(out.images)
+                out = self._regions(batch, box_id)
+            out.skipped_ids = [p + 1 for p in batch.skipped_positions]
             box_id += len(out.annotations)
             yield out
             if self._progress is not None:
                 self._progress(batch.done, batch.total)
 
-    def _regions(self, batch: ImageBatch, image_id: int, box_id: int) -> RegionBatch:
+    def _regions(self, batch: ImageBatch, box_id: int) -> RegionBatch:
         model, cfg = self.model, self.model.config
         heat = pipeline.make_maps(model, batch.x, self.settings, self.target)
         probs = check_finite(model.probabilities(heat.logits.float()), "the model's probability", list(map(str, batch.paths)))
@@ -267,8 +302,8 @@ class LocalizeBatches:
         dets = region_boxes(masks, flat, keep=self._keep, min_area=self._min_area)
         present_cpu, score_cpu, targets_cpu, probs_cpu = present.cpu(), score.cpu(), heat.targets.cpu(), probs.cpu()
         images, annotations, boxes = [], [], []
-        for j, (path, (oh, ow)) in enumerate(zip(batch.paths, batch.sizes)):
-            image_id += 1
+        for j, (path, (oh, ow), position) in enumerate(zip(batch.paths, batch.sizes, batch.positions)):
+            image_id = position + 1
             images.append(LocalizedImage(image_id, escape_text(str(path), controls=False), ow, oh,
                                          [round(float(p), 4) for p in probs_cpu[j]], predicted=cfg.classes[int(probs_cpu[j].argmax())]))
             boxes.append([])
@@ -284,10 +319,10 @@ class LocalizeBatches:
                     annotations.append(LocalizedBox(box_id, image_id, cls + 1, cfg.classes[cls],
                                                     [round(x0, 1), round(y0, 1), round(x1 - x0 + 1, 1), round(y1 - y0 + 1, 1)],
                                                     round(float(score_cpu[j, k] * det.scores[r]), 4)))
-        return RegionBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, heat.normalized, heat.targets, score,
+        return RegionBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, [], heat.normalized, heat.targets, score,
                            present, masks.reshape(b, t, h, w), boxes)
 
-    def _count(self, batch: ImageBatch, image_id: int, box_id: int) -> CountBatch:
+    def _count(self, batch: ImageBatch, box_id: int) -> CountBatch:
         """Counts, and numbered instances from the density (or CAM) peaks."""
         model, cfg = self.model, self.model.config
         size = self.settings.test_size
@@ -302,8 +337,8 @@ class LocalizeBatches:
         probs = check_finite(model.probabilities(o.logits.float()), "the model's probability", names)
         probs_cpu = probs.cpu()
         images, annotations = [], []
-        for j, (path, (oh, ow)) in enumerate(zip(batch.paths, batch.sizes)):
-            image_id += 1
+        for j, (path, (oh, ow), position) in enumerate(zip(batch.paths, batch.sizes, batch.positions)):
+            image_id = position + 1
             images.append(LocalizedImage(image_id, escape_text(str(path), controls=False), ow, oh,
                                          [round(float(p), 4) for p in probs_cpu[j]],
                                          counts={c: int(counts[j, k]) for k, c in enumerate(cfg.classes)},
@@ -320,7 +355,7 @@ class LocalizeBatches:
                         box_id, image_id, k + 1, cname,
                         [round(x0 * sx, 1), round(y0 * sy, 1), round((x1 - x0 + 1) * sx, 1), round((y1 - y0 + 1) * sy, 1)],
                         round(float(scores[j, k, n]), 5), instance=n + 1, point=[round((px + 0.5) * sx, 1), round((py + 0.5) * sy, 1)]))
-        return CountBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, normalize_minmax(maps.sum(1)), whole,
+        return CountBatch(images, annotations, batch.skipped, batch.paths, batch.display, probs, [], normalize_minmax(maps.sum(1)), whole,
                           found)
 
 
@@ -333,7 +368,7 @@ def _asked(maps, name: str) -> bool:
 
 def localize_batches(model, images, *, method: str | None = None, maps: MapConfig | dict | None = None, target=None,
                      threshold: str | float = "auto", keep: str = "all", min_area: int = 4, batch_size: int = 16, device=None,
-                     count_views: str | None = None, display_size: int = 512, progress=None) -> LocalizeBatches:
+                     count_views: str | None = None, display_size: int | None = 512, progress=None, workers: int = 0) -> LocalizeBatches:
     """Localize the evidence for each image's class(es), one batch at a time (nothing written).
 
     Args:
@@ -352,8 +387,9 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
         min_area: regions smaller than this many map pixels are dropped (``keep="all"``).
         count_views: counting models: test-time views counts are averaged over (``none``,
             ``flip``, ``dihedral``); None: the model's stored ``maps.count_views``, else ``none``.
-        display_size: longest side of the pictures kept for overlays.
+        display_size: longest side of the pictures kept for overlays; None: no pictures.
         progress: optional callable ``(done, total)``, called after each batch.
+        workers: DataLoader processes that decode and resize the images (0: this process).
 
     Returns:
         a :class:`LocalizeBatches`: the checked settings, and an iterable of :class:`RegionBatch`
@@ -365,7 +401,8 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     cfg = model.config
     batch_size = check_int("batch_size", batch_size, 1)
     min_area = check_int("min_area", min_area, 0)
-    display_size = check_int("display_size", display_size, 1)
+    display_size = None if display_size is None else check_int("display_size", display_size, 1)
+    workers = check_int("workers", workers, 0)
     keep = check_choice("keep", keep, ("all", "largest"))
     check_progress(progress)
     check_maps(maps)
@@ -383,14 +420,14 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     device = model_device(model, device)
     model = model.to(device).eval()
     return LocalizeBatches(model, settings, threshold, target, keep, min_area, list_images(images), batch_size, device, display_size,
-                           progress)
+                           progress, workers)
 
 
 def localize(model, images, **options) -> LocalizationResult:
     """Every image's records (:func:`localize_batches` with ``options``), without writing anything;
     :func:`weakloc.report.localization.localize_images` also writes the files. Warns when an image
     could not be read."""
-    run = localize_batches(model, images, **options)
+    run = localize_batches(model, images, **(options | {"display_size": None}))  # no pictures: nothing draws them
     result = run.result()
     for batch in run:
         result.add(batch.images, batch.annotations, batch.skipped)

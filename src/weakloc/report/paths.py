@@ -100,10 +100,11 @@ class OutputFolder:
         self.root = Path(root)
         self._used: dict[tuple[str | None, str], set[str]] = {}
 
-    def file(self, sub: str | None, stem: str, suffix: str) -> Path:
+    def file(self, sub: str | None, stem: str, suffix: str, *, unique: bool = True) -> Path:
         """A path ``root/[sub/]NAME{suffix}`` (``sub`` a fixed name of weakloc's own, ``stem`` any
-        text); its folder is created inside ``root``."""
-        used = self._used.setdefault((sub, suffix.casefold()), set())
+        text); its folder is created inside ``root``. ``unique`` False: the caller's stems are
+        distinct already (they start with an id), so no record of the names given is kept."""
+        used = self._used.setdefault((sub, suffix.casefold()), set()) if unique else None
         name = safe_component(stem, used, max_bytes=2 * MAX_COMPONENT_BYTES)
         folder = self.root if sub is None else inside(self.root, self.root / safe_component(sub))
         path = inside(self.root, folder / f"{name}{suffix}")
