@@ -122,7 +122,7 @@ def test_localize_hostile_names_stay_inside(hostile, tmp_path):
     out = tmp_path / "work" / "out"
     before = _tree(tmp_path)
     res = localize_images(model, tmp_path / "imgs", out, target="all", threshold=0.3, batch_size=4)
-    files = _check_written(before, _tree(tmp_path), out, {"overlays", "masks"})
+    files = _check_written(before, _tree(tmp_path), out, {"overlays", "masks", "parts"})
     assert not [p for p in _tree(tmp_path) if "ESCAPE" in p.name and not p.is_relative_to(out)]
     masks = [p for p in files if p.parent.name == "masks"]
     assert len(masks) == len(images) * len(classes)  # one per image and class: none overwritten
@@ -166,7 +166,7 @@ def test_counting_overlays_stay_inside(tmp_path):
     out = tmp_path / "work" / "out"
     before = _tree(tmp_path)
     localize_images(model, tmp_path / "imgs", out)
-    _check_written(before, _tree(tmp_path), out, {"overlays"})
+    _check_written(before, _tree(tmp_path), out, {"overlays", "parts"})
     assert _check_page(out / "index.html", out) > 0
 
 

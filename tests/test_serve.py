@@ -93,8 +93,8 @@ def _cli_localize(model_dir: Path, image: Path, out: Path, *args: str) -> dict:
 
 def _strip(doc: dict) -> dict:
     """The records of a served answer or detections.json without what differs by design: the file
-    name (an upload's own name / the path given), the API's extra keys, and mask files."""
-    extra = {"file_name", "result", "method", "threshold", "masks_rle", "maps", "masks"}
+    name (an upload's own name / the path given), the API's extra keys, and picture files."""
+    extra = {"file_name", "result", "method", "threshold", "masks_rle", "maps", "masks", "overlay"}
     return {"images": [{k: v for k, v in im.items() if k not in extra} for im in doc["images"]],
             "annotations": doc["annotations"], "categories": doc["categories"]}
 

@@ -167,7 +167,8 @@ class PartWriter:
     def write(self, lines: list[dict]) -> None:
         if not lines:
             return
-        self._file.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8", "backslashreplace"))
+        # ASCII JSON (undecodable names' lone surrogates as \\udcXX escapes, as detections.json always had them)
+        self._file.write("".join(json.dumps(line) + "\n" for line in lines).encode("ascii"))
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -304,12 +305,12 @@ def assemble(out: str | Path) -> Assembly:
                     result.skipped_files.append({"file": record.get("file_name", ""), "reason": record["skipped"]})
                 continue
             boxes = record.pop("boxes", [])
-            fi.write(("," if result.images else "") + "\n" + json.dumps(record, ensure_ascii=False))
+            fi.write(("," if result.images else "") + "\n" + json.dumps(record))
             result.images += 1
             for box in boxes:
                 result.boxes += 1
                 entry = {"id": result.boxes, "image_id": record["id"], **box}
-                fb.write(("," if result.boxes > 1 else "") + "\n" + json.dumps(entry, ensure_ascii=False))
+                fb.write(("," if result.boxes > 1 else "") + "\n" + json.dumps(entry))
             if record.get("counts") is not None:
                 if not counting:
                     counting = True
@@ -326,7 +327,7 @@ def assemble(out: str | Path) -> Assembly:
         _copy(images_tmp, f)
         f.write('\n], "annotations": [')
         _copy(boxes_tmp, f)
-        f.write(f'\n], "categories": {json.dumps(categories, ensure_ascii=False)}, "skipped": [')
+        f.write(f'\n], "categories": {json.dumps(categories)}, "skipped": [')
         _write_skipped(out, f)
         f.write("\n]}\n")
     os.replace(det_tmp, out / "detections.json")
@@ -356,6 +357,5 @@ def _write_skipped(out: Path, f) -> None:
     first = True
     for record in _ordered(out):
         if "skipped" in record:
-            f.write(("" if first else ",") + "\n" + json.dumps({"file": record.get("file_name", ""), "reason": record["skipped"]},
-                                                                  ensure_ascii=False))
+            f.write(("" if first else ",") + "\n" + json.dumps({"file": record.get("file_name", ""), "reason": record["skipped"]}))
             first = False
