@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from weakloc.evaluate.boxes import box_iou_inclusive, boxes_at_thresholds, contour_boxes
 from weakloc.evaluate.wsol import (
@@ -154,3 +156,31 @@ def test_pxap_perfect_random_and_hand_case():
     acc.update(maps[:, :, :2], m[:, :, :2])
     acc.update(maps[:, :, 2:], m[:, :, 2:])
     assert acc.compute() == pytest.approx(100 * (0.5 + 0.5 * 2 / 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+def test_running_counts_equal_the_metrics_of_all_sweeps_at_once(sizes, seed):
+    """evaluate scores a test set batch by batch in constant memory (issue 22): the counts over the
+    batches give exactly what the concatenated per-map sweep gives."""
+    from weakloc.evaluate.wsol import BoxAccuracyCounts, BoxSweep, box_accuracy_curves, threshold_list
+
+    g = torch.Generator().manual_seed(seed)
+    taus = threshold_list(0.05)
+    parts = []
+    for n in sizes:
+        best_all = torch.rand(n, len(taus), generator=g, dtype=torch.float64)
+        best_all[torch.rand(n, len(taus), generator=g) < 0.2] = 0.5  # exactly on a delta
+        parts.append(BoxSweep(taus.double(), best_all * torch.rand(n, len(taus), generator=g, dtype=torch.float64), best_all))
+    counts = BoxAccuracyCounts(taus)
+    for p in parts:
+        counts.update(p)
+    whole = BoxSweep(taus.double(), torch.cat([p.best_iou_largest for p in parts]), torch.cat([p.best_iou_all for p in parts]))
+    assert counts.n == sum(sizes)
+    got = counts.metrics(0.25)
+    curves = box_accuracy_curves(whole.best_iou_all)  # the per-map definition, over every map at once
+    best, arg = curves.max(1)
+    assert got.max_box_acc_v2 == float(best.mean()) and [got.iou30, got.iou50, got.iou70] == best.tolist()
+    assert [got.iou30_tau, got.iou50_tau, got.iou70_tau] == [float(taus[a]) for a in arg.tolist()]
+    v1 = box_accuracy_curves(whole.best_iou_largest, (50,))[0]
+    assert got.max_box_acc == float(v1.max()) and got.max_box_acc_tau == float(taus[int(v1.argmax())]) and got.pxap == 0.25

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +28,7 @@ from weakloc.data.images import read_image
 from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
 from weakloc.errors import CheckpointError, ImageReadError, OptionError, WeaklocError
 from weakloc.evaluate.classification import classification_metrics
-from weakloc.evaluate.wsol import BoxMetrics, BoxSweep, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list, wsol_box_metrics
+from weakloc.evaluate.wsol import BoxAccuracyCounts, BoxMetrics, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list
 from weakloc.explain import centre_gaussian, get_method, pipeline
 from weakloc.explain.run import check_maps, model_device
 from weakloc.results import Result
@@ -40,7 +42,7 @@ class _Sample:
     image: int  # index into the labelled images
     cls: int
     boxes: torch.Tensor  # (M, 4) in input pixels, truncated to int as the reference does
-    mask: torch.Tensor | None  # (S, S) uint8 or None
+    mask: Callable[[], torch.Tensor] | None  # makes the (S, S) uint8 mask when its batch is scored: masks of a large test set never all in memory
 
 
 def scale_gt_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:
@@ -103,6 +105,10 @@ def class_mapping(model_classes: list[str], gt_classes: list[str], explicit: dic
     return out
 
 
+def _mask(ann, label: str, size: int) -> torch.Tensor:
+    return ann.mask_of(label, (size, size)).to(torch.uint8)
+
+
 def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size: int,
              positive: int | None) -> tuple[list[_Sample], list[str], dict[str, int]]:
     """The (image, class) pairs to score, the images without an annotation, and the boxes left
@@ -123,7 +129,7 @@ def _samples(data: LabeledImages, gt: GroundTruth, mapping: dict[str, int], size
             boxes = ann.boxes_of(g)
             if len(boxes) == 0:
                 continue
-            mask = ann.mask_of(g, (size, size)).to(torch.uint8) if ann.has_masks(g) else None
+            mask = partial(_mask, ann, g, size) if ann.has_masks(g) else None
             samples.append(_Sample(i, k, scale_gt_boxes(boxes, ann.width, ann.height, size), mask))
     return samples, unannotated, unscored
 
@@ -271,7 +277,9 @@ def evaluate_model(
                         shuffle=False, collate_fn=collate_skip_bad)
     centre = centre_gaussian((size, size), device=device)
     probs_all, targets_all = [], []
-    sweeps, base_sweeps, fixed_hits, correct = [], [], [], []
+    # counts, not per-sample arrays: memory does not grow with the test set (but for each image's class probabilities)
+    sweeps, base_sweeps = BoxAccuracyCounts(taus), BoxAccuracyCounts(taus)
+    hits = hits_correct = 0
     pxap_acc = PxAPAccumulator(taus, device)
     pxap_base = PxAPAccumulator(taus, device)
     has_masks = False
@@ -296,14 +304,19 @@ def evaluate_model(
             col = {(r, s): by_image[idx[r]].index(s) for r, s in rows}
             maps = torch.stack([heat.normalized[r, col[(r, s)]] for r, s in rows])
             gts = [samples[s].boxes for _, s in rows]
-            sweeps.append(box_sweep(maps, gts, taus))
-            base_sweeps.append(box_sweep(centre.expand(len(rows), -1, -1), gts, taus))
-            fixed_hits.append(box_sweep(maps, gts, torch.tensor([tau_fixed], dtype=torch.float64)).best_iou_largest[:, 0] >= 0.5)
+            sweeps.update(box_sweep(maps, gts, taus))
+            base_sweeps.update(box_sweep(centre.expand(len(rows), -1, -1), gts, taus))
+            hit = box_sweep(maps, gts, torch.tensor([tau_fixed], dtype=torch.float64)).best_iou_largest[:, 0] >= 0.5
             pr = model.probabilities(logits.float())
-            for r, s in rows:
-                k = samples[s].cls
-                correct.append(bool(pr[r].argmax() == k) if cfg.task == "single" else bool(pr[r, k] >= 0.5))
-            with_mask = [(maps[n], samples[s].mask) for n, (_, s) in enumerate(rows) if samples[s].mask is not None]
+            row_of, cls_of = torch.tensor([r for r, _ in rows]), torch.tensor([samples[s].cls for _, s in rows])
+            pr_rows = pr.detach().cpu()[row_of]
+            if cfg.task == "single":
+                correct = pr_rows.argmax(1) == cls_of
+            else:
+                correct = pr_rows.gather(1, cls_of[:, None])[:, 0] >= 0.5
+            hits += int(hit.sum())
+            hits_correct += int((hit.cpu() & correct).sum())
+            with_mask = [(maps[n], samples[s].mask()) for n, (_, s) in enumerate(rows) if samples[s].mask is not None]
             if with_mask:
                 has_masks = True
                 mm = torch.stack([m for m, _ in with_mask])
@@ -317,25 +330,20 @@ def evaluate_model(
         targets_all.append(batch["target"])
         if progress is not None:
             progress(min(done, len(labeled)), len(labeled))
-    if not sweeps:
+    if not sweeps.n:
         raise WeaklocError("no annotated image could be read")
-
-    def merged(parts: list[BoxSweep]) -> BoxSweep:
-        return BoxSweep(taus.double(), torch.cat([p.best_iou_largest for p in parts]), torch.cat([p.best_iou_all for p in parts]))
-
-    hits = torch.cat(fixed_hits)
-    ok = torch.tensor(correct)
-    boxes = wsol_box_metrics(merged(sweeps), pxap_acc.compute() if has_masks else None)
+    n = sweeps.n
+    boxes = sweeps.metrics(pxap_acc.compute() if has_masks else None)
     loc = WSOLMetrics(**dataclasses.asdict(boxes), method=settings.method, step=step,
-                      gt_known_loc=float(hits.double().mean() * 100), top1_loc=float((hits & ok).double().mean() * 100),
-                      gt_known_tau=tau_fixed)
-    base = wsol_box_metrics(merged(base_sweeps), pxap_base.compute() if has_masks else None)
+                      gt_known_loc=float(torch.tensor(hits / n, dtype=torch.float64) * 100),
+                      top1_loc=float(torch.tensor(hits_correct / n, dtype=torch.float64) * 100), gt_known_tau=tau_fixed)
+    base = base_sweeps.metrics(pxap_base.compute() if has_masks else None)
     cls_metrics = classification_metrics(torch.cat(probs_all), torch.cat(targets_all), cfg.task, cfg.positive_class)
     per_class: dict[str, int] = {}
     for s in samples:
         if s.image in seen:
             per_class[cfg.classes[s.cls]] = per_class.get(cfg.classes[s.cls], 0) + 1
-    return EvaluationReport(split=split, images=len(labeled), localization_samples=len(hits), samples_per_class=per_class,
+    return EvaluationReport(split=split, images=len(labeled), localization_samples=n, samples_per_class=per_class,
                             unscored_boxes=unscored, unannotated_images=unannotated,
                             skipped_images=skipped_images(labeled.paths, seen), classification=cls_metrics,
                             localization=loc, centre_baseline=base)
