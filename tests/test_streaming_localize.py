@@ -173,3 +173,34 @@ def test_torn_last_line_is_cut_and_ordered_merge_skips_duplicates(tmp_path):
 def test_assemble_needs_a_run(tmp_path):
     with pytest.raises(WeaklocError, match="no localization run here"):
         stream.assemble(tmp_path)
+
+
+def test_decoding_on_the_device_gives_the_cpu_records(tmp_path):
+    """``decode="device"`` (nvJPEG on a GPU; libjpeg's batched call here) reads JPEGs as read_image
+    does: EXIF rotation, grayscale, the same resize; PNGs and damaged files as before."""
+    import io
+
+    from weakloc.localize.run import localize
+
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    for k, (w, h) in enumerate([(64, 40), (33, 71), (90, 90)]):
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / f"c{k}.jpg", quality=85)
+    Image.fromarray((torch.rand(30, 50, generator=g) * 255).to(torch.uint8).numpy()).save(folder / "gray.jpg")
+    rotated = Image.fromarray((torch.rand(20, 60, 3, generator=g) * 255).to(torch.uint8).numpy())
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: (H, W) = (60, 20)
+    rotated.save(folder / "rot.jpg", exif=exif.tobytes())
+    Image.fromarray((torch.rand(30, 30, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / "p.png")
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()).save(buf, "JPEG")
+    (folder / "torn.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    model = _model()
+    with pytest.warns(UserWarning, match="1 image"):
+        on_cpu = localize(model, folder, threshold=0.4, batch_size=4, workers=1)
+    with pytest.warns(UserWarning, match="1 image"):
+        on_device = localize(model, folder, threshold=0.4, batch_size=4, decode="device")
+    assert on_device.to_dict() == on_cpu.to_dict()
+    rot = next(im for im in on_cpu.images if im.file_name.endswith("rot.jpg"))
+    assert (rot.width, rot.height) == (20, 60) and len(on_cpu.images) == 6 and on_cpu.skipped[0].file.endswith("torn.jpg")

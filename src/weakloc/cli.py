@@ -455,6 +455,7 @@ def localize(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)."),
     pictures: str = typer.Option("all", help="all (overlays and masks) | overlays | none (records only, fastest)."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding the images (default: one per core but one, at most 4)."),
+    decode: str = typer.Option("cpu", help="cpu (in the --workers processes) | device (JPEGs decoded on the model's device: nvJPEG on a GPU)."),
     restart: bool = typer.Option(False, "--restart", help="Discard the results of an earlier run in --out instead of resuming it."),
     network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
     maps: Optional[dict] = None,  # the map options given, filled in by with_map_options
@@ -470,13 +471,15 @@ def localize(
     check_output_folder("--out", out)
     check_choice("--keep", keep, ("all", "largest"))
     check_choice("--pictures", pictures, PICTURES)
+    check_choice("--decode", decode, ("cpu", "device"))
     workers = default_workers() if workers is None else check_int("--workers", workers, 0)
     if threshold != "auto":
         parse_threshold(threshold)
     net = _load(model, device, **network)
     with progress_bar("localizing") as update:
         res = localize_to_folder(net, images, out, maps=opts, target=target, threshold=threshold, keep=keep, batch_size=batch_size,
-                                 progress=update, count_views=count_views, pictures=pictures, workers=workers, restart=restart)
+                                 progress=update, count_views=count_views, pictures=pictures, workers=workers, decode=decode,
+                                 restart=restart)
     resumed = f" ({res.resumed} done by an earlier run)" if res.resumed else ""
     where = out / "detections.json" if res.rank == 0 else out / "parts"
     shard = f"rank {res.rank} of {res.world}: " if res.world > 1 else ""

@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from weakloc.data.images import read_image
+from weakloc.data.images import read_image, read_jpeg_data
 from weakloc.data.labels import LabeledImages
 from weakloc.errors import ImageReadError
 from weakloc.text import display_path
@@ -221,32 +221,54 @@ def fit_size(h: int, w: int, longest: int = 512, shortest_display: int = 256) ->
     return max(1, round(h * s)), max(1, round(w * s))
 
 
+class JpegData(NamedTuple):
+    """A JPEG's checked bytes (:func:`~weakloc.data.images.read_jpeg_data`), to be decoded on the
+    device the batch goes to."""
+
+    data: torch.Tensor
+
+
+DECODERS = ("cpu", "device")
+
+
 class PredictDataset(Dataset):
     """For inference on unlabelled files: ``(index, model input, (H, W) original size, display image)``.
 
     An unreadable file gives ``(index, None, message, None)`` (the :class:`ImageReadError`'s one
     line, naming the file by :func:`~weakloc.text.display_path`) so callers can report and
     skip it. The display image is the original resized for pictures (:func:`fit_size`: longest
-    side 256..``display`` px; None when ``display`` is None).
+    side 256..``display`` px; None when ``display`` is None). With ``decode="device"`` a JPEG's
+    model input is its checked bytes (:class:`JpegData`), decoded where the batch goes
+    (:func:`prepare`); other files are decoded here.
     """
 
-    def __init__(self, paths: list[Path], size: int, mean, std, display: int | None = 512):
-        self.paths, self.tf, self.display = list(paths), eval_transform(size, mean, std), display
+    def __init__(self, paths: list[Path], size: int, mean, std, display: int | None = 512, decode: str = "cpu"):
+        self.paths, self.tf, self.display, self.decode = list(paths), eval_transform(size, mean, std), display, decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
+            if self.decode == "device":
+                jpeg = read_jpeg_data(self.paths[i])
+                if jpeg is not None:
+                    return i, JpegData(jpeg[0]), jpeg[1], None
             img = read_image(self.paths[i])
         except ImageReadError as e:
             return i, None, str(e), None
-        h, w = img.shape[-2:]
-        if self.display is None:
-            return i, self.tf(img), (h, w), None
-        dh, dw = fit_size(h, w, self.display)
-        shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
-        return i, self.tf(img), (h, w), shown
+        x, shown = prepare(img, self.tf, self.display)
+        return i, x, tuple(img.shape[-2:]), shown
+
+
+def prepare(img: torch.Tensor, tf, display: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decoded ``(3, H, W)`` uint8 image as the model's input (``tf``) and, unless ``display`` is
+    None, its picture for overlays (uint8, on the CPU), on whatever device it is."""
+    if display is None:
+        return tf(img), None
+    dh, dw = fit_size(*img.shape[-2:], display)
+    shown = torch.nn.functional.interpolate(img[None].float(), size=(dh, dw), mode="bilinear", antialias=True)[0].round().to(torch.uint8)
+    return tf(img), shown.cpu()
 
 
 def collate_list(items: list) -> list:

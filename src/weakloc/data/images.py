@@ -580,6 +580,58 @@ def read_image(path: str | bytes | os.PathLike, *, max_pixels: int | None = None
     return out
 
 
+def read_jpeg_data(path: str | bytes | os.PathLike, *, max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """A JPEG file's bytes, checked as :func:`read_image` checks them before decoding (readable,
+    header, pixel limit, no damaged scan), for decoding elsewhere (on a GPU with nvJPEG:
+    :func:`decode_jpeg_batch`); None when the file is not a JPEG (read it with :func:`read_image`).
+
+    Returns:
+        the bytes as a ``(N,)`` uint8 tensor, and the image's ``(H, W)`` after its EXIF rotation.
+
+    Raises:
+        ImageReadError: as :func:`read_image` would, for the reasons it finds before decoding.
+    """
+    path = _as_path(path)
+    limit = get_max_pixels() if max_pixels is None else _parse_limit(max_pixels, "max_pixels")
+    data = _read_file(path)
+    with _open_header(data, path) as im:
+        if im.format not in ("JPEG", "MPO"):
+            return None
+        _check_pixels(path, im.size, limit)
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 -- an unreadable EXIF block means no rotation (as read_image)
+            orientation = 1
+    problem = jpeg_scan_problem(data)
+    if problem:
+        raise _error(path, f"cannot decode: {problem}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), ((w, h) if orientation in (5, 6, 7, 8) else (h, w))
+
+
+def decode_jpeg_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """Decode JPEG bytes (:func:`read_jpeg_data`) on ``device`` in one call (nvJPEG on a GPU, libjpeg
+    on the CPU), RGB with the EXIF rotation applied: each a ``(3, H, W)`` uint8 tensor on ``device``,
+    or the reason it could not be decoded (the batch is then decoded one file at a time)."""
+    from torchvision.io import decode_jpeg
+
+    def one(d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice of TorchCodec, once per call
+            return decode_jpeg(d, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=device)
+
+    try:
+        return [t.contiguous() for t in one([d.to(device, non_blocking=True) for d in data])] if data else []
+    except Exception:  # noqa: BLE001 -- one bad file fails the whole call: find which
+        out: list[torch.Tensor | str] = []
+        for d in data:
+            try:
+                out.append(one(d.to(device)).contiguous())
+            except Exception as e:  # noqa: BLE001 -- the decoders raise RuntimeError (and others) on bad data
+                out.append(f"cannot decode: truncated or corrupt JPEG ({_reason(e)})")
+        return out
+
+
 def _describe_pillow_error(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return "not enough memory to decode it"

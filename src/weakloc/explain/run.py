@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from weakloc.checks import check_device, check_int
 from weakloc.config import MapConfig
-from weakloc.data.dataset import PredictDataset, collate_list
+from weakloc.data.dataset import JpegData, PredictDataset, collate_list, eval_transform, prepare
+from weakloc.data.images import decode_jpeg_batch, read_image
 from weakloc.data.images import list_images
-from weakloc.errors import OptionError, WeaklocError
+from weakloc.errors import ImageReadError, OptionError, WeaklocError
 from weakloc.explain import pipeline, resolve_targets
 from weakloc.explain.registry import get_method
 from weakloc.models.classifier import check_finite
@@ -119,27 +120,52 @@ class ImageBatch:
 
 
 def image_batches(model, paths: list[Path], size: int, batch_size: int, device: torch.device,
-                  display_size: int | None = 512, workers: int = 0) -> Iterator[ImageBatch]:
+                  display_size: int | None = 512, workers: int = 0, decode: str = "cpu") -> Iterator[ImageBatch]:
     """``paths`` read and normalised at ``size × size`` (the model's mean and std), ``batch_size``
     at a time; ``x`` is None for a batch with no readable image.
 
     Files are decoded (torchvision's libjpeg-turbo / libpng decoders, :func:`read_image`) and
     resized in ``workers`` DataLoader processes (0: in this one) while the device works on the
     previous batch; batches bound for a GPU come from pinned memory and are copied without
-    blocking. ``display_size`` None: no pictures for overlays are made."""
+    blocking. ``decode="device"``: the workers only read and check JPEG files, which are decoded
+    in one call per batch on ``device`` (nvJPEG on a GPU) and resized there. ``display_size``
+    None: no pictures for overlays are made."""
     cfg = model.config
-    loader = DataLoader(PredictDataset(paths, size, cfg.mean, cfg.std, display_size), batch_size=batch_size, collate_fn=collate_list,
-                        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    loader = DataLoader(PredictDataset(paths, size, cfg.mean, cfg.std, display_size, decode), batch_size=batch_size,
+                        collate_fn=collate_list, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=2 if workers else None)
+    tf = eval_transform(size, cfg.mean, cfg.std)
     done = 0
     for batch in loader:
         done += len(batch)
+        batch = _decode_on_device(batch, paths, device, tf, display_size) if decode == "device" else batch
         good = [b for b in batch if b[1] is not None]
         bad = [(i, reason) for i, x, reason, _ in batch if x is None]
         skipped = [SkippedFile(escape_text(str(paths[i]), controls=False), escape_text(reason, controls=False)) for i, reason in bad]
-        x = torch.stack([b[1] for b in good]).to(device, non_blocking=True) if good else None
+        x = torch.stack([b[1].to(device, non_blocking=True) for b in good]) if good else None
         yield ImageBatch(x, [paths[i] for i, *_ in good], [tuple(hw) for _, _, hw, _ in good],
                          [shown for *_, shown in good if shown is not None], skipped, done, len(paths),
                          [i for i, *_ in good], [i for i, _ in bad])
+
+
+def _decode_on_device(batch: list, paths: list[Path], device: torch.device, tf, display_size: int | None) -> list:
+    """The batch's JPEG bytes decoded in one call on ``device`` and prepared there (the same resize
+    and normalisation as on the CPU); a file that decoder refuses (nvJPEG lacks some JPEG kinds) is
+    read on the CPU instead, and is unreadable only if that fails too."""
+    jpegs = [n for n, item in enumerate(batch) if isinstance(item[1], JpegData)]
+    decoded = decode_jpeg_batch([batch[n][1].data for n in jpegs], device)
+    out = list(batch)
+    for n, img in zip(jpegs, decoded):
+        i = batch[n][0]
+        if isinstance(img, str):
+            try:
+                img = read_image(paths[i])
+            except ImageReadError as e:
+                out[n] = (i, None, str(e), None)
+                continue
+        x, shown = prepare(img.to(device), tf, display_size)
+        out[n] = (i, x, tuple(img.shape[-2:]), shown)
+    return out
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 
 from weakloc.checks import check_choice, check_int
 from weakloc.config import DEFAULT_BOX_THRESHOLD, MapConfig
+from weakloc.data.dataset import DECODERS
 from weakloc.data.images import list_images
 from weakloc.errors import OptionError
 from weakloc.explain import normalize_minmax, pipeline
@@ -238,10 +239,10 @@ class LocalizeBatches:
     """
 
     def __init__(self, model, settings: MapConfig, threshold, target, keep: str, min_area: int, paths: list[Path],
-                 batch_size: int, device: torch.device, display_size: int | None, progress, workers: int = 0):
+                 batch_size: int, device: torch.device, display_size: int | None, progress, workers: int = 0, decode: str = "cpu"):
         self.model, self.settings, self.threshold, self.target, self.paths = model, settings, threshold, target, paths
         self._keep, self._min_area, self._batch_size, self._device = keep, min_area, batch_size, device
-        self._display_size, self._progress, self._workers = display_size, progress, workers
+        self._display_size, self._progress, self._workers, self._decode = display_size, progress, workers, decode
         self.counting = getattr(model, "counting_head", None) is not None
         self._box_sizes = model.config.instance_box_sizes() if self.counting else None
         self.positions: list[int] = list(range(len(paths)))
@@ -268,7 +269,7 @@ class LocalizeBatches:
         box_id, todo = 0, self.positions
         paths = [self.paths[p] for p in todo]
         for batch in image_batches(self.model, paths, self.settings.test_size, self._batch_size, self._device, self._display_size,
-                                   self._workers):
+                                   self._workers, self._decode):
             # ids from each file's place in the whole list, so a shard or a resumed run numbers its images as a whole run does
             batch.positions = [todo[i] for i in batch.positions]
             batch.skipped_positions = [todo[i] for i in batch.skipped_positions]
@@ -368,7 +369,8 @@ def _asked(maps, name: str) -> bool:
 
 def localize_batches(model, images, *, method: str | None = None, maps: MapConfig | dict | None = None, target=None,
                      threshold: str | float = "auto", keep: str = "all", min_area: int = 4, batch_size: int = 16, device=None,
-                     count_views: str | None = None, display_size: int | None = 512, progress=None, workers: int = 0) -> LocalizeBatches:
+                     count_views: str | None = None, display_size: int | None = 512, progress=None, workers: int = 0,
+                     decode: str = "cpu") -> LocalizeBatches:
     """Localize the evidence for each image's class(es), one batch at a time (nothing written).
 
     Args:
@@ -390,6 +392,8 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
         display_size: longest side of the pictures kept for overlays; None: no pictures.
         progress: optional callable ``(done, total)``, called after each batch.
         workers: DataLoader processes that decode and resize the images (0: this process).
+        decode: ``cpu`` (in the workers), or ``device``: JPEGs decoded on the model's device in one
+            call per batch (nvJPEG on a GPU) and resized there; other files on the CPU.
 
     Returns:
         a :class:`LocalizeBatches`: the checked settings, and an iterable of :class:`RegionBatch`
@@ -403,6 +407,7 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     min_area = check_int("min_area", min_area, 0)
     display_size = None if display_size is None else check_int("display_size", display_size, 1)
     workers = check_int("workers", workers, 0)
+    decode = check_choice("decode", decode, DECODERS)
     keep = check_choice("keep", keep, ("all", "largest"))
     check_progress(progress)
     check_maps(maps)
@@ -420,7 +425,7 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     device = model_device(model, device)
     model = model.to(device).eval()
     return LocalizeBatches(model, settings, threshold, target, keep, min_area, list_images(images), batch_size, device, display_size,
-                           progress, workers)
+                           progress, workers, decode)
 
 
 def localize(model, images, **options) -> LocalizationResult:

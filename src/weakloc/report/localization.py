@@ -184,7 +184,7 @@ def _run_settings(run, model, keep: str, min_area: int, pictures: str, display_s
 def localize_to_folder(model, images, out: str | Path, *, method: str | None = None, maps: MapConfig | dict | None = None, target=None,
                        threshold: str | float = "auto", keep: str = "all", min_area: int = 4, batch_size: int = 16, device=None,
                        count_views: str | None = None, display_size: int = 512, pictures: str = "all", workers: int = 0,
-                       restart: bool = False, progress=None) -> LocalizationSummary:
+                       decode: str = "cpu", restart: bool = False, progress=None) -> LocalizationSummary:
     """Localize ``images`` into the folder ``out``, streaming each batch's records to disk.
 
     Results go to ``out/parts/part-RRRRR.jsonl`` as they are made (one line per image), pictures
@@ -203,6 +203,8 @@ def localize_to_folder(model, images, out: str | Path, *, method: str | None = N
         out: the output folder.
         pictures: ``all`` (overlays and masks), ``overlays``, or ``none`` (records only).
         workers: DataLoader processes decoding and resizing the images.
+        decode: ``cpu``, or ``device`` (JPEGs decoded on the device, nvJPEG on a GPU; see
+            :func:`~weakloc.localize.run.localize_batches`).
         restart: discard an earlier run's results in ``out`` instead of resuming it.
 
     Returns:
@@ -220,7 +222,8 @@ def localize_to_folder(model, images, out: str | Path, *, method: str | None = N
         device = f"cuda:{rank.local}"
     run = localize_batches(model, images, method=method, maps=maps, target=target, threshold=threshold, keep=keep, min_area=min_area,
                            batch_size=batch_size, device=device, count_views=count_views,
-                           display_size=None if pictures == "none" else display_size, progress=progress, workers=workers)
+                           display_size=None if pictures == "none" else display_size, progress=progress, workers=workers,
+                           decode=decode)
     root, total = folder.root, len(run.paths)
     with process_group(rank, run.device):
         described = stream.fingerprint(model, run.paths, _run_settings(run, model, keep, min_area, pictures, display_size))
@@ -265,12 +268,12 @@ def read_detections(out: str | Path) -> LocalizationResult:
 def localize_images(model, images, out: str | Path | None = None, *, method: str | None = None, maps: MapConfig | dict | None = None,
                     target=None, threshold: str | float = "auto", keep: str = "all", min_area: int = 4, batch_size: int = 16,
                     device=None, count_views: str | None = None, display_size: int = 512, progress=None, pictures: str = "all",
-                    workers: int = 0, restart: bool = False) -> LocalizationResult:
+                    workers: int = 0, decode: str = "cpu", restart: bool = False) -> LocalizationResult:
     """Localize the evidence for each image's class(es), and write the results when ``out`` is given.
 
     Args:
         model, images, method, maps, target, threshold, keep, min_area, batch_size, device,
-            count_views, display_size, progress, workers: see :func:`~weakloc.localize.run.localize_batches`.
+            count_views, display_size, progress, workers, decode: see :func:`~weakloc.localize.run.localize_batches`.
         out: when given, the folder :func:`localize_to_folder` writes into (``overlays/``,
             ``masks/``, ``parts/``, ``detections.json`` with boxes in original pixels, scores, labels
             and each image's picture files, ``index.html``); an interrupted earlier call with the
@@ -287,7 +290,8 @@ def localize_images(model, images, out: str | Path | None = None, *, method: str
         OptionError: an argument out of range or of the wrong kind, before any work starts.
     """
     options = dict(method=method, maps=maps, target=target, threshold=threshold, keep=keep, min_area=min_area, batch_size=batch_size,
-                   device=device, count_views=count_views, display_size=display_size, progress=progress, workers=workers)
+                   device=device, count_views=count_views, display_size=display_size, progress=progress, workers=workers,
+                   decode=decode)
     if out is None:
         return localize(model, images, **options)
     localize_to_folder(model, images, out, pictures=pictures, restart=restart, **options)
