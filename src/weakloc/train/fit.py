@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -298,9 +299,8 @@ def make_trainer(out: Path, train: TrainConfig, steps_per_epoch: int, progress: 
             deterministic=False, plugins=[AtomicCheckpointIO()],
         )
     except (MisconfigurationException, ValueError) as e:  # a layout Lightning cannot run: one line, not its traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise OptionError(f"--accelerator {train.accelerator} --devices {train.devices} --num-nodes {num_nodes} "
-                          f"--strategy {train.strategy}: Lightning cannot run this layout: {first}") from None
+                          f"--strategy {train.strategy}: Lightning cannot run this layout: {first_line(e)}") from None
     return _Run(trainer, best, last, history, stopper)
 
 
@@ -369,6 +369,26 @@ def run_training(run: _Run, module: ClassifierModule, loaders: tuple[DataLoader,
             if run.stopper.signal is None:
                 raise
             raise run.stopper.error(epochs) from None
+        except RuntimeError as e:
+            if run.trainer.world_size == 1 or not lost_peer(e):
+                raise
+            where = f"{run.last} holds the last validated epoch" if run.last.is_file() else "no checkpoint was written yet"
+            raise TrainingInterrupted(f"training process {run.trainer.global_rank} of {run.trainer.world_size} lost another "
+                                      f"one ({first_line(e)}); {where}: run the same command with --resume to continue",
+                                      signal.SIGTERM) from None
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is torch.distributed's (gloo's, NCCL's) report of a process that went away."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed"))
 
 
 def best_model(module: ClassifierModule, path: Path) -> tuple[WeaklocNet, dict]:
