@@ -391,6 +391,14 @@ def lost_peer(error: BaseException) -> bool:
     return any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed"))
 
 
+def spawned_state(run: _Run, module: ClassifierModule) -> None:
+    """After ``ddp_spawn`` trained in processes of its own: the history and the skipped images
+    from their last checkpoint (Lightning brings only the weights and the best path back)."""
+    checkpoint = torch.load(run.last, map_location="cpu", weights_only=True)
+    run.history.load_state_dict(checkpoint.get("callbacks", {}).get(run.history.state_key, {}))
+    module.on_load_checkpoint(checkpoint)
+
+
 def best_model(module: ClassifierModule, path: Path) -> tuple[WeaklocNet, dict]:
     """The model of the checkpoint at ``path`` (the moving average, with one), on the CPU in eval
     mode and fp32 as :func:`~weakloc.models.load_model` would give it; and the checkpoint."""
@@ -541,6 +549,8 @@ def fine_tune(
             print(describe_layout(record), file=sys.stderr)
     run_training(run, module, loaders, resume_from, settings_used.epochs)
     rank = run.trainer.global_rank  # ddp_spawn: the process that called fit is rank zero's, after it
+    if rank == 0 and not run.history.epochs and run.last.is_file():
+        spawned_state(run, module)
     if rank != 0:  # rank zero writes the model folder and the run's files
         last = module.evaluated_model.cpu().float().eval()
         return TrainResult(last, out / "model", {}, run.history.epochs, module.skip_log, record, rank)
