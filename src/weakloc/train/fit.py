@@ -517,8 +517,15 @@ def fine_tune(
             probability cut with the best F1 on the validation images, is stored as
             ``decision_threshold``.
 
+    Several processes (``devices`` > 1, ``num_nodes`` > 1, or torchrun; docs/scale.md): each
+    trains on a share of the images (``batch_size`` per process; ``lr`` as given, never scaled);
+    validation metrics are those of the whole validation set, gathered over the processes; only
+    global rank zero writes ``out``. ``strategy="ddp"`` starts this script again (``sys.argv``)
+    for each extra process, so every process runs this call.
+
     Returns:
-        :class:`TrainResult` with the best model.
+        :class:`TrainResult` with the best model; on a rank other than zero, what
+        :class:`TrainResult` says of those (``rank`` > 0, nothing written).
 
     Raises:
         OptionError: a bad, unknown or twice-given setting, before any data is read.
