@@ -54,7 +54,7 @@ def _env() -> dict:
 
 
 def _train(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
 def _whole_validation(model_dir: Path, data: Path) -> dict:

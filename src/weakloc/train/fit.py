@@ -30,11 +30,10 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from weakloc.config import MapConfig, ModelConfig, TrainConfig
 from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
-from weakloc.errors import WeaklocError
+from weakloc.errors import OptionError, WeaklocError
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decision_threshold, default_backbone_lr
-from weakloc.errors import OptionError
 from weakloc.train.options import (DEFAULT_MAP_OPTIONS, TrainSettings, check_train_options, process_layout,  # noqa: F401 -- re-exported
                                    scaled_size, settle_settings)
 from weakloc.train.state import (RESUME_KEYS, SKIPPED_FILE, TMP_SUFFIX, AtomicCheckpointIO, StopOnSignal,  # noqa: F401 -- re-exported
@@ -293,7 +292,8 @@ def make_trainer(out: Path, train: TrainConfig, steps_per_epoch: int, progress: 
     try:
         trainer = pl.Trainer(
             max_epochs=train.epochs, accelerator=train.accelerator, devices=devices, num_nodes=num_nodes,
-            strategy=lightning_strategy(train.strategy, train.accelerator, devices, num_nodes), precision=precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
+            strategy=lightning_strategy(train.strategy, train.accelerator, devices, num_nodes), precision=precision,
+            callbacks=callbacks, logger=CSVLogger(out, name="logs"),
             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=max(1, min(5, steps_per_epoch)),
             num_sanity_val_steps=0, limit_train_batches=train.limit_batches, limit_val_batches=train.limit_batches,
             deterministic=False, plugins=[AtomicCheckpointIO()],
