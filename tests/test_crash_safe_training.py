@@ -260,10 +260,12 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, kwargs, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a GPU")
 def test_gpu_options_on_a_cpu_machine_are_refused(tmp_path):
-    with pytest.raises(OptionError, match=r"--devices: 3 would start 3 CPU training processes.*use --devices 1"):
+    with pytest.raises(OptionError, match=r"--devices: 3 asks for 3 GPUs, but no CUDA GPU.*say --accelerator cpu"):
         fine_tune(tmp_path, tmp_path / "out", devices=3)
-    with pytest.raises(OptionError, match=r"--devices: '-1' would start one per CPU core"):
+    with pytest.raises(OptionError, match=r"--devices: '-1' means every GPU, but no CUDA GPU"):
         fine_tune(tmp_path, tmp_path / "out", devices="-1")
+    with pytest.raises(OptionError, match=r"--devices: '-1' means every GPU"):
+        fine_tune(tmp_path, tmp_path / "out", devices="-1", accelerator="cpu")
     with pytest.raises(OptionError, match=r"--accelerator: 'cuda' asked for, but no CUDA GPU"):
         fine_tune(tmp_path, tmp_path / "out", accelerator="gpu")
 

@@ -320,7 +320,11 @@ def train(
     seed: int = typer.Option(0),
     precision: Optional[str] = typer.Option(None, help="Lightning precision (default: 16-mixed on GPU, 32 on CPU)."),
     accelerator: str = typer.Option("auto"),
-    devices: str = typer.Option("auto"),
+    devices: str = typer.Option("auto", help="Devices per node: auto, a count (several: one training process each; on the CPU "
+                                "with --accelerator cpu) or GPU indices 0,1. Under torchrun: its --nproc-per-node."),
+    strategy: str = typer.Option("auto", help="auto | ddp (this command started once more per extra device, or torchrun's "
+                                 "processes) | ddp_spawn. --batch-size is per process; --lr is used as given."),
+    num_nodes: Optional[int] = typer.Option(None, help="Machines training together (default 1, or torchrun's --nnodes)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
     monitor: str = typer.Option("val_loss", help="Validation metric that picks the best epoch: val_loss | val_acc | val_auroc | val_prauc | val_map | val_count_mae."),
     limit_batches: Optional[float] = typer.Option(None, help="At most this many batches per epoch (a whole number), or this fraction of them (below 1): smoke tests."),
@@ -379,6 +383,7 @@ def train(
         pretrained=pretrained, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
         precision=precision, accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, workers=workers,
+        strategy=strategy, num_nodes=num_nodes,
         crop_scale=crop_scale, dihedral=dihedral, monitor=monitor,
         limit_batches=int(limit_batches) if limit_batches is not None and limit_batches >= 1 and float(limit_batches).is_integer() else limit_batches,
         loss=loss, focal_gamma=focal_gamma, balanced=balanced, count_loss=count_loss, count_weight=count_weight,
@@ -395,6 +400,8 @@ def train(
         data = load_labels(data, positive=positive)
         console.print(f"task: {_printable(data.task_description)}", highlight=False)
     result = fine_tune(data, out, model=model, train=settings, val=val, teacher=teacher, resume=resume, positive=positive)
+    if result.rank != 0:  # another process of a distributed run: rank zero reports and writes
+        return
     m = result.metrics
     console.print(f"best epoch {m['best_epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()
                                                             if k.startswith("val_") and k != "val_images"))

@@ -131,8 +131,15 @@ class TrainConfig:
             single-label cross entropy's smoothing.
         val_fraction, seed: the seeded validation split (when the data has none) and the seed.
         precision, accelerator, devices, workers: Lightning's precision (None: ``16-mixed`` on a
-            GPU, ``32-true`` on the CPU), accelerator, devices and DataLoader workers (None: none on
-            a 2-core machine).
+            GPU, ``32-true`` on the CPU), accelerator, devices per node and DataLoader workers
+            (None: none on a 2-core machine). Several devices train one process each (PyTorch's
+            distributed data parallel); on the CPU only with ``accelerator`` ``cpu`` said outright.
+        strategy: Lightning's strategy: ``auto`` (one process per device; ``ddp`` for several),
+            ``ddp`` (this command started again once per extra device, or the processes torchrun
+            started) or ``ddp_spawn`` (processes spawned from this one).
+        num_nodes: machines training together (None: 1, or as many as torchrun's ``--nnodes``).
+            ``batch_size`` is per process: the effective batch is ``batch_size`` times the number
+            of processes; ``lr`` is used as given, never scaled with it.
         crop_scale: random resized crop area range (None: (0.35, 1.0); (1.0, 1.0) with counts).
         dihedral: also flip vertically and rotate by right angles (top-down images).
         monitor: the validation metric that picks the best epoch.
@@ -167,6 +174,8 @@ class TrainConfig:
     precision: str | None = None
     accelerator: str = "auto"
     devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int | None = None
     workers: int | None = None
     crop_scale: tuple[float, float] | None = None
     dihedral: bool = False

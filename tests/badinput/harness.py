@@ -359,6 +359,9 @@ def _set_training(captured: dict, stub: bool) -> None:
         return
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, *args, **kwargs):
+        data = kwargs.get("datamodule")  # fine_tune's SplitValidation holds the two loaders
+        if data is not None:
+            train_dataloaders, val_dataloaders = data.train_loader, data.val_loader
         captured.update(trainer=self, module=model, train=train_dataloaders, val=val_dataloaders,
                         ckpt_path=kwargs.get("ckpt_path"))
         raise _ReachedTraining()

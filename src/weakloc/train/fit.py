@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -23,17 +24,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from weakloc.config import MapConfig, ModelConfig, TrainConfig
 from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
-from weakloc.errors import WeaklocError
+from weakloc.errors import OptionError, WeaklocError
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decision_threshold, default_backbone_lr
-from weakloc.train.options import (DEFAULT_MAP_OPTIONS, TrainSettings, check_train_options, scaled_size,  # noqa: F401 -- re-exported
-                                   settle_settings)
+from weakloc.train.options import (DEFAULT_MAP_OPTIONS, TrainSettings, check_train_options, process_layout,  # noqa: F401 -- re-exported
+                                   scaled_size, settle_settings)
 from weakloc.train.state import (RESUME_KEYS, SKIPPED_FILE, TMP_SUFFIX, AtomicCheckpointIO, StopOnSignal,  # noqa: F401 -- re-exported
                                  TrainingHistory, TrainingInterrupted, check_resumable, remove_stale_temporaries,
                                  resume_checkpoint, signals_to)
@@ -51,6 +53,12 @@ class TrainResult:
             ``skipped_images``: how many images could not be decoded.
         history: per-epoch validation metrics, every epoch of the run once, resumes included.
         skipped: those images, each with why (also in ``skipped.txt`` beside ``model/``).
+        training: how the run was laid out (:func:`training_record`): processes, the effective
+            batch size and the learning rate.
+        rank: this process's global rank. Only rank zero writes (the model folder,
+            ``metrics.json``, ``skipped.txt``); on the other ranks of a several-process run
+            ``model`` is the weights training ended with (not the best epoch's), ``metrics`` is
+            empty and ``model_dir`` is where rank zero saves the model.
     """
 
     model: WeaklocNet
@@ -58,6 +66,8 @@ class TrainResult:
     metrics: dict
     history: list[dict] = field(default_factory=list)
     skipped: SkipLog = field(default_factory=SkipLog)
+    training: dict = field(default_factory=dict)
+    rank: int = 0
 
 
 def default_workers() -> int:
@@ -223,6 +233,32 @@ def make_loaders(train_set: LabeledImages, val_set: LabeledImages, model: ModelC
     return train_loader, val_loader
 
 
+class SplitValidation(pl.LightningDataModule):
+    """The training and validation loaders for Lightning, each validation image on exactly one
+    process when several train: Lightning's own ``DistributedSampler`` would pad the shards to one
+    size by repeating images, which the validation metrics would then count twice. The training
+    loader gets Lightning's ``DistributedSampler`` (or its wrapper around the class-balanced
+    sampler), which shards and reshuffles it each epoch."""
+
+    def __init__(self, train_loader: DataLoader, val_loader: DataLoader):
+        super().__init__()
+        self.train_loader, self.val_loader = train_loader, val_loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size
+        if world == 1:
+            return self.val_loader
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        loader = self.val_loader
+        sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, persistent_workers=loader.persistent_workers)
+
+
 @dataclass
 class _Run:
     """A Lightning trainer and the callbacks :func:`fine_tune` reads after training."""
@@ -252,14 +288,58 @@ def make_trainer(out: Path, train: TrainConfig, steps_per_epoch: int, progress: 
     callbacks = [best, every_epoch, FreezeBackbone(train.freeze_epochs), history, stopper]  # best.ckpt written before last.ckpt
     if progress:
         callbacks.append(_progress_bar())
-    trainer = pl.Trainer(
-        max_epochs=train.epochs, accelerator=train.accelerator, devices=train.devices, precision=precision,
-        callbacks=callbacks, logger=CSVLogger(out, name="logs"), enable_progress_bar=progress,
-        enable_model_summary=False, log_every_n_steps=max(1, min(5, steps_per_epoch)), num_sanity_val_steps=0,
-        limit_train_batches=train.limit_batches, limit_val_batches=train.limit_batches, deterministic=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+    devices, num_nodes = process_layout(train.devices, train.num_nodes)
+    try:
+        trainer = pl.Trainer(
+            max_epochs=train.epochs, accelerator=train.accelerator, devices=devices, num_nodes=num_nodes,
+            strategy=lightning_strategy(train.strategy, train.accelerator, devices, num_nodes), precision=precision,
+            callbacks=callbacks, logger=CSVLogger(out, name="logs"),
+            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=max(1, min(5, steps_per_epoch)),
+            num_sanity_val_steps=0, limit_train_batches=train.limit_batches, limit_val_batches=train.limit_batches,
+            deterministic=False, plugins=[AtomicCheckpointIO()],
+        )
+    except (MisconfigurationException, ValueError) as e:  # a layout Lightning cannot run: one line, not its traceback
+        raise OptionError(f"--accelerator {train.accelerator} --devices {train.devices} --num-nodes {num_nodes} "
+                          f"--strategy {train.strategy}: Lightning cannot run this layout: {first_line(e)}") from None
     return _Run(trainer, best, last, history, stopper)
+
+
+def lightning_strategy(strategy: str, accelerator: str, devices, num_nodes: int) -> str:
+    """Lightning's strategy for ``--strategy``: with several processes, DDP told that some
+    parameters may get no gradient in a step -- the backbone's, frozen in the warm-up epochs
+    (``FreezeBackbone``), which DDP would otherwise stop at in the next step."""
+    if strategy == "auto":
+        from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+        if isinstance(devices, (list, tuple)):
+            count = len(devices)
+        elif devices == "auto":
+            count = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+        else:
+            count = devices
+        if count == 1 and num_nodes == 1:
+            return "auto"
+        strategy = "ddp_fork" if _IS_INTERACTIVE else "ddp"  # what Lightning's auto would choose
+    return f"{strategy}_find_unused_parameters_true"
+
+
+def training_record(trainer: pl.Trainer, train: TrainConfig) -> dict:
+    """How a run is laid out: its processes (devices per node x nodes), the batch size of each and
+    the effective one (x processes x gradient accumulation), and the learning rate, used as given
+    (``lr_scaled`` False: weakloc never scales it with the effective batch)."""
+    world, accumulate = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    return {"processes": world, "num_nodes": int(trainer.num_nodes), "devices_per_node": int(trainer.num_devices),
+            "strategy": type(trainer.strategy).__name__, "batch_size_per_process": train.batch_size,
+            "accumulate_grad_batches": accumulate, "effective_batch_size": train.batch_size * world * accumulate,
+            "lr": train.lr, "lr_scaled": False}
+
+
+def describe_layout(record: dict) -> str:
+    """The line training prints about :func:`training_record`."""
+    r = record
+    where = f"{r['processes']} process(es) ({r['devices_per_node']} per node x {r['num_nodes']} node(s), {r['strategy']})"
+    return (f"training on {where}: effective batch size {r['effective_batch_size']} ({r['batch_size_per_process']} per "
+            f"process x {r['processes']} x {r['accumulate_grad_batches']} accumulated), lr {r['lr']:g} (as given, not scaled)")
 
 
 def clear_old_run(out: Path, resuming: bool) -> None:
@@ -284,11 +364,39 @@ def run_training(run: _Run, module: ClassifierModule, loaders: tuple[DataLoader,
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming: it should be
         try:
-            run.trainer.fit(module, *loaders, ckpt_path=resume_from, weights_only=True)
+            run.trainer.fit(module, datamodule=SplitValidation(*loaders), ckpt_path=resume_from, weights_only=True)
         except (SystemExit, KeyboardInterrupt):  # Lightning's SIGTERMException is a SystemExit; Ctrl+C ends in sys.exit(1)
             if run.stopper.signal is None:
                 raise
             raise run.stopper.error(epochs) from None
+        except RuntimeError as e:
+            if run.trainer.world_size == 1 or not lost_peer(e):
+                raise
+            where = f"{run.last} holds the last validated epoch" if run.last.is_file() else "no checkpoint was written yet"
+            raise TrainingInterrupted(f"training process {run.trainer.global_rank} of {run.trainer.world_size} lost another "
+                                      f"one ({first_line(e)}); {where}: run the same command with --resume to continue",
+                                      signal.SIGTERM) from None
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is torch.distributed's (gloo's, NCCL's) report of a process that went away."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+
+
+def spawned_state(run: _Run, module: ClassifierModule) -> None:
+    """After ``ddp_spawn`` trained in processes of its own: the history and the skipped images
+    from their last checkpoint (Lightning brings only the weights and the best path back)."""
+    checkpoint = torch.load(run.last, map_location="cpu", weights_only=True)
+    run.history.load_state_dict(checkpoint.get("callbacks", {}).get(run.history.state_key, {}))
+    module.on_load_checkpoint(checkpoint)
 
 
 def best_model(module: ClassifierModule, path: Path) -> tuple[WeaklocNet, dict]:
@@ -329,12 +437,13 @@ def best_metrics(checkpoint: dict, history: TrainingHistory, module: ClassifierM
             "skipped_images": module.skipped, "train_images": n_train, "val_images": n_val}
 
 
-def write_run_files(out: Path, metrics: dict, history: list[dict], skipped: SkipLog) -> None:
-    """``metrics.json`` (the best epoch and every epoch) and, when images were skipped, ``skipped.txt``."""
+def write_run_files(out: Path, metrics: dict, history: list[dict], skipped: SkipLog, training: dict | None = None) -> None:
+    """``metrics.json`` (the best epoch, every epoch and the run's layout, :func:`training_record`)
+    and, when images were skipped, ``skipped.txt``."""
     if skipped:
         listing = "".join(line + "\n" for line in skipped.lines())
         atomic_write(out / SKIPPED_FILE, lambda f: f.write(listing.encode("utf-8")))
-    report = json.dumps({"best": metrics, "history": history}, indent=2)
+    report = json.dumps({"best": metrics, "history": history, "training": training or {}}, indent=2)
     atomic_write(out / "metrics.json", lambda f: f.write(report.encode()))
 
 
@@ -408,8 +517,15 @@ def fine_tune(
             probability cut with the best F1 on the validation images, is stored as
             ``decision_threshold``.
 
+    Several processes (``devices`` > 1, ``num_nodes`` > 1, or torchrun; docs/scale.md): each
+    trains on a share of the images (``batch_size`` per process; ``lr`` as given, never scaled);
+    validation metrics are those of the whole validation set, gathered over the processes; only
+    global rank zero writes ``out``. ``strategy="ddp"`` starts this script again (``sys.argv``)
+    for each extra process, so every process runs this call.
+
     Returns:
-        :class:`TrainResult` with the best model.
+        :class:`TrainResult` with the best model; on a rank other than zero, what
+        :class:`TrainResult` says of those (``rank`` > 0, nothing written).
 
     Raises:
         OptionError: a bad, unknown or twice-given setting, before any data is read.
@@ -428,10 +544,23 @@ def fine_tune(
     if resume_from is not None:
         check_resumable(module, resume_from, resume_info["shapes"])
     run = make_trainer(out, settings_used, len(loaders[0]), progress)
-    clear_old_run(out, resuming=resume_from is not None)
-    if resume_from is not None and progress:
-        print(f"resuming from {resume_from} (epoch {resume_info['epoch']}, step {resume_info['global_step']})", file=sys.stderr)
+    rank, record = run.trainer.global_rank, training_record(run.trainer, settings_used)
+    if len(val_set) < record["processes"]:
+        raise WeaklocError(f"{len(val_set)} validation image(s) for {record['processes']} training processes: each process "
+                           "validates a share of them, so give at least one per process")
+    if rank == 0:
+        clear_old_run(out, resuming=resume_from is not None)
+        if progress:
+            if resume_from is not None:
+                print(f"resuming from {resume_from} (epoch {resume_info['epoch']}, step {resume_info['global_step']})", file=sys.stderr)
+            print(describe_layout(record), file=sys.stderr)
     run_training(run, module, loaders, resume_from, settings_used.epochs)
+    rank = run.trainer.global_rank  # ddp_spawn: the process that called fit is rank zero's, after it
+    if rank == 0 and not run.history.epochs and run.last.is_file():
+        spawned_state(run, module)
+    if rank != 0:  # rank zero writes the model folder and the run's files
+        last = module.evaluated_model.cpu().float().eval()
+        return TrainResult(last, out / "model", {}, run.history.epochs, module.skip_log, record, rank)
     best, checkpoint = best_model(module, Path(run.best.best_model_path or run.last))
     _finish_config(best, loaders[1], settings_used, given)
     model_dir = save_model(best, out / "model")
@@ -439,8 +568,8 @@ def fine_tune(
     # returned model and load_model(model_dir) are the same; the weights are already the saved ones
     best.config = ModelConfig.from_json(best.config.to_json(), str(model_dir / "config.json"))
     metrics = best_metrics(checkpoint, run.history, module, len(train_set), len(val_set))
-    write_run_files(out, metrics, run.history.epochs, module.skip_log)
-    return TrainResult(best, model_dir, metrics, run.history.epochs, module.skip_log)
+    write_run_files(out, metrics, run.history.epochs, module.skip_log, record)
+    return TrainResult(best, model_dir, metrics, run.history.epochs, module.skip_log, record)
 
 
 def _finish_config(best: WeaklocNet, val_loader: DataLoader, train: TrainConfig, given: TrainSettings) -> None:

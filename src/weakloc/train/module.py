@@ -65,6 +65,7 @@ class ClassifierModule(pl.LightningModule):
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
         self._skips_warned = 0
+        self._val_losses: list[torch.Tensor] = []  # (2,): a batch's summed loss and its size
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._count_errors: list[torch.Tensor] = []
@@ -168,34 +169,87 @@ class ClassifierModule(pl.LightningModule):
         if batch["image"] is None:
             return
         loss, logits, target = self._step(batch, training=False)
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(logits))
+        self._val_losses.append(torch.stack([loss.detach().float() * len(logits), logits.new_tensor(float(len(logits)))])[None])
         self._val_probs.append(self.model.probabilities(logits.float()).detach())
         self._val_targets.append(target.detach())
 
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_probs:
-            if self.trainer is not None and not self.trainer.sanity_checking and len(self.skip_log):
-                # every validation image was unreadable: there is nothing to choose the best epoch by
-                first = next(iter(self.skip_log))
-                raise WeaklocError(f"no validation image could be read ({len(self.skip_log)} image(s) skipped, e.g. "
-                                   f"{first.message}); check the images or give readable validation data")
+    def on_validation_epoch_start(self) -> None:
+        # DDP keeps the parameters equal on every process, but each process's BatchNorm statistics
+        # took in its own last training batch (DDP broadcasts rank zero's buffers only before a
+        # training forward). Rank zero's weights are the ones checkpointed and saved, so every
+        # process validates with them: the gathered metrics are then those of the saved model.
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
             return
-        probs = torch.cat(self._val_probs)
-        targets = torch.cat(self._val_targets)
-        self._val_probs.clear()
-        self._val_targets.clear()
-        for name, value in classification_metrics(probs, targets, self.model.config.task, self.model.config.positive_class).items():
-            self.log(f"val_{name}", value, prog_bar=name in ("acc", "auroc", "map"))
-        if self._count_errors:
-            self.log("val_count_mae", torch.cat(self._count_errors).mean(0).mean(), prog_bar=True)
-            self._count_errors.clear()
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in self.evaluated_model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def _gathered(self, parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """This process's ``parts`` concatenated, and with several processes every process's, each
+        row once (the validation sampler gives each image to one process; the shards may differ in
+        size by a batch, so each is padded to the longest for ``all_gather`` and cut back).
+
+        Args:
+            parts: ``(n_i, ...)`` tensors; empty: a ``(0, ...)`` tensor of the same trailing shape,
+                what this process holds when it has none (every process must take part).
+        """
+        local = torch.cat(parts) if parts else empty
+        trainer = self._trainer  # None outside a Trainer
+        if trainer is None or trainer.world_size == 1:
+            return local
+        import torch.distributed as dist
+
+        world = trainer.world_size
+        sizes = [torch.zeros((), dtype=torch.long, device=self.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(len(local), dtype=torch.long, device=self.device))
+        sizes = [int(n) for n in sizes]
+        padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=self.device)
+        padded[:len(local)] = local
+        rows = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(rows, padded)
+        return torch.cat([r[:n] for r, n in zip(rows, sizes)])
+
+    def on_validation_epoch_end(self) -> None:
+        # every process takes part in the gathering (collectives), even one with no readable image,
+        # and reaches the same figures: those of the whole validation set, each image once
+        k = self.model.num_classes
+        single = self.model.config.task == "single"
+        losses = self._gathered(self._val_losses, torch.zeros((0, 2), device=self.device))
+        probs = self._gathered(self._val_probs, torch.zeros((0, k), device=self.device))
+        targets = self._gathered([t.float() for t in self._val_targets],
+                                 torch.zeros((0,) if single else (0, k), device=self.device))
+        counting = self.model.counting_head is not None
+        errors = self._gathered(self._count_errors, torch.zeros((0, k), device=self.device)) if counting else None
+        for kept in (self._val_losses, self._val_probs, self._val_targets, self._count_errors):
+            kept.clear()
+        if not len(probs):
+            if self._trainer is not None and not self._trainer.sanity_checking:
+                # every validation image was unreadable: there is nothing to choose the best epoch by
+                first = next(iter(self.skip_log), None)
+                example = f" ({len(self.skip_log)} image(s) skipped, e.g. {first.message})" if first is not None else ""
+                raise WeaklocError(f"no validation image could be read{example}; check the images or give readable validation data")
+            return
+        # the figures are the same on every process; sync_dist only keeps Lightning's distributed
+        # logging consistent (a mean of equal values)
+        sync = self._trainer is not None and self._trainer.world_size > 1
+        self.log("val_loss", losses[:, 0].sum() / losses[:, 1].sum(), prog_bar=True, sync_dist=sync)
+        targets = targets.long() if single else targets
+        for name, value in classification_metrics(probs.cpu(), targets.cpu(), self.model.config.task,
+                                                  self.model.config.positive_class).items():
+            self.log(f"val_{name}", value, prog_bar=name in ("acc", "auroc", "map"), sync_dist=sync)
+        if errors is not None and len(errors):
+            self.log("val_count_mae", errors.mean(0).mean(), prog_bar=True, sync_dist=sync)
 
     def on_train_epoch_end(self) -> None:
         if self.skipped > self._skips_warned:  # once per new file, not again every epoch
             new = list(self.skip_log)[self._skips_warned:]
             warnings.warn(f"{self.skip_log.summary()} so far, e.g. {new[0].message}", stacklevel=1)
             self._skips_warned = self.skipped
-        self.log("skipped_images", float(self.skipped))
+        # each process counts the images it skipped (a file skipped by two processes counts twice)
+        self.log("skipped_images", float(self.skipped), sync_dist=self.trainer.world_size > 1, reduce_fx="sum")
 
     # --- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):

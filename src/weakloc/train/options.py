@@ -214,24 +214,79 @@ def _check_stages(name: str, value) -> None:
         raise OptionError(f"{name}: expected a list of stage indices, got {value!r}")
 
 
-def check_hardware(accelerator: str, devices) -> None:
-    """Refuse an accelerator this machine lacks, and more devices than it has. Several devices on a
-    machine without a GPU would start that many CPU processes, each training the whole model and
-    writing the same output folder."""
+#: ``--strategy``: Lightning's names for one process per device (``auto``: ``ddp`` for several)
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+
+
+def parse_devices(devices):
+    """``devices`` as Lightning takes it: ``auto``, a count, or a list of GPU indices (from
+    ``"0,1"``); anything else is returned unchanged, for the checks to name."""
+    if isinstance(devices, str) and devices != "auto":
+        try:
+            parts = [int(p) for p in devices.split(",") if p.strip()]
+        except ValueError:
+            raise OptionError(f"--devices: {devices!r} is not auto, a number of devices or a comma-separated list of GPU "
+                              "indices") from None
+        return parts if "," in devices else (parts[0] if parts else devices)
+    return devices
+
+
+def torchrun_processes() -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` when torchrun (torch.distributed.elastic) started this
+    process -- Lightning's ``TorchElasticEnvironment`` then takes the ranks from its environment --
+    else None."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    if not TorchElasticEnvironment.detect():
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return per_node, max(1, world // max(1, per_node))
+
+
+def process_layout(devices, num_nodes: int | None) -> tuple:
+    """The ``(devices, num_nodes)`` to give Lightning's Trainer: as given, ``num_nodes`` None
+    meaning 1; under torchrun, ``auto`` and None become what torchrun started, and a count
+    that differs from it is refused (Lightning would stop with a ValueError about world sizes).
+
+    Raises:
+        OptionError: ``--devices`` or ``--num-nodes`` disagrees with torchrun's
+            ``--nproc-per-node`` or ``--nnodes``.
+    """
+    devices = parse_devices(devices)
+    started = torchrun_processes()
+    if started is None:
+        return devices, 1 if num_nodes is None else num_nodes
+    per_node, nodes = started
+    count = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if count != "auto" and count != per_node:
+        raise OptionError(f"--devices: {count} per node, but torchrun started {per_node} process(es) per node "
+                          f"(--nproc-per-node); give --devices {per_node} or auto")
+    if num_nodes is not None and num_nodes != nodes:
+        raise OptionError(f"--num-nodes: {num_nodes}, but torchrun started {nodes} node(s) (--nnodes); give "
+                          f"--num-nodes {nodes} or leave it out")
+    return (per_node if count == "auto" else devices), nodes
+
+
+def check_hardware(accelerator: str, devices, strategy: str = "auto", num_nodes: int | None = None) -> None:
+    """Refuse an accelerator this machine lacks, more GPUs than it has, an unknown strategy and a
+    process layout torchrun's contradicts. Several processes on the CPU (gloo) need
+    ``--accelerator cpu`` said outright: ``--devices 3`` alone on a machine without a GPU more
+    likely meant GPUs."""
     check_choice("--accelerator", accelerator, ACCELERATORS)
+    check_choice("--strategy", strategy, STRATEGIES)
+    check_int("--num-nodes", num_nodes, 1, allow_none=True)
     if accelerator in ("gpu", "cuda"):
         check_device("--accelerator", "cuda")
     elif accelerator == "mps":
         check_device("--accelerator", "mps")
     gpus = torch.cuda.device_count() if accelerator != "mps" and accelerator != "cpu" and torch.cuda.is_available() else 0
     shown = repr(devices) if isinstance(devices, str) else str(devices)
-    if isinstance(devices, str) and devices != "auto":
-        try:
-            parts = [int(p) for p in devices.split(",") if p.strip()]
-        except ValueError:
-            raise OptionError(f"--devices: {shown} is not auto, a number of devices or a comma-separated list of GPU indices") from None
-        devices = parts if "," in devices else (parts[0] if parts else devices)
+    devices = parse_devices(devices)
+    if strategy == "ddp_spawn" and torchrun_processes() is not None:
+        raise OptionError("--strategy: ddp_spawn starts processes itself, but torchrun started this one; use ddp or auto")
     if devices == "auto":
+        process_layout(devices, num_nodes)
         return
     if isinstance(devices, (list, tuple)):
         if not devices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in devices):
@@ -240,16 +295,20 @@ def check_hardware(accelerator: str, devices) -> None:
             raise OptionError(f"--devices: {shown} names GPUs, but no CUDA GPU is used on this machine (use --devices 1 or auto)")
         if max(devices) >= gpus:
             raise OptionError(f"--devices: GPU {max(devices)} asked for, but this machine has {gpus} CUDA GPU(s) (indices 0..{gpus - 1})")
+        process_layout(devices, num_nodes)
         return
     n = check_int("--devices", devices, -1)
     if n == 0:
         raise OptionError("--devices: 0 is not a number of devices (use auto, a count >= 1, or -1 for every GPU)")
-    if not gpus and n != 1:
-        count = "one per CPU core" if n == -1 else str(n)
-        raise OptionError(f"--devices: {shown} would start {count} CPU training processes, each training the whole model "
-                          "and writing the same output folder; without a GPU use --devices 1 (or auto)")
+    if not gpus and n == -1:
+        raise OptionError(f"--devices: {shown} means every GPU, but no CUDA GPU is used on this machine; for several CPU "
+                          "processes give their number with --accelerator cpu")
+    if not gpus and n > 1 and accelerator != "cpu":
+        raise OptionError(f"--devices: {shown} asks for {n} GPUs, but no CUDA GPU is used on this machine; to train {n} CPU "
+                          "processes (gloo) say --accelerator cpu, else use --devices 1 or auto")
     if gpus and n > gpus:
         raise OptionError(f"--devices: {n} GPUs asked for, but this machine has {gpus}")
+    process_layout(n, num_nodes)
 
 
 def scaled_size(input_size: int, test_scale: float) -> int:
@@ -300,7 +359,7 @@ def check_training(train: TrainConfig, spelled: dict[str, str] | None = None) ->
     check_float(o("val_fraction"), train.val_fraction, 0, 1, low_open=True, high_open=True)
     check_int(o("seed"), train.seed, 0, 2**32 - 1)
     check_choice(o("precision"), train.precision, lightning_precisions(), allow_none=True)
-    check_hardware(train.accelerator, train.devices)
+    check_hardware(train.accelerator, train.devices, train.strategy, train.num_nodes)
     check_int(o("workers"), train.workers, 0, allow_none=True)
     if train.crop_scale is not None:
         _check_pair(o("crop_scale"), train.crop_scale, 0, 1, low_open=True)
