@@ -398,7 +398,10 @@ def train(
         data = load_count_labels(data, annotations=counts_from)
     else:
         data = load_labels(data, positive=positive)
-        console.print(f"task: {_printable(data.task_description)}", highlight=False)
+        from lightning.fabric.utilities.rank_zero import rank_zero_only  # the rank Lightning's launcher or torchrun gave this process
+
+        if rank_zero_only.rank == 0:
+            console.print(f"task: {_printable(data.task_description)}", highlight=False)
     result = fine_tune(data, out, model=model, train=settings, val=val, teacher=teacher, resume=resume, positive=positive)
     if result.rank != 0:  # another process of a distributed run: rank zero reports and writes
         return
