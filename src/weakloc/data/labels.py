@@ -237,20 +237,29 @@ def _read_one_tree(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return items, [d.name for d in class_dirs]
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark is allowed).
+
+    Raises:
+        LabelError: the file is missing or not UTF-8 text, naming it and ``what`` it is.
+    """
+    if not path.is_file():
+        raise LabelError(f"{path}: {what} not found")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LabelError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise LabelError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
 def read_csv_rows(path: Path, what: str) -> list[list[str]]:
     """The rows of a UTF-8 CSV file (a byte-order mark is allowed).
 
     Raises:
         LabelError: the file is missing, not UTF-8 text, or not parsable as CSV (naming the row).
     """
-    if not path.is_file():
-        raise LabelError(f"{path}: {what} not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LabelError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    except OSError as e:
-        raise LabelError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    text = read_text_file(path, what)
     reader = csv.reader(io.StringIO(text, newline=""))  # a quoted cell keeps its line breaks (splitting lines first would glue them away)
     try:
         return list(reader)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from weakloc.data.labels import PATH_HEADERS, read_csv_rows
+from weakloc.data.labels import PATH_HEADERS, read_csv_rows, read_text_file
 from weakloc.errors import LabelError
 from weakloc.text import display_path
 
@@ -25,12 +25,7 @@ def is_file_list(path: Path) -> bool:
 
 
 def _text_entries(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LabelError(f"{display_path(path)}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    except OSError as e:
-        raise LabelError(f"{display_path(path)}: cannot read the file list: {e.strerror or e}") from None
+    text = read_text_file(path, "file list")
     # blank lines and # comments are not entries; a path's own spaces are kept, only the line break dropped
     return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip() and not line.lstrip().startswith("#")]
 
