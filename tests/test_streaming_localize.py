@@ -155,6 +155,12 @@ def test_file_lists_name_images_and_missing_entries_are_counted(folder, tmp_path
     bad.write_text("path,label\n,x\n")
     with pytest.raises(WeaklocError, match=r"bad\.csv, row 2: no image path"):
         localize_images(model, bad, tmp_path / "out2")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(WeaklocError, match=r"latin1\.txt: not a UTF-8 text file"):
+        localize_images(model, tmp_path / "latin1.txt", tmp_path / "out3")
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    with pytest.raises(WeaklocError, match=r"empty\.txt: the file list names no image"):
+        localize_images(model, tmp_path / "empty.txt", tmp_path / "out4")
 
 
 def test_torn_last_line_is_cut_and_ordered_merge_skips_duplicates(tmp_path):

@@ -272,6 +272,19 @@ opt("localize", "--dtype", "bf16", OK)
 for v in ("x", "nosuch=1", "normalization=foo", "normalization=pas:2"):
     opt("localize", "--option", v, E, match="--option|" + v.split("=")[0] + ("|normalisation" if "normal" in v else ""))
 opt("localize", "--option", "chunk=0", E, extra=["--method", "scorecam"], match="chunk")
+for v in ("foo", "", "ALL"):
+    opt("localize", "--pictures", v, E, match="--pictures")
+opt("localize", "--pictures", "overlays", OK)
+opt("localize", "--pictures", "none", OK, check=localized(["good.png"], n_images=1, pictures=False))
+for v in ("-1", "x", "1.5"):
+    opt("localize", "--workers", v, E, match="--workers|workers")
+opt("localize", "--workers", "1", OK)
+for v in ("gpu", "foo"):
+    opt("localize", "--decode", v, E, match="--decode")
+opt("localize", "--decode", "device", OK)
+opt("localize", "--restart", [], OK)
+opt("localize", "--workers", "0", OK, extra=["--decode", "device", "--pictures", "none"],
+    check=localized(["good.png"], n_images=1, pictures=False))
 opt("localize", "--option", "num_samples=0", E, extra=["--method", "sscam"], match="num_samples")
 opt("localize", "--option", "std=-1", E, extra=["--method", "sscam"], match="std")
 opt("localize", "--count-views", "foo", E)

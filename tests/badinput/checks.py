@@ -69,9 +69,10 @@ def mentions_skip(text: str, name: str) -> None:
 
 
 def localized(names: list[str] | None = None, sizes: dict | None = None, n_images: int | None = None,
-              escaped_html: str | None = None):
+              escaped_html: str | None = None, pictures: bool = True):
     """localize wrote detections.json with an entry per image of ``names`` (base names), of the
-    real size, every box inside its image, probabilities finite; overlays and index.html exist."""
+    real size, every box inside its image, probabilities finite; overlays (unless not ``pictures``:
+    then none) and index.html exist."""
 
     def check(env: Env, res: Result) -> None:
         out = env.out
@@ -96,7 +97,12 @@ def localized(names: list[str] | None = None, sizes: dict | None = None, n_image
             box_inside(a["bbox"], w, h, f"detection {a['id']}")
             assert 0 <= a["score"] <= 1, f"detection {a['id']}: score {a['score']}"
         overlays = list((out / "overlays").glob("*.png")) if (out / "overlays").is_dir() else []
-        assert len(overlays) >= len(images), f"{len(overlays)} overlay(s) for {len(images)} image(s)"
+        if pictures:
+            assert len(overlays) >= len(images), f"{len(overlays)} overlay(s) for {len(images)} image(s)"
+            missing = [im["file_name"] for im in images if not (out / im.get("overlay", "-")).is_file()]
+            assert not missing, f"the overlay named in detections.json is missing for {missing[:3]}"
+        else:
+            assert not overlays and not any("overlay" in im for im in images), "pictures were drawn though none were asked for"
         html = (out / "index.html")
         assert html.is_file(), "index.html was not written"
         if escaped_html:
