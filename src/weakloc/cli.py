@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from weakloc.checks import check_int, check_output_file, check_output_folder
+from weakloc.checks import check_choice, check_int, check_output_file, check_output_folder
 from weakloc.errors import OptionError, WeaklocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -644,6 +644,37 @@ def calibrate(
     console.print(f"calibrated on {res.images} image(s): method {res.method}, threshold {res.threshold:.2f}, "
                   f"test size {res.test_size}" + (f", normalisation {res.normalization}" if res.normalization else "") + " "
                   "(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res.per_method.items()) + f") stored in {model}")
+
+
+@app.command("ddt")
+def ddt_cmd(
+    model: Path = typer.Argument(..., help="Model folder (ddt.safetensors is written into it)."),
+    data: Path = typer.Argument(..., help="Labels (CSV, folder with labels.csv, or class folders): the training images."),
+    split: str = typer.Option("train", help="Split whose images are pooled: train | val | test | all."),
+    layer: Optional[str] = typer.Option(None, help="Module name of the layer (default: the classifier's feature map)."),
+    batch_size: int = typer.Option(16),
+    device: Optional[str] = typer.Option(None),
+):
+    """Class-level co-localization statistics (Deep Descriptor Transforming): each class's mean descriptor and principal direction
+    over its training images, stored in the model folder; the `ddt` and `cam+ddt` methods read them."""
+    from weakloc.data.labels import load_labels, resolve_split
+    from weakloc.explain.ddt import fit_directions
+    from weakloc.models.checkpoint import ensure_writable
+    from weakloc.models.colocalization import save_directions
+
+    check_choice("--split", split, ("train", "val", "test", "all"))
+    batch_size = check_int("--batch-size", batch_size, 1)
+    net = _load(model, device, saves=True)
+    if net.counting_head is not None:
+        raise OptionError("co-localization statistics are for classifiers; this is a counting model")
+    ensure_writable(model)
+    labeled = load_labels(data, classes=net.config.classes)
+    labeled, used = resolve_split(labeled, split if labeled.splits else "all")  # no split column: every image is a training image
+    with progress_bar("pooling descriptors") as update:
+        stats = fit_directions(net, labeled, layer=layer, batch_size=batch_size, progress=update)
+    path = save_directions(stats, model)
+    console.print(f"co-localization statistics of {len(labeled)} image(s) ({used}), "
+                  f"{stats.mean.shape[1]} channels ({layer or 'the feature map'}) -> {path}; use --method ddt or cam+ddt", highlight=False)
 
 
 @app.command("explain-eval")

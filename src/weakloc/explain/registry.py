@@ -74,3 +74,9 @@ for _name, _fn, _grad, _relu, _summary in [
     register(ExplainMethod(_name, _fn, _grad, _relu, _summary))
 
 from weakloc.explain import conceptor as _conceptor  # noqa: E402,F401 -- registers the Conceptor-CAM methods
+from weakloc.explain import ddt as _ddt  # noqa: E402
+
+register(ExplainMethod("ddt", _ddt.ddt, False, True,
+                       "Co-localization (DDT): each class's principal descriptor direction over its training images (weakloc ddt)"))
+register(ExplainMethod("cam+ddt", _ddt.cam_ddt, False, False,
+                       "CAM blended with the class's co-localization map: which object (CAM), how far it extends (DDT)"))

@@ -22,6 +22,8 @@ from safetensors.torch import save
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.backbone import os_reason, read_state_dict
 from weakloc.models.classifier import ModelConfig, WeaklocNet
+from weakloc.models.colocalization import FILE as COLOCALIZATION_FILE
+from weakloc.models.colocalization import directions_bytes, load_directions
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -82,7 +84,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def _replace_files(folder: Path, files: dict[str, bytes]) -> None:
+def replace_files(folder: Path, files: dict[str, bytes]) -> None:
     """Write every ``files`` entry to a temporary file in ``folder``, then rename each over its name
     in ``files``' order; no temporary file is left behind, whatever fails."""
     temps: list[tuple[Path, Path]] = []
@@ -117,7 +119,8 @@ def ensure_writable(folder: str | Path) -> None:
 
 
 def save_model(model: WeaklocNet, folder: str | Path) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json`` atomically; returns the folder.
+    """Write ``folder/model.safetensors``, ``folder/config.json`` and, when the model has
+    co-localization statistics, ``folder/ddt.safetensors`` atomically; returns the folder.
 
     Both files get the mode of any new file (0o666 less the umask).
 
@@ -132,8 +135,14 @@ def save_model(model: WeaklocNet, folder: str | Path) -> Path:
         raise CheckpointError(f"cannot write the model to {folder}: it is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        files = {WEIGHTS_NAME: weights}
+        stats = getattr(model, "colocalization", None)
+        if stats is None:  # statistics of other weights (an earlier model in this folder) must not be read as this one's
+            (folder / COLOCALIZATION_FILE).unlink(missing_ok=True)
+        else:
+            files[COLOCALIZATION_FILE] = directions_bytes(stats)
         # config.json last: until it is replaced, the folder holds a loadable model, or no model
-        _replace_files(folder, {WEIGHTS_NAME: weights, CONFIG_NAME: config})
+        replace_files(folder, files | {CONFIG_NAME: config})
     except OSError as e:
         raise _write_error(folder, e) from None
     return folder
@@ -194,4 +203,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> WeaklocN
             f"{weights}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
     model.load_state_dict(state)
+    model.colocalization = load_directions(folder, len(config.classes))
     return model.to(device).eval()

@@ -96,6 +96,9 @@ class WeaklocNet(nn.Module):
         self._attention_indices: list[int] = []
         self._density_index: int | None = None
         self.counting_head = None
+        #: class-level co-localization statistics (:mod:`weakloc.models.colocalization`), set by
+        #: load_model from ddt.safetensors or by ``weakloc ddt``; None until computed
+        self.colocalization = None
         if config.counting:
             density_channels = self.backbone.num_features
             if config.density_stage is not None:
