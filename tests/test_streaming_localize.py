@@ -90,6 +90,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(folder, tmp_path):
     assert 5 <= written < N_IMAGES + 2 and not (cut / "detections.json").exists()
     with open(part, "ab") as f:  # as if the kill had torn the line being written
         f.write(b'{"id": 999, "file_na')
+    _done(_cli("assemble", str(cut)))  # on demand, from what a killed run left: its whole lines, nothing else
+    partial = json.loads((cut / "detections.json").read_text(encoding="utf-8"))
+    assert len(partial["images"]) + len(partial["skipped"]) == written
+    assert all(im in expected["images"] for im in partial["images"])
 
     text = _done(_localize(folder, cut))
     assert "done by an earlier run" in text
