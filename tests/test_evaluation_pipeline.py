@@ -103,7 +103,9 @@ def test_calibrate_is_the_one_writer_and_records_its_sources(synth_single):
     res = calibrate(model, synth_single, ann, per_class=1, methods=("cam", "gradcam"), test_sizes=(32, 48),
                     normalizations=("minmax", "pas"))
     assert isinstance(res, CalibrationResult)
-    assert list(res.to_dict()) == ["method", "threshold", "input_size", "normalization", "images", "per_method"]
+    assert list(res.to_dict()) == ["method", "threshold", "input_size", "normalization", "images", "per_method", "chosen", "default",
+                                   "margin", "standard_error"]
+    assert res.default == "cam@32/minmax" and set(res.standard_error) == set(res.per_method) and res.chosen in res.per_method
     assert set(res.per_method) == {f"{m}@{z}/{n}" for m in ("cam", "gradcam") for z in (32, 48) for n in ("minmax", "pas")}
     maps = model.config.maps
     assert (maps.method, maps.threshold) == (res.method, res.threshold)
@@ -120,6 +122,32 @@ def test_calibrate_is_the_one_writer_and_records_its_sources(synth_single):
     assert set(model.config.maps.sources) == {"threshold", "method"} and model.config.maps.sources["method"]["seed"] == 3
     assert model.config.maps.test_size == stored_size and again.test_size == model.config.inference_size()
     assert set(again.per_method) == {"cam"}
+
+
+def test_a_candidate_replaces_the_default_only_by_the_margin():
+    """K-shot calibration keeps the model's own settings unless a candidate wins clearly (issue 18)."""
+    from types import SimpleNamespace
+
+    from weakloc.evaluate.calibrate import _choose, _standard_error
+
+    def report(v2, iou=(90.0, 60.0, 30.0), n=10):
+        return SimpleNamespace(localization=SimpleNamespace(max_box_acc_v2=v2, iou30=iou[0], iou50=iou[1], iou70=iou[2]),
+                               localization_samples=n)
+
+    se = _standard_error(report(60.0))
+    assert se == pytest.approx(100 * ((0.9 * 0.1 + 0.6 * 0.4 + 0.3 * 0.7) / 3 / 10) ** 0.5)
+    reports = {"default": report(60.0), "lucky": report(68.0), "none": report(99.0, iou=(50.0, 0.0, 0.0))}
+    errors = {k: _standard_error(r) for k, r in reports.items()}
+    assert _choose(reports, errors, "default", "auto") == ("default", pytest.approx((2 * se**2) ** 0.5))  # 8 points < 21
+    assert _choose(reports, errors, "default", 0) == ("lucky", 0.0)  # best whatever the gap; never one without IoU-50 boxes
+    big = {k: report(r.localization.max_box_acc_v2, n=2000) for k, r in reports.items() if k != "none"}
+    assert _choose(big, {k: _standard_error(r) for k, r in big.items()}, "default", "auto")[0] == "lucky"  # 8 points >> 1.3
+    from weakloc.errors import OptionError
+    from weakloc.evaluate.calibrate import calibrate
+
+    for bad in (-1, "often", float("nan")):
+        with pytest.raises(OptionError, match="margin"):  # before any file is read
+            calibrate(_model(), "no/such/data", "no/such.json", margin=bad)
 
 
 def test_calibrated_threshold_reads_the_typed_report():

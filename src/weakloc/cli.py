@@ -605,11 +605,13 @@ def calibrate(
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
     test_sizes: ListOpt = typer.Option(None, help="Test-time input sizes to choose from as well, e.g. 256,512,768" + LIST_HELP + "."),
     normalizations: ListOpt = typer.Option(None, help="Map normalisations to choose from as well, e.g. minmax,pas" + LIST_HELP + "."),
+    margin: str = typer.Option("auto", help="Points of MaxBoxAccV2 a candidate must beat the model's own settings by: auto "
+                                            "(1, or the standard error of the difference if larger) or a number; 0: the best."),
     device: Optional[str] = typer.Option(None),
 ):
     """Choose the box threshold (and map method, test-time size, normalisation) from K annotated images per class;
     `localize` and `evaluate` then use them. For a counting model: each class's instance box size."""
-    from weakloc.checks import check_choice, check_int
+    from weakloc.checks import check_choice, check_float, check_int
     from weakloc.evaluate.calibrate import calibrate as run_calibration
     from weakloc.evaluate.calibrate import calibrate_box_sizes
     from weakloc.models import save_model
@@ -617,6 +619,12 @@ def calibrate(
 
     check_int("--per-class", per_class, 1, 10_000)
     check_choice("--split", split, ("train", "val", "test", "all"))
+    if margin != "auto":
+        try:
+            margin = float(margin)
+        except ValueError:
+            raise OptionError(f"--margin: {margin!r} is not auto or a number of points") from None
+        check_float("--margin", margin, 0.0, 100.0)
     names, sizes, norms = _names(methods), _int_list(test_sizes, "--test-sizes"), _names(normalizations)
     if methods is not None and not names:
         raise OptionError("--methods: give at least one method name (see `weakloc methods`)")
@@ -639,11 +647,16 @@ def calibrate(
                       + f"; stored in {model}")
         return
     res = run_calibration(net, data, annotations, per_class=per_class, methods=tuple(names or ["cam"]), split=split, seed=seed,
-                          gt_class=_parse_gt_class(gt_class), test_sizes=tuple(sizes) or None, normalizations=tuple(norms) or None)
+                          gt_class=_parse_gt_class(gt_class), test_sizes=tuple(sizes) or None, normalizations=tuple(norms) or None,
+                          margin=margin)
     save_model(net.cpu(), model)
     console.print(f"calibrated on {res.images} image(s): method {res.method}, threshold {res.threshold:.2f}, "
                   f"test size {res.test_size}" + (f", normalisation {res.normalization}" if res.normalization else "") + " "
-                  "(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f}" for m, v in res.per_method.items()) + f") stored in {model}")
+                  "(MaxBoxAccV2 " + ", ".join(f"{m} {v:.1f} ± {res.standard_error[m]:.1f}" for m, v in res.per_method.items())
+                  + f") stored in {model}", highlight=False)
+    if len(res.per_method) > 1:
+        console.print(f"the model's own settings ({res.default}) are kept unless another candidate wins by {res.margin:.1f} points: "
+                      + ("kept" if res.kept_default else f"{res.chosen} won"), highlight=False)
 
 
 @app.command("ddt")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from weakloc.checks import check_int
+from weakloc.checks import check_float, check_int
 from weakloc.config import INPUT_SIZES, MAP_SETTINGS, MapConfig
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.labels import SPLIT_NAMES, LabeledImages, check_split, load_labels, select_split
@@ -42,6 +42,12 @@ class CalibrationResult(Result):
         normalization: the normalisation chosen, None when none was asked for.
         images: calibration images.
         per_method: candidate label (``method[@size][/normalization]``) -> its MaxBoxAccV2.
+        chosen: the label of the candidate chosen.
+        default: the label of the candidate kept unless another beats it by ``margin``: the
+            model's own settings where they are among the candidates, else the first of each list.
+        margin: the points of MaxBoxAccV2 another candidate had to win by (see :func:`calibrate`).
+        standard_error: candidate label -> the standard error of its MaxBoxAccV2 on so few
+            samples, in points: how far apart two candidates may be by chance alone.
     """
 
     method: str
@@ -50,11 +56,22 @@ class CalibrationResult(Result):
     normalization: str | None
     images: int
     per_method: dict[str, float]
+    chosen: str = ""
+    default: str = ""
+    margin: float = 0.0
+    standard_error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept_default(self) -> bool:
+        """Whether the default candidate was kept (no other won by the margin)."""
+        return self.chosen == self.default
 
     def to_dict(self) -> dict:
-        """As calibration reported before the typed results (``input_size`` is ``test_size``)."""
+        """As calibration reported before the typed results (``input_size`` is ``test_size``), with
+        the default candidate, the margin and each candidate's standard error."""
         return {"method": self.method, "threshold": self.threshold, "input_size": self.test_size,
-                "normalization": self.normalization, "images": self.images, "per_method": dict(self.per_method)}
+                "normalization": self.normalization, "images": self.images, "per_method": dict(self.per_method),
+                "chosen": self.chosen, "default": self.default, "margin": self.margin, "standard_error": dict(self.standard_error)}
 
 
 @dataclass
@@ -179,9 +196,16 @@ def _source(split: str, images: int, per_class: int, seed: int) -> dict:
 def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
               methods: tuple[str, ...] = ("cam",), split: str = "train", seed: int = 0, gt_class: dict[str, str] | None = None,
               maps: MapConfig | dict | None = None, test_sizes: tuple[int, ...] | None = None,
-              normalizations: tuple[str, ...] | None = None) -> CalibrationResult:
+              normalizations: tuple[str, ...] | None = None, margin: float | str = "auto") -> CalibrationResult:
     """Choose the box threshold (the best IoU-50 threshold) and the best of ``methods`` (by MaxBoxAccV2) on
     ``per_class`` annotated images per class of ``split``, and store them in ``model.config.maps``.
+
+    A few boxes measure each candidate roughly (with 5 images per class, two candidates' MaxBoxAccV2
+    may differ by 10 points by chance), and a choice among many candidates on so little picks the
+    luckiest. So the model's own settings (the default candidate) are kept unless another candidate
+    beats them by ``margin`` points of MaxBoxAccV2: ``auto`` is the larger of 1 point and the
+    standard error of the difference (:class:`CalibrationResult` reports each candidate's standard
+    error); 0 takes the best candidate whatever the gap.
 
     Each candidate is scored by :func:`~weakloc.evaluate.run.evaluate_model` with the candidate's
     method, test size and normalisation laid over ``maps`` (the model's configuration is not
@@ -199,6 +223,7 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
             Default: the model's current test size alone.
         normalizations: map normalisations to choose from as well (e.g. ``("minmax", "pas")``:
             percentile normalisation helps many small objects and hurts one large one).
+        margin: ``auto`` or a number of points (>= 0), see above.
 
     Returns:
         :class:`CalibrationResult`.
@@ -213,6 +238,8 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
             model is left unchanged.
     """
     _check_common(per_class, split, seed, gt_class)
+    if margin != "auto":
+        margin = check_float("margin", margin, 0.0, 100.0)
     methods = tuple(check_methods(methods))
     check_maps(maps)
     test_sizes = _check_test_sizes(test_sizes)
@@ -239,8 +266,9 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
     subset = labeled.subset(idx)
     reports = {key: evaluate_model(model, subset, gt, method=key[0], maps=overrides, split="all", gt_class=gt_class)
                for key, overrides in candidates.items()}
-    # a candidate whose IoU-50 curve is all zero has no IoU-50 threshold to give, whatever its MaxBoxAccV2
-    best = max(reports, key=lambda key: (reports[key].localization.iou50 > 0, reports[key].localization.max_box_acc_v2))
+    default = _default_candidate(model, list(candidates), made_at)
+    errors = {key: _standard_error(r) for key, r in reports.items()}
+    best, needed = _choose(reports, errors, default, margin)
     method, size, norm = best
     tau = calibrated_threshold(reports[best])
     chosen_size = made_at[best]
@@ -260,7 +288,47 @@ def calibrate(model, data: str | Path | LabeledImages, annotations: str | Path |
         return m + (f"@{z}" if len(sizes) > 1 else "") + (f"/{n}" if len(norms) > 1 else "")
 
     return CalibrationResult(method=method, threshold=tau, test_size=chosen_size, normalization=norm, images=len(idx),
-                             per_method={label(*key): r.localization.max_box_acc_v2 for key, r in reports.items()})
+                             per_method={label(*key): r.localization.max_box_acc_v2 for key, r in reports.items()},
+                             chosen=label(*best), default=label(*default), margin=round(needed, 2),
+                             standard_error={label(*key): round(e, 2) for key, e in errors.items()})
+
+
+def _default_candidate(model, keys: list[tuple], made_at: dict) -> tuple:
+    """The candidate of the model's own settings: its stored method, test size and normalisation
+    where each is among the candidates, else the first candidate's."""
+    maps = model.config.maps
+    method = maps.method or "cam"
+    size = model.config.inference_size()
+    norm = (maps.options.get(method) or {}).get("normalization")
+
+    def score(key: tuple) -> tuple:
+        return (key[0] == method, made_at[key] == size, key[2] == norm or key[2] is None and norm in (None, "minmax"))
+
+    first = keys[0]
+    return max(keys, key=lambda k: (score(k), k == first))
+
+
+def _standard_error(report: EvaluationReport) -> float:
+    """The standard error, in points, of a MaxBoxAccV2 (the mean of three box accuracies, IoU 30 /
+    50 / 70) measured on ``report.localization_samples`` samples: each accuracy's binomial variance
+    ``p (1 - p) / n``, their mean (the three are made on the same samples), square-rooted."""
+    loc, n = report.localization, max(1, report.localization_samples)
+    ps = [v / 100 for v in (loc.iou30, loc.iou50, loc.iou70)]
+    return 100 * (sum(p * (1 - p) for p in ps) / len(ps) / n) ** 0.5
+
+
+def _choose(reports: dict, errors: dict, default: tuple, margin) -> tuple[tuple, float]:
+    """The candidate to store, and the margin it had to win by: the best MaxBoxAccV2 when it beats the
+    default's by more than the margin, else the default. A candidate with no box at IoU 0.5 has no
+    threshold to give and is never chosen while another has one."""
+    usable = {k: r for k, r in reports.items() if r.localization.iou50 > 0} or reports
+    best = max(usable, key=lambda k: usable[k].localization.max_box_acc_v2)
+    if default not in usable:
+        return best, 0.0
+    gap = usable[best].localization.max_box_acc_v2 - usable[default].localization.max_box_acc_v2
+    # "auto": at least one point, and at least the standard error of the difference of two such measurements
+    needed = max(1.0, (errors[best] ** 2 + errors[default] ** 2) ** 0.5) if margin == "auto" else float(margin)
+    return (best if gap > needed else default), needed
 
 
 def calibrate_box_sizes(model, data: str | Path | LabeledImages, annotations: str | Path | GroundTruth, *, per_class: int = 5,
