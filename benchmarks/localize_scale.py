@@ -15,6 +15,9 @@ from ../shared/datasets when present, else synthetic 640x480 JPEGs), timed in on
 - *weakloc localize*: :func:`weakloc.report.localization.localize_to_folder` with ``pictures="none"``
   (records only, like the script), Grad-CAM and CAM, ``--workers`` decoding processes.
 
+The pipelines take turns, ``--chunk`` images each, so that other work on a shared machine slows
+each about as much.
+
 ``memory``: ``weakloc localize`` in a fresh process over ``counts`` synthetic JPEGs (written once
 by the benchmark, 96x96) with ``pictures=none``; the peak resident memory (``ru_maxrss``) of each.
 Flat means the largest within 10 % of the smallest.
@@ -100,23 +103,24 @@ def throughput(args) -> None:
     work = ROOT / "runs" / "localize-scale"
     paths, source = photos(args.images, work)
     net = model(args.size)
-    rows = []
-
-    def timed(name: str, fn) -> None:
-        t0 = time.perf_counter()
-        fn()
-        s = time.perf_counter() - t0
-        rows.append((name, len(paths) / s, s))
-        print(f"{name}: {len(paths) / s:.2f} images/s ({s:.1f} s)", flush=True)
-
-    grad_cam_script(net, paths[:2], args.size, work / "warm")  # first-call costs out of the timing
-    timed("pytorch-grad-cam script (batch 1)", lambda: grad_cam_script(net, paths, args.size, work / "gradcam-script"))
+    pipelines = [("pytorch-grad-cam script (batch 1)", lambda chunk, k: grad_cam_script(net, chunk, args.size, work / f"gradcam-script-{k}"))]
     for method in ("gradcam", "cam"):
         for workers in sorted({0, args.workers}):
-            timed(f"weakloc localize, {method}, batch {args.batch_size}, {workers} worker(s)",
-                  lambda m=method, w=workers: localize_to_folder(net, paths, work / f"weakloc-{m}-{w}", method=m, threshold=0.3,
-                                                                  batch_size=args.batch_size, pictures="none", workers=w, restart=True,
-                                                                  device="cpu"))
+            pipelines.append((f"weakloc localize, {method}, batch {args.batch_size}, {workers} worker(s)",
+                              lambda chunk, k, m=method, w=workers: localize_to_folder(
+                                  net, chunk, work / f"weakloc-{m}-{w}-{k}", method=m, threshold=0.3, batch_size=args.batch_size,
+                                  pictures="none", workers=w, restart=True, device="cpu")))
+    grad_cam_script(net, paths[:2], args.size, work / "warm")  # first-call costs out of the timing
+    # the pipelines take turns on each chunk of the images, so other work on a shared machine slows them alike
+    seconds = [0.0] * len(pipelines)
+    chunks = [paths[i:i + args.chunk] for i in range(0, len(paths), args.chunk)]
+    for k, chunk in enumerate(chunks):
+        for j, (_, run) in enumerate(pipelines):
+            t0 = time.perf_counter()
+            run(chunk, k)
+            seconds[j] += time.perf_counter() - t0
+        print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{len(paths[: (k + 1) * args.chunk]) / s:.2f}" for s in seconds), flush=True)
+    rows = [(name, len(paths) / s, s) for (name, _), s in zip(pipelines, seconds)]
     base = rows[0][1]
     print(f"\n{source}, input {args.size} px, EfficientNet-Lite0; {machine_name()}; {time.strftime('%Y-%m-%d')}\n")
     print("| pipeline | images/s | seconds | vs pytorch-grad-cam script |\n|---|---:|---:|---:|")
@@ -162,6 +166,7 @@ def main() -> None:
     t.add_argument("--size", type=int, default=224)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--chunk", type=int, default=38, help="images per turn: the pipelines alternate chunk by chunk")
     m = sub.add_parser("memory")
     m.add_argument("--counts", default="1000,20000")
     m.add_argument("--workers", type=int, default=1)
