@@ -464,7 +464,7 @@ def localize(
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)."),
     pictures: str = typer.Option("all", help="all (overlays and masks) | overlays | none (records only, fastest)."),
-    workers: Optional[int] = typer.Option(None, help="Processes decoding the images (default: one per core but one, at most 4)."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding the images (default: a quarter of the cores, at most 4)."),
     decode: str = typer.Option("cpu", help="cpu (in the --workers processes) | device (JPEGs decoded on the model's device: nvJPEG on a GPU)."),
     restart: bool = typer.Option(False, "--restart", help="Discard the results of an earlier run in --out instead of resuming it."),
     network: Optional[dict] = None,  # --weights, --classes, --num-classes, filled in by with_map_options
@@ -511,8 +511,9 @@ def assemble(out: Path = typer.Argument(..., help="The output folder of weakloc 
 
 
 def default_workers() -> int:
-    """Decoding processes beside this one: one per core but one (the model's), at most 4."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    """Decoding processes beside this one: a quarter of the cores, at most 4; none on a machine of
+    fewer than 4 cores, where a decoding process takes its core from the model (benchmarks.md)."""
+    return min(4, (os.cpu_count() or 1) // 4)
 
 
 @app.command("explain")
