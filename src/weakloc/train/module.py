@@ -109,15 +109,11 @@ class ClassifierModule(pl.LightningModule):
         if self.device.type == "cuda":  # NHWC: what cuDNN's tensor-core convolutions run fastest on under mixed precision
             self.to(memory_format=torch.channels_last)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.device.type == "cuda" and isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor) and batch["image"].ndim == 4:
-            batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
-        return batch
-
     def _step(self, batch: dict, training: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and the classification targets of a batch (counting targets split off)."""
         net = self.model if training else self.evaluated_model
-        out = net.forward_maps(batch["image"])
+        x = batch["image"]
+        out = net.forward_maps(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
         target = batch["target"]
         k = net.num_classes
         if net.counting_head is None:
