@@ -80,8 +80,9 @@ def fit_directions(model, data, *, layer: str | None = None, batch_size: int = 1
         if batch["image"] is None:
             continue
         x = batch["image"].to(device)
-        feats, _ = activation_grid(model, x, layer)
-        feats = feats.double()
+        with torch.no_grad():
+            out = model.forward_maps(x)  # the class maps weigh the sign; its features are the default layer's
+        feats = (out.features if layer is None else activation_grid(model, x, layer)[0]).double()
         b, c, h, w = feats.shape
         if s1 is None:
             s1 = torch.zeros(k, c, dtype=torch.float64, device=device)
@@ -92,8 +93,7 @@ def fit_directions(model, data, *, layer: str | None = None, batch_size: int = 1
         s1 += weights.T @ flat.sum(2)
         s2 += torch.einsum("bk,bcd->kcd", weights, flat @ flat.transpose(1, 2))
         n += weights.sum(0) * h * w
-        with torch.no_grad():
-            maps = model.forward_maps(x).class_maps.double()  # (B, K, h', w'): where each class's evidence is
+        maps = out.class_maps.double()  # (B, K, h', w'): where each class's evidence is
         cam = normalize_minmax(torch.nn.functional.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False).clamp_min(0))
         cam = cam * weights[..., None, None]  # (B, K, h, w)
         cam_sum += torch.einsum("bkp,bcp->kc", cam.flatten(2), flat)

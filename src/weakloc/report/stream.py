@@ -260,18 +260,16 @@ def counts_row(file_name: str, counts: dict, classes: list[str]) -> list:
     return [_csv_cell(file_name), *(counts.get(c, "") for c in classes)]
 
 
-def _card(record: dict, root: Path) -> dict | None:
+def _card(record: dict, boxes: list, root: Path) -> dict | None:
     if not record.get("overlay"):
         return None
-    name = Path(record["file_name"]).name
     if record.get("counts") is not None:
-        lines = [" · ".join(f"{c} {n}" for c, n in record["counts"].items()), f"{len(record['boxes'])} instance(s)"]
+        lines = [" · ".join(f"{c} {n}" for c, n in record["counts"].items()), f"{len(boxes)} instance(s)"]
     else:
-        probs, classes = record.get("probabilities", []), record.get("_classes", [])
-        best = max(range(len(probs)), key=probs.__getitem__) if probs else None
-        shown = f" ({probs[best]:.2f})" if best is not None else ""
-        lines = [f"predicted {record.get('predicted')}{shown}", f"{len(record['boxes'])} box(es)"]
-    return {"image": root / record["overlay"], "title": name, "lines": lines}
+        probs = record.get("probabilities", [])
+        shown = f" ({max(probs):.2f})" if probs else ""  # the predicted class is the most probable one
+        lines = [f"predicted {record.get('predicted')}{shown}", f"{len(boxes)} box(es)"]
+    return {"image": root / record["overlay"], "title": Path(record["file_name"]).name, "lines": lines}
 
 
 def assemble(out: str | Path) -> Assembly:
@@ -291,18 +289,20 @@ def assemble(out: str | Path) -> Assembly:
     except (OSError, ValueError, KeyError, TypeError):
         raise WeaklocError(f"{display_path(out)}: no localization run here (its {MANIFEST} is missing or unreadable)") from None
     result = Assembly()
-    images_tmp, boxes_tmp = out / "detections.images.tmp", out / "detections.boxes.tmp"
+    images_tmp, boxes_tmp, skipped_tmp = out / "detections.images.tmp", out / "detections.boxes.tmp", out / "detections.skipped.tmp"
     counts_tmp = out / "counts.csv.tmp"
     counting = False
     cards = []
     with (open(images_tmp, "w", encoding="utf-8") as fi, open(boxes_tmp, "w", encoding="utf-8") as fb,
-          open(counts_tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fc):
+          open(skipped_tmp, "w", encoding="utf-8") as fs, open(counts_tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fc):
         counts_rows = csv.writer(fc, lineterminator="\n")
         for record in _ordered(out):
             if "skipped" in record:
+                entry = {"file": record.get("file_name", ""), "reason": record["skipped"]}
+                fs.write(("," if result.skipped else "") + "\n" + json.dumps(entry))
                 result.skipped += 1
                 if len(result.skipped_files) < GALLERY_LIMIT:
-                    result.skipped_files.append({"file": record.get("file_name", ""), "reason": record["skipped"]})
+                    result.skipped_files.append(entry)
                 continue
             boxes = record.pop("boxes", [])
             fi.write(("," if result.images else "") + "\n" + json.dumps(record))
@@ -317,7 +317,7 @@ def assemble(out: str | Path) -> Assembly:
                     counts_rows.writerow(counts_header(classes))
                 counts_rows.writerow(counts_row(record["file_name"], record["counts"], classes))
             if len(cards) < GALLERY_LIMIT:
-                card = _card(record | {"boxes": boxes, "_classes": classes}, out)
+                card = _card(record, boxes, out)
                 if card is not None:
                     cards.append(card)
     categories = [{"id": k + 1, "name": c} for k, c in enumerate(classes)]
@@ -328,11 +328,11 @@ def assemble(out: str | Path) -> Assembly:
         f.write('\n], "annotations": [')
         _copy(boxes_tmp, f)
         f.write(f'\n], "categories": {json.dumps(categories)}, "skipped": [')
-        _write_skipped(out, f)
+        _copy(skipped_tmp, f)
         f.write("\n]}\n")
     os.replace(det_tmp, out / "detections.json")
-    images_tmp.unlink()
-    boxes_tmp.unlink()
+    for tmp in (images_tmp, boxes_tmp, skipped_tmp):
+        tmp.unlink()
     result.files.append(str(out / "detections.json"))
     if counting:
         os.replace(counts_tmp, out / "counts.csv")
@@ -351,11 +351,3 @@ def assemble(out: str | Path) -> Assembly:
 def _copy(path: Path, f) -> None:
     with open(path, encoding="utf-8") as src:
         shutil.copyfileobj(src, f)
-
-
-def _write_skipped(out: Path, f) -> None:
-    first = True
-    for record in _ordered(out):
-        if "skipped" in record:
-            f.write(("" if first else ",") + "\n" + json.dumps({"file": record.get("file_name", ""), "reason": record["skipped"]}))
-            first = False
