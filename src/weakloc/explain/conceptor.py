@@ -45,6 +45,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 # --- conceptor algebra (Jaeger 2014), batched over any leading dimensions ---------------------
+# Equation numbers: arXiv 1403.3369 v1 (docs/explain.md says why v1).
 
 def _eye(m: torch.Tensor) -> torch.Tensor:
     return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand(m.shape)
@@ -55,7 +56,7 @@ def _sym(m: torch.Tensor) -> torch.Tensor:
 
 
 def conceptor(r: torch.Tensor, aperture: float) -> torch.Tensor:
-    """The conceptor of a correlation matrix: ``C = R (R + aperture^-2 I)^-1``.
+    """The conceptor of a correlation matrix: ``C = R (R + aperture^-2 I)^-1`` (Jaeger eq. (7)).
 
     ``(..., n, n)`` symmetric positive semi-definite -> ``(..., n, n)``, eigenvalues ``r / (r +
     aperture^-2)`` in [0, 1) on ``R``'s eigenvectors. ``R`` may be singular.
@@ -66,7 +67,7 @@ def conceptor(r: torch.Tensor, aperture: float) -> torch.Tensor:
 
 
 def conceptor_not(c: torch.Tensor) -> torch.Tensor:
-    """``NOT C = I - C``."""
+    """``NOT C = I - C`` (Jaeger eq. (28))."""
     return _eye(c) - c
 
 
@@ -79,9 +80,9 @@ def _range(c: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def conceptor_and(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``C AND B``: ``(C^-1 + B^-1 - I)^-1``, and for singular conceptors its general form
-    ``P (P^T (C^+ + B^+ - I) P)^-1 P^T`` with ``^+`` the pseudo-inverse and ``P`` an orthonormal
-    basis of the intersection of the ranges of ``C`` and ``B`` (Jaeger 2014).
+    """``C AND B``: ``(C^-1 + B^-1 - I)^-1`` (Jaeger eq. (30)), and for singular conceptors its general
+    form ``P (P^T (C^+ + B^+ - I) P)^-1 P^T`` (eq. (32)) with ``^+`` the pseudo-inverse and ``P`` an
+    orthonormal basis of the intersection of the ranges of ``C`` and ``B``.
 
     ``(..., n, n)`` x ``(..., n, n)`` -> ``(..., n, n)``. Eigenvalues below ``n`` machine epsilons
     count as zero (a conceptor's spectrum lies in [0, 1]); two directions are one when the cosine of
@@ -104,7 +105,7 @@ def conceptor_and(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def conceptor_or(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``C OR B = NOT (NOT C AND NOT B)`` (de Morgan; Jaeger 2014)."""
+    """``C OR B = NOT (NOT C AND NOT B)`` (de Morgan; Jaeger 2014, Definition 4)."""
     return conceptor_not(conceptor_and(conceptor_not(c), conceptor_not(b)))
 
 

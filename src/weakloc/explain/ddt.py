@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.errors import WeaklocError
-from weakloc.explain.layers import activation_grid
+from weakloc.explain.layers import activation_grid, maps_and_grid
 from weakloc.explain.maps import normalize_minmax
 from weakloc.models.colocalization import Directions
 
@@ -80,9 +80,8 @@ def fit_directions(model, data, *, layer: str | None = None, batch_size: int = 1
         if batch["image"] is None:
             continue
         x = batch["image"].to(device)
-        with torch.no_grad():
-            out = model.forward_maps(x)  # the class maps weigh the sign; its features are the default layer's
-        feats = (out.features if layer is None else activation_grid(model, x, layer)[0]).double()
+        out, feats = maps_and_grid(model, x, layer)  # the class maps weigh the sign
+        feats = feats.double()
         b, c, h, w = feats.shape
         if s1 is None:
             s1 = torch.zeros(k, c, dtype=torch.float64, device=device)
@@ -151,8 +150,8 @@ def cam_ddt(model, images: torch.Tensor, targets_fn, layer: str | None = None, *
     stats = _stats(model, layer)
     from weakloc.explain.methods import cam
 
-    cams, targets, logits = cam(model, images, targets_fn)
-    feats, _ = activation_grid(model, images, stats.layer)
+    out, feats = maps_and_grid(model, images, stats.layer)  # one pass feeds both maps
+    cams, targets, logits = cam(model, images, targets_fn, output=out)
     proj = project(feats.float(), stats, targets)
     if proj.shape[-2:] != cams.shape[-2:]:
         proj = torch.nn.functional.interpolate(proj, size=cams.shape[-2:], mode="bilinear", align_corners=False)

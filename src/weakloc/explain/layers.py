@@ -16,7 +16,7 @@ from weakloc.errors import WeaklocError
 from weakloc.models.grid import backbone_of, channel_dim, to_grid
 
 __all__ = ["activation_grid", "backbone_of", "capture_activation", "channel_dim", "default_layer", "find_layer", "forward_to_layer",
-           "is_weakloc_net", "logits_after_layer", "to_grid"]
+           "is_weakloc_net", "logits_after_layer", "maps_and_grid", "to_grid"]
 
 
 def is_weakloc_net(model: nn.Module) -> bool:
@@ -129,6 +129,18 @@ def activation_grid(model: nn.Module, images: torch.Tensor, layer: str | None) -
     with torch.no_grad():
         raw, logits = forward_to_layer(model, images, layer)
     return to_grid(raw.detach(), model, tuple(images.shape[-2:])), logits.detach()
+
+
+def maps_and_grid(model: nn.Module, images: torch.Tensor, layer: str | None):
+    """A weakloc model's :meth:`forward_maps` output and ``layer``'s activation as a ``(B, C, h, w)``
+    grid, from one forward pass without gradients (``None``: the classifier's own feature map)."""
+    with torch.no_grad():
+        if layer is None:
+            out = model.forward_maps(images)
+            return out, out.features
+        with capture_activation(find_layer(model, layer)) as store:
+            out = model.forward_maps(images)
+    return out, to_grid(store["act"].detach(), model, tuple(images.shape[-2:]))
 
 
 def logits_after_layer(model: nn.Module, images: torch.Tensor, layer: str | None, activation: torch.Tensor) -> torch.Tensor:

@@ -199,11 +199,13 @@ def smooth_gradcam_pp(model, images: torch.Tensor, targets_fn: TargetsFn, layer:
 
 
 def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, differentiable: bool = False,
-        positive_weights: bool = False):
+        positive_weights: bool = False, output=None):
     """Class activation maps from the classifier weights (Zhou et al. 2016): one forward, all classes.
 
     With ``positive_weights`` the classifier's negative weights are truncated to 0 first (Bae et al.
     2020: negative evidence from other parts of the object otherwise carves holes in the map).
+    ``output``: the model's :meth:`forward_maps` output for ``images`` when the caller already ran
+    it (a fused method reading the same pass); no forward is run then.
 
     Returns:
         maps ``(B, T, h, w)``, targets ``(B, T)``, logits ``(B, K)``.
@@ -214,7 +216,7 @@ def cam(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = 
         raise WeaklocError("CAM needs a weakloc model (a 1x1 classifier over the feature map); for another classifier "
                            "use gradcam, which equals CAM for a global-average-pooling + linear head")
     with (torch.enable_grad() if differentiable else torch.no_grad()):
-        out = model.forward_maps(images)
+        out = output if output is not None else model.forward_maps(images)
         if positive_weights:
             maps = torch.nn.functional.conv2d(out.features, model.classifier.weight.clamp_min(0))
         else:
