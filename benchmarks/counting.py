@@ -2,11 +2,18 @@
 
     uv run python benchmarks/counting.py --dataset synthetic --out runs/count-synth
     uv run python benchmarks/counting.py --dataset bccd --out runs/count-bccd
+    uv run python benchmarks/counting.py --dataset aquarium --out runs/count-aquarium
+
 
 Synthetic: 3 shape classes, 0..8 instances of each per image (several classes per image), small
 objects; counts from ``counts.csv``. BCCD: RBC, WBC and Platelets counted from the VOC boxes of each
 image (the boxes' coordinates are never used for training; only to score instances). RBC boxes in
-BCCD are incomplete (many red cells are not annotated), so RBC counts are a noisy label.
+BCCD are incomplete (many red cells are not annotated), so RBC counts are a noisy label. Aquarium
+(../shared/datasets/aquarium, 7 classes, schools of fish: 10-50 objects in many photos): per-class
+counts of the YOLO boxes are the only training label (``--counts-from``), the dataset's splits;
+before training, ``crowding`` prints how many objects share a density-map cell with another
+object's centre at each input size and stride (a cell holding two centres can carry their summed
+density, but its single peak is one instance point).
 
 Rows: ``count`` -- the pooled count head, instances from CAM peaks; ``density`` -- the density head,
 instances from its peaks. ``--box-sizes-from K`` adds rows whose instance boxes have each class's
@@ -21,11 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels  # noqa: E402
 
+from weakloc.data.annotations import read_annotations  # noqa: E402
 from weakloc.data.counts import load_count_labels  # noqa: E402
 from weakloc.data.labels import select_split  # noqa: E402
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
@@ -35,14 +44,47 @@ from weakloc.models import load_model  # noqa: E402
 from weakloc.train import fine_tune  # noqa: E402
 
 
+def crowding(labels, gt, size: int, stride: int) -> tuple[int, int, int]:
+    """Over ``labels``' training images resized to ``size x size``: (objects, objects whose box centre
+    shares a ``stride``-pixel map cell with another object of its class, the most centres of one class in
+    one cell)."""
+    total = shared = most = 0
+    for path, split in zip(labels.paths, labels.splits):
+        ann = gt.find(path)
+        if split != "train" or ann is None or not len(ann.boxes):
+            continue
+        cx = ((ann.boxes[:, 0] + ann.boxes[:, 2]) / 2 * size / ann.width // stride).long()
+        cy = ((ann.boxes[:, 1] + ann.boxes[:, 3]) / 2 * size / ann.height // stride).long()
+        names = {c: i for i, c in enumerate(sorted(set(ann.labels)))}
+        key = torch.tensor([names[c] for c in ann.labels]) * 1_000_000 + cy * 1000 + cx
+        _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        total += len(key)
+        shared += int((counts[inverse] > 1).sum())
+        most = max(most, int(counts.max()))
+    return total, shared, most
+
+
+def print_crowding(labels, gt, sizes, strides) -> None:
+    print("\nObjects sharing a density-map cell with another of their class (training images):")
+    print("| input px | " + " | ".join(f"stride {s}" for s in strides) + " |")
+    print("|---:|" + "---:|" * len(strides))
+    for size in sizes:
+        cells = []
+        for stride in strides:
+            total, shared, most = crowding(labels, gt, size, stride)
+            cells.append(f"{100 * shared / max(total, 1):.1f} % (max {most})")
+        print(f"| {size} | " + " | ".join(cells) + " |")
+    print(f"({total} objects)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["synthetic", "bccd"], default="synthetic")
+    ap.add_argument("--dataset", choices=["synthetic", "bccd", "aquarium"], default="synthetic")
     ap.add_argument("--out", type=Path, default=Path("runs/count"))
     ap.add_argument("--heads", default="count,density")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--images", type=int, default=800, help="synthetic images")
-    ap.add_argument("--image-size", type=int, default=None, help="default: 160 (synthetic), 320 (bccd)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: 160 (synthetic), 320 (bccd), 320 (aquarium)")
     ap.add_argument("--render-size", type=int, default=128, help="synthetic images' side in pixels (same scenes at any size)")
     ap.add_argument("--dihedral", action="store_true", help="train with flips both ways and right-angle rotations")
     ap.add_argument("--train-on", choices=["train", "trainval"], default="train",
@@ -62,6 +104,7 @@ def main() -> None:
     ap.add_argument("--backbone-lr", default=None, help="earliest,latest backbone LR multipliers (default: fine_tune's)")
     ap.add_argument("--bccd-root", type=Path, default=Path("../shared/datasets/bccd"))
     ap.add_argument("--bccd-classes", default="RBC,WBC,Platelets", help="BCCD classes counted (RBC counts are noisy)")
+    ap.add_argument("--aquarium-root", type=Path, default=Path("../shared/datasets/aquarium"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
     ap.add_argument("--box-sizes-from", type=int, default=0,
@@ -78,10 +121,17 @@ def main() -> None:
                                                   val_fraction=0.15, test_fraction=0.15, seed=args.seed))
         labels, annotations = load_count_labels(data), data / "annotations.json"
         size = args.image_size or 160
-    else:
+    elif args.dataset == "bccd":
         annotations = args.bccd_root / "BCCD" / "Annotations"
         labels = load_count_labels(write_labels(args.bccd_root, args.out), annotations=annotations, classes=args.bccd_classes.split(","))
         size = args.image_size or 320
+    else:
+        from whole_objects import aquarium_labels
+
+        csv, annotations = aquarium_labels(args.aquarium_root, args.out)
+        labels = load_count_labels(csv, annotations=annotations)
+        size = args.image_size or 320  # at 320 px under 1 % of the objects share a stride-8 cell (print_crowding)
+        print_crowding(labels, read_annotations(annotations), sizes=sorted({320, 512, size}), strides=(4, 8, 16))
     train_data, val_data, train_counts = labels, None, None
     if args.train_on == "trainval":
         keep = [i for i, s in enumerate(labels.splits) if s in ("train", "val")]
