@@ -168,14 +168,14 @@ def _parse_value(text: str):
 
 def map_overrides(method: str | None = None, layer: str | None = None, fusion: str | None = None, tta: bool | None = None,
                   eigen_smooth: bool | None = None, dtype: str | None = None, normalization: str | None = None,
-                  option: list[str] | None = None, test_size: int | None = None) -> dict:
+                  refine: str | None = None, option: list[str] | None = None, test_size: int | None = None) -> dict:
     """The map options a command was given, as the flat overrides :func:`weakloc.explain.pipeline.map_settings`
     takes: only those given (the rest come from the model's stored settings); ``--option KEY=VALUE``
     pairs become method options."""
     from weakloc.explain.pipeline import AUTOCAST_DTYPES
 
     given = {"method": method, "layer": layer, "fusion": fusion, "tta": tta, "eigen_smooth": eigen_smooth,
-             "normalization": normalization, "test_size": test_size}
+             "normalization": normalization, "refine": refine, "test_size": test_size}
     if dtype is not None:
         if dtype not in AUTOCAST_DTYPES:
             raise OptionError(f"--dtype {dtype!r}: use fp32, fp16 or bf16")
@@ -192,7 +192,7 @@ def map_overrides(method: str | None = None, layer: str | None = None, fusion: s
 def with_map_options(method: bool = True, network: bool = False):
     """Decorator of a command that draws maps: adds the shared map options (``--method`` unless
     ``method`` is False, ``--layer``, ``--fusion``, ``--tta``, ``--eigen-smooth``, ``--dtype``,
-    ``--normalization``, ``--option``, ``--test-size``) to its parameters, one definition for every
+    ``--normalization``, ``--refine``, ``--option``, ``--test-size``) to its parameters, one definition for every
     command, and calls it with ``maps``: the overrides given (:func:`map_overrides`). With
     ``network``, also ``--weights``, ``--classes`` and ``--num-classes`` (a ``timm:NAME`` MODEL),
     passed as ``network``: the keyword arguments of :func:`_load`."""
@@ -239,6 +239,8 @@ TTA_HELP = "Test-time augmentation smoothing of the maps (flips x scales 0.9/1/1
 EIGEN_HELP = "First principal component of the weighted activations instead of their sum."
 DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
 NORMALIZATION_HELP = "How maps go to [0, 1]: minmax | max | pas[:Q] | ivr[:Q] (default: the model's stored one, else minmax)."
+REFINE_HELP = ("Refine maps with the image before boxes are taken: none | guided[:R[,EPS]] (a guided filter, window radius R "
+               "as a fraction of the image side, default 0.05,0.01; default: the model's stored one, else none).")
 OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1, positive_weights=false."
 MethodOpt = Annotated[Optional[str], typer.Option(help=METHOD_HELP)]
 LayerOpt = Annotated[Optional[str], typer.Option(help=LAYER_HELP)]
@@ -247,6 +249,7 @@ TtaOpt = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help=TTA_HELP,
 EigenOpt = Annotated[Optional[bool], typer.Option("--eigen-smooth/--no-eigen-smooth", help=EIGEN_HELP, show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option(help=DTYPE_HELP)]
 NormalizationOpt = Annotated[Optional[str], typer.Option(help=NORMALIZATION_HELP)]
+RefineOpt = Annotated[Optional[str], typer.Option(help=REFINE_HELP)]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(help=OPTION_HELP)]
 TestSizeOpt = Annotated[Optional[int], typer.Option(
     help="Run the model on inputs of this size (test-time resolution; default: the model's stored one, else the training size).")]
@@ -262,7 +265,7 @@ NumClassesOpt = Annotated[Optional[int], typer.Option(
     help="With MODEL timm:NAME: the classifier's number of classes (checked against --weights and --classes).")]
 #: the map options every map-drawing command takes (:func:`with_map_options`), with their types
 MAP_OPTION_TYPES = {"method": MethodOpt, "layer": LayerOpt, "fusion": FusionOpt, "tta": TtaOpt, "eigen_smooth": EigenOpt,
-                    "dtype": DtypeOpt, "normalization": NormalizationOpt, "option": OptionOpt, "test_size": TestSizeOpt}
+                    "dtype": DtypeOpt, "normalization": NormalizationOpt, "refine": RefineOpt, "option": OptionOpt, "test_size": TestSizeOpt}
 MAP_OPTIONS = [n for n in MAP_OPTION_TYPES if n != "method"]
 #: the options naming a timm network's weights and classes (:func:`with_map_options`), with their types
 NETWORK_OPTION_TYPES = {"weights": WeightsOpt, "classes": ClassesOpt, "num_classes": NumClassesOpt}

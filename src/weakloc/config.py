@@ -74,6 +74,8 @@ class MapConfig:
         eigen_smooth: first principal component of the weighted activations instead of their sum.
         dtype: ``fp16`` or ``bf16`` autocast for the model (maps stay fp32); ``fp32``/None: none.
         normalization: how maps go to [0, 1]: ``minmax``, ``max``, ``pas[:Q]`` or ``ivr[:Q]``.
+        refine: ``none`` or ``guided[:R[,EPS]]``: maps smoothed along the image's edges before
+            normalisation (a guided filter with the image as guide).
         options: further options per method (``{"cam": {"positive_weights": true}}``).
         test_size: side of the input maps, boxes and predictions are made on (None: the training
             size; a fully convolutional model run on a larger input gives denser maps).
@@ -93,6 +95,7 @@ class MapConfig:
     eigen_smooth: bool | None = None
     dtype: str | None = None
     normalization: str | None = None
+    refine: str | None = None
     options: dict[str, dict] = field(default_factory=dict)
     test_size: int | None = None
     threshold: float | None = None
@@ -109,9 +112,9 @@ class MapConfig:
 
 
 #: :class:`MapConfig` fields that are map-making settings (the rest are calibration results and notes)
-MAP_SETTINGS = ("method", "layer", "fusion", "tta", "eigen_smooth", "dtype", "normalization", "test_size", "count_views")
+MAP_SETTINGS = ("method", "layer", "fusion", "tta", "eigen_smooth", "dtype", "normalization", "refine", "test_size", "count_views")
 #: defaults of the settings when neither the model nor the caller sets them
-MAP_DEFAULTS = {"method": "cam", "fusion": "mean", "tta": False, "eigen_smooth": False, "normalization": "minmax",
+MAP_DEFAULTS = {"method": "cam", "fusion": "mean", "tta": False, "eigen_smooth": False, "normalization": "minmax", "refine": "none",
                 "count_views": "none"}
 
 
@@ -468,6 +471,7 @@ MAPS_SCHEMA: dict[str, _Rule] = {
     "eigen_smooth": (_optional(_is_bool), "null, true or false"),
     "dtype": (_one_of(None, *DTYPES), "null, " + ", ".join(map(repr, DTYPES))),
     "normalization": (_optional(_is_name), "null or a normalisation (minmax, max, pas[:Q], ivr[:Q])"),
+    "refine": (_optional(_is_name), "null or a refinement (none, guided[:R[,EPS]])"),
     "options": _OPTIONS,
     "test_size": (_optional(_SIZE_RULE[0]), "null or " + _SIZE_RULE[1]),
     "threshold": (_optional(_number_in(0, 1)), "null or a number in [0, 1]"),

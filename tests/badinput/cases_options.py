@@ -370,6 +370,11 @@ opt("explain", "--test-size", "48", OK)
 for command in ("localize", "evaluate", "explain"):
     opt(command, "--normalization", "foo", E, match="--normalization|normalization|normalisation|'foo'")
 opt("localize", "--normalization", "pas", OK)
+for command in ("localize", "evaluate", "explain"):  # issue 18: maps refined with the image
+    for v in ("foo", "guided:2", "guided:0.1,0.1,0.1"):
+        opt(command, "--refine", v, E, match="--refine|refine")
+opt("localize", "--refine", "guided", OK)
+opt("explain", "--refine", "guided:0.1,0.001", OK)
 opt("localize", "--tta", None, OK)
 
 # --- old spellings (docs/changelog.md): each still works, with a one-line warning naming the new

@@ -15,7 +15,7 @@ import torch
 
 from weakloc.checks import check_choice, check_float, check_int
 from weakloc.errors import OptionError, WeaklocError
-from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, reduce_maps, upsample
+from weakloc.explain.maps import centre_gaussian, normalize_maps, normalize_minmax, parse_refine, reduce_maps, refine_maps, upsample
 from weakloc.explain.registry import METHODS, ExplainMethod, get_method, register
 from weakloc.explain.targets import TargetSpec, resolve_targets
 
@@ -147,6 +147,7 @@ def explain(
     dtype: torch.dtype | None = None,
     differentiable: bool = False,
     normalization: str = "minmax",
+    refine: str = "none",
     **options,
 ) -> Heatmaps:
     """Heatmaps of ``method`` for a batch of normalised images ``(B, 3, H, W)``.
@@ -174,6 +175,9 @@ def explain(
             part of a training loss.
         normalization: how ``normalized`` is made: ``minmax``, ``max``, ``pas[:Q]`` (Bae et al.
             2020) or ``ivr[:Q]`` (Kim et al. 2021); see :func:`normalize_maps`.
+        refine: ``none`` or ``guided[:R[,EPS]]``: the maps (at ``size``) smoothed by a guided filter
+            with the image as guide, so their edges follow the image's (see
+            :func:`~weakloc.explain.maps.refine_maps`); not with ``size="native"``.
         **options: method-specific settings, e.g. ``num_samples``, ``std``, ``chunk``, ``alpha``.
 
     Returns:
@@ -199,6 +203,12 @@ def explain(
     layers = _layers(layer)
     if size == "native" and (len(layers) > 1 or tta):
         raise WeaklocError('size="native" keeps a layer\'s own resolution: it cannot fuse several layers or average TTA views')
+    try:
+        refining = parse_refine(refine)[0] != "none"
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    if size == "native" and refining:
+        raise WeaklocError('size="native" keeps a layer\'s own resolution: the maps cannot be refined with the image')
     autocast = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         raw, targets, logits = _one_pass(m, model, images, lambda lg: resolve_targets(target, lg, classes or [str(i) for i in range(lg.shape[1])]),
@@ -213,6 +223,8 @@ def explain(
                 acc = acc + normalize_minmax(r.flip(-1) if flip else r, relu=relu)
             raw = acc / (len(views) + 1)
     raw = raw.float()
+    if refining:
+        raw = refine_maps(raw.clamp_min(0) if relu else raw, images, refine)
     try:
         normalized = normalize_maps(raw, normalization, relu=relu)
     except ValueError as e:

@@ -112,3 +112,82 @@ def normalize_maps(maps: torch.Tensor, how: str = "minmax", relu: bool = False) 
     else:
         raise ValueError(f"unknown normalisation {how!r}: use minmax, max, pas[:Q] or ivr[:Q]")
     return torch.where(bad, torch.zeros_like(out), out).reshape(x.shape)
+
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of each ``(2 radius + 1)``-square window of ``(..., H, W)``, the window cut at the borders
+    (running sums: the cost does not grow with the radius)."""
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        c = torch.cumsum(t, dim)
+        c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim)
+        i = torch.arange(n, device=t.device)
+        hi, lo = (i + radius + 1).clamp(max=n), (i - radius).clamp(min=0)
+        shape = [1] * t.ndim
+        shape[dim] = n
+        return (c.index_select(dim, hi) - c.index_select(dim, lo)) / (hi - lo).to(t.dtype).view(shape)
+
+    return along(along(x, x.ndim - 2), x.ndim - 1)
+
+
+def guided_filter(guide: torch.Tensor, maps: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """Edge-aware smoothing of ``maps`` by a grey ``guide`` (He, Sun & Tang, ECCV 2010 / TPAMI 2013):
+    in every window the output is a linear function of the guide fitted to the map, so the map's
+    edges move onto the image's edges while flat image regions smooth it.
+
+    Args:
+        guide: ``(B, 1, H, W)`` in [0, 1].
+        maps: ``(B, T, H, W)`` (any scale: the filter is linear in them).
+        radius: window radius in pixels; ``eps``: the regulariser (a guide variance below it is
+            treated as flat).
+
+    Returns:
+        ``(B, T, H, W)``.
+    """
+    m = maps.float()
+    mean_i, mean_p = box_mean(guide, radius), box_mean(m, radius)
+    var_i = box_mean(guide * guide, radius) - mean_i * mean_i
+    a = (box_mean(guide * m, radius) - mean_i * mean_p) / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box_mean(a, radius) * guide + box_mean(b, radius)
+
+
+#: ``refine="guided"``'s defaults: the radius as a fraction of the shorter side, and eps on a [0, 1] guide
+GUIDED_DEFAULTS = (0.05, 0.01)
+
+
+def parse_refine(how: str | None) -> tuple[str, tuple[float, ...]]:
+    """``"none"`` | ``"guided[:R[,EPS]]"`` -> (name, parameters).
+
+    Raises:
+        ValueError: another name, or parameters out of range.
+    """
+    if how is None or how == "none":
+        return "none", ()
+    if not isinstance(how, str):
+        raise ValueError(f"refine must be none or guided[:R[,EPS]], got {how!r}")
+    name, _, rest = how.partition(":")
+    if name != "guided":
+        raise ValueError(f"unknown refinement {how!r}: use none or guided[:R[,EPS]] (R: window radius as a fraction of the "
+                         "image side, e.g. guided:0.05,0.01)")
+    try:
+        values = [float(v) for v in rest.split(",")] if rest else []
+    except ValueError:
+        values = [float("nan")]
+    if len(values) > 2 or not all(0 < v < 1 for v in values):  # NaN fails too
+        raise ValueError(f"refine {how!r}: R and EPS must be numbers in (0, 1), e.g. guided:0.05,0.01")
+    return name, (*values, *GUIDED_DEFAULTS[len(values):])
+
+
+def refine_maps(maps: torch.Tensor, images: torch.Tensor, how: str | None) -> torch.Tensor:
+    """``maps`` ``(B, T, H, W)`` refined with the image evidence of ``images`` ``(B, C, h, w)``
+    (normalised; resized to the maps' size as the guide) by ``how`` (:func:`parse_refine`)."""
+    name, params = parse_refine(how)
+    if name == "none":
+        return maps
+    grey = images.float().mean(1, keepdim=True)
+    if grey.shape[-2:] != maps.shape[-2:]:
+        grey = F.interpolate(grey, size=maps.shape[-2:], mode="bilinear", align_corners=False)
+    grey = normalize_minmax(grey)  # the guide on [0, 1] per image, whatever the normalisation of the inputs
+    radius = max(1, round(params[0] * min(maps.shape[-2:])))
+    return guided_filter(grey, maps, radius, params[1])

@@ -19,7 +19,7 @@ import torch
 from weakloc.config import COUNT_VIEWS, FUSIONS, MapConfig, resolve_maps
 from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain import Heatmaps, _method_options, explain
-from weakloc.explain.maps import normalize_maps
+from weakloc.explain.maps import normalize_maps, parse_refine
 from weakloc.explain.registry import get_method
 
 #: ``MapConfig.dtype`` -> the autocast dtype (``--dtype`` also takes the long spellings)
@@ -54,6 +54,10 @@ def check_map_settings(settings: MapConfig, where: str = "") -> MapConfig:
         normalize_maps(torch.zeros(1, 2, 2), settings.normalization)  # the parser itself, on a dummy map
     except (ValueError, TypeError) as e:
         raise OptionError(f"{name('normalization')}: {e}") from None
+    try:
+        parse_refine(settings.refine)
+    except ValueError as e:
+        raise OptionError(f"{name('refine')}: {e}") from None
     if isinstance(settings.test_size, bool) or not isinstance(settings.test_size, int) or not 16 <= settings.test_size <= 8192:
         raise OptionError(f"{name('test_size')}: expected a whole number of pixels in 16..8192, got {settings.test_size!r}")
     return settings
@@ -73,7 +77,7 @@ def explain_arguments(settings: MapConfig) -> dict:
         layer = [v.strip() for v in layer.split(",") if v.strip()]
     return {"method": settings.method, "layer": layer, "fusion": settings.fusion, "tta": settings.tta,
             "eigen_smooth": settings.eigen_smooth, "dtype": AUTOCAST_DTYPES[settings.dtype] if settings.dtype else None,
-            "normalization": settings.normalization, **settings.method_options()}
+            "normalization": settings.normalization, "refine": settings.refine, **settings.method_options()}
 
 
 def make_maps(model, images: torch.Tensor, settings: MapConfig, target="predicted", **extra: Any) -> Heatmaps:

@@ -1,0 +1,87 @@
+"""Maps that follow object boundaries: the guided filter and the ``refine`` map setting (issue 18)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakloc.errors import OptionError, WeaklocError
+from weakloc.explain.maps import box_mean, guided_filter, parse_refine, refine_maps
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5])
+def test_box_mean_is_the_border_cut_window_mean(radius):
+    x = torch.rand(2, 3, 13, 17)
+    want = F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    assert torch.allclose(box_mean(x, radius), want, atol=1e-5)
+
+
+def test_flat_guide_gives_a_double_box_mean_and_the_filter_is_linear_in_the_maps():
+    p = torch.rand(2, 4, 20, 20)
+    flat = torch.full((2, 1, 20, 20), 0.5)
+    assert torch.allclose(guided_filter(flat, p, 3, 0.01), box_mean(box_mean(p, 3), 3), atol=1e-5)
+    g = torch.rand(2, 1, 20, 20)
+    assert torch.allclose(guided_filter(g, 3 * p - 1, 3, 0.01), 3 * guided_filter(g, p, 3, 0.01) - 1, atol=1e-4)
+
+
+def test_a_blurred_map_snaps_back_onto_the_image_edge():
+    """An object whose map was blurred across its edge (as an upsampled stride-16 map is): with the
+    image as guide, one threshold separates the object from the background again (no threshold does
+    on the blurred map: its corners fall below its outside rim)."""
+    guide = torch.zeros(1, 1, 40, 40)
+    guide[..., 10:30, 10:30] = 1.0  # the object
+    blurred = box_mean(guide, 5)  # the classifier's coarse map of it
+    out = guided_filter(guide, blurred, 4, 1e-4)
+    inside, outside = guide.bool(), ~guide.bool()
+    assert out[inside].min() > out[outside].max()  # one threshold separates the object exactly
+    assert not blurred[inside].min() > blurred[outside].max()
+
+
+def test_parse_refine_and_its_errors():
+    assert parse_refine(None) == ("none", ())
+    assert parse_refine("none") == ("none", ())
+    assert parse_refine("guided") == ("guided", (0.05, 0.01))
+    assert parse_refine("guided:0.1") == ("guided", (0.1, 0.01))
+    assert parse_refine("guided:0.1,0.001") == ("guided", (0.1, 0.001))
+    for bad in ("slic", "guided:2", "guided:0.1,0.1,0.1", "guided:x", "guided:nan", 3):
+        with pytest.raises(ValueError):
+            parse_refine(bad)
+
+
+def test_refine_maps_uses_the_images_at_the_maps_size():
+    images = torch.randn(2, 3, 32, 32)
+    maps = torch.rand(2, 3, 64, 64)
+    out = refine_maps(maps, images, "guided:0.1")
+    assert out.shape == maps.shape and torch.isfinite(out).all()
+    assert refine_maps(maps, images, "none") is maps
+
+
+def test_explain_refines_and_refuses_native_size(tiny_model):
+    from weakloc.explain import explain
+
+    x = torch.randn(2, 3, 64, 64)
+    plain = explain(tiny_model, x, "cam")
+    refined = explain(tiny_model, x, "cam", refine="guided:0.1,0.01")
+    assert refined.normalized.shape == plain.normalized.shape
+    assert not torch.allclose(refined.normalized, plain.normalized)
+    assert torch.equal(refined.targets, plain.targets)
+    with pytest.raises(WeaklocError, match="native"):
+        explain(tiny_model, x, "cam", size="native", refine="guided")
+    with pytest.raises(OptionError, match="refinement"):
+        explain(tiny_model, x, "cam", refine="bilateral")
+
+
+def test_refine_is_a_stored_map_setting(tiny_model, tmp_path):
+    from weakloc.explain.pipeline import explain_arguments, map_settings
+    from weakloc.models import load_model, save_model
+
+    tiny_model.config.maps.refine = "guided:0.08"
+    save_model(tiny_model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["maps"]["refine"] == "guided:0.08"
+    model = load_model(tmp_path / "m")
+    assert explain_arguments(map_settings(model))["refine"] == "guided:0.08"
+    assert explain_arguments(map_settings(model, refine="none"))["refine"] == "none"
+    with pytest.raises(OptionError, match="refine"):
+        map_settings(model, refine="guided:5")
+
