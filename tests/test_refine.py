@@ -41,8 +41,8 @@ def test_a_blurred_map_snaps_back_onto_the_image_edge():
 def test_parse_refine_and_its_errors():
     assert parse_refine(None) == ("none", ())
     assert parse_refine("none") == ("none", ())
-    assert parse_refine("guided") == ("guided", (0.05, 0.01))
-    assert parse_refine("guided:0.1") == ("guided", (0.1, 0.01))
+    assert parse_refine("guided") == ("guided", (0.1, 0.001))
+    assert parse_refine("guided:0.2") == ("guided", (0.2, 0.001))
     assert parse_refine("guided:0.1,0.001") == ("guided", (0.1, 0.001))
     for bad in ("slic", "guided:2", "guided:0.1,0.1,0.1", "guided:x", "guided:nan", 3):
         with pytest.raises(ValueError):

@@ -240,7 +240,7 @@ EIGEN_HELP = "First principal component of the weighted activations instead of t
 DTYPE_HELP = "fp32 | fp16 | bf16 (autocast for the model; maps stay fp32)."
 NORMALIZATION_HELP = "How maps go to [0, 1]: minmax | max | pas[:Q] | ivr[:Q] (default: the model's stored one, else minmax)."
 REFINE_HELP = ("Refine maps with the image before boxes are taken: none | guided[:R[,EPS]] (a guided filter, window radius R "
-               "as a fraction of the image side, default 0.05,0.01; default: the model's stored one, else none).")
+               "as a fraction of the image side, default 0.1,0.001; default: the model's stored one, else none).")
 OPTION_HELP = "Method option KEY=VALUE (repeatable), e.g. num_samples=8, std=0.3, chunk=128, alpha=1, positive_weights=false."
 MethodOpt = Annotated[Optional[str], typer.Option(help=METHOD_HELP)]
 LayerOpt = Annotated[Optional[str], typer.Option(help=LAYER_HELP)]

@@ -153,7 +153,7 @@ def guided_filter(guide: torch.Tensor, maps: torch.Tensor, radius: int, eps: flo
 
 
 #: ``refine="guided"``'s defaults: the radius as a fraction of the shorter side, and eps on a [0, 1] guide
-GUIDED_DEFAULTS = (0.05, 0.01)
+GUIDED_DEFAULTS = (0.1, 0.001)
 
 
 def parse_refine(how: str | None) -> tuple[str, tuple[float, ...]]:
@@ -169,13 +169,13 @@ def parse_refine(how: str | None) -> tuple[str, tuple[float, ...]]:
     name, _, rest = how.partition(":")
     if name != "guided":
         raise ValueError(f"unknown refinement {how!r}: use none or guided[:R[,EPS]] (R: window radius as a fraction of the "
-                         "image side, e.g. guided:0.05,0.01)")
+                         "image side, e.g. guided:0.1,0.001)")
     try:
         values = [float(v) for v in rest.split(",")] if rest else []
     except ValueError:
         values = [float("nan")]
     if len(values) > 2 or not all(0 < v < 1 for v in values):  # NaN fails too
-        raise ValueError(f"refine {how!r}: R and EPS must be numbers in (0, 1), e.g. guided:0.05,0.01")
+        raise ValueError(f"refine {how!r}: R and EPS must be numbers in (0, 1), e.g. guided:0.1,0.001")
     return name, (*values, *GUIDED_DEFAULTS[len(values):])
 
 
