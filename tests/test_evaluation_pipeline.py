@@ -86,7 +86,7 @@ def test_evaluate_model_is_the_same_at_a_stored_or_a_given_test_size_and_writes_
     assert isinstance(given, EvaluationReport) and type(given.localization) is WSOLMetrics
     assert type(given.centre_baseline) is BoxMetrics
     d = given.to_dict()
-    assert list(d) == OLD_REPORT_KEYS
+    assert list(d) == [*OLD_REPORT_KEYS, "instances"]  # the old keys unchanged; instance boxes added (issue 18)
     assert list(d["localization"]) == OLD_LOCALIZATION_KEYS and list(d["centre_baseline"]) == [*BOX_KEYS, "PxAP"]
     loc = given.localization
     assert given["localization"]["MaxBoxAccV2"] == loc.max_box_acc_v2 == pytest.approx((loc.iou30 + loc.iou50 + loc.iou70) / 3)

@@ -94,6 +94,11 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
     loc = report["localization"]
     console.print(f"best thresholds: IoU30 {loc['IoU30_tau']:.2f}, IoU50 {loc['IoU50_tau']:.2f}, IoU70 {loc['IoU70_tau']:.2f}; "
                   f"GT-known Loc at {loc['GT-known_tau']:.2f}")
+    inst = report.get("instances")
+    if inst:
+        tp, fp, fn = (sum(v[k] for v in inst["per_class"].values()) for k in ("tp", "fp", "fn"))
+        console.print(f"instances (each region at {loc['GT-known_tau']:.2f} one box, IoU >= 0.5, one to one): "
+                      f"{tp} of {tp + fn} objects found, {fp} false box(es); mean F1 over classes {inst['F1'] * 100:.1f}")
 
 
 def print_counting(rep: dict) -> None:

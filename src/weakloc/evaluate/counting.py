@@ -14,14 +14,13 @@ from weakloc.data.counts import load_count_labels
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import LabeledImages, check_split, resolve_split, select_split
 from weakloc.errors import OptionError, WeaklocError
+from weakloc.evaluate.matching import PIXEL_EXTENT, InstanceMetrics, instance_metrics, match_instances, prf  # noqa: F401 (public here too)
 from weakloc.evaluate.run import check_batch_size, check_maps, skipped_images
 from weakloc.explain import pipeline
 from weakloc.localize.instances import REGION_BOX_SCALE, counting_forward, output_instances, predicted_counts
 from weakloc.explain.run import model_device
 from weakloc.results import Result
 
-
-_PIXEL_EXTENT = torch.tensor([0.0, 0.0, 1.0, 1.0])  # inclusive pixel extents -> continuous box corners
 
 
 @dataclass
@@ -45,18 +44,6 @@ class CountMetrics(Result):
     def to_dict(self) -> dict:
         return {"per_class": {c: dict(v) for c, v in self.per_class.items()}, "MAE": self.mae, "RMSE": self.rmse,
                 "mRMSE": self.rmse, "mRMSE-nz": self.mrmse_nz, "m-relRMSE": self.m_relrmse, "m-relRMSE-nz": self.m_relrmse_nz}
-
-
-@dataclass
-class InstanceMetrics(Result):
-    """Instance matching scores: per class :func:`prf` (``precision``, ``recall``, ``F1``, ``tp``,
-    ``fp``, ``fn``) and ``f1``, the mean F1 over the classes with an instance either way."""
-
-    per_class: dict[str, dict]
-    f1: float
-
-    def to_dict(self) -> dict:
-        return {"per_class": {c: dict(v) for c, v in self.per_class.items()}, "F1": self.f1}
 
 
 @dataclass
@@ -123,53 +110,6 @@ def count_metrics(pred: torch.Tensor, gt: torch.Tensor, classes: list[str]) -> C
     return CountMetrics(per_class={name: {"MAE": float(mae[k]), "RMSE": float(rmse[k])} for k, name in enumerate(classes)},
                         mae=float(mae.mean()), rmse=float(rmse.mean()), mrmse_nz=mean(nz_rmse), m_relrmse=float(rel.mean()),
                         m_relrmse_nz=mean(nz_rel))
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of ``(N, 4)`` and ``(M, 4)`` continuous boxes -> ``(N, M)``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
-
-
-def match_instances(pred_points: torch.Tensor, pred_scores: torch.Tensor, gt_boxes: torch.Tensor,
-                    pred_boxes: torch.Tensor | None = None, iou: float = 0.5) -> tuple[int, int, int]:
-    """Greedy one-to-one matching by descending score: a point matches an unmatched GT box that
-    contains it (or, with ``pred_boxes``, a box matches an unmatched GT box with IoU >= ``iou``).
-
-    Args:
-        pred_points: ``(P, 2)``; pred_scores: ``(P,)``; gt_boxes: ``(G, 4)``; pred_boxes: ``(P, 4)``.
-
-    Returns:
-        ``(true positives, false positives, false negatives)``.
-    """
-    if len(pred_points) == 0 or len(gt_boxes) == 0:
-        return 0, len(pred_points), len(gt_boxes)
-    if pred_boxes is None:
-        x, y = pred_points[:, 0:1], pred_points[:, 1:2]
-        ok = (x >= gt_boxes[None, :, 0]) & (x <= gt_boxes[None, :, 2]) & (y >= gt_boxes[None, :, 1]) & (y <= gt_boxes[None, :, 3])
-        quality = ok.float()
-    else:
-        quality = _iou(pred_boxes, gt_boxes)
-        ok = quality >= iou
-    used = torch.zeros(len(gt_boxes), dtype=torch.bool)
-    tp = 0
-    for i in pred_scores.argsort(descending=True).tolist():
-        cand = ok[i] & ~used
-        if cand.any():
-            j = int(torch.where(cand, quality[i], torch.full_like(quality[i], -1.0)).argmax())
-            used[j] = True
-            tp += 1
-    return tp, len(pred_points) - tp, len(gt_boxes) - tp
-
-
-def prf(tp: int, fp: int, fn: int) -> dict:
-    """Precision, recall and F1 (0 when undefined)."""
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    return {"precision": p, "recall": r, "F1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "fp": fp, "fn": fn}
 
 
 def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundTruth | None = None, *, split: str = "auto",
@@ -261,7 +201,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
                 for c_idx, cname in enumerate(cfg.classes):
                     g = ann.boxes_of(cname) * scale
                     v = found.valid[j, c_idx]
-                    for stats, boxes in ((point_stats, None), (box_stats, found.boxes[j, c_idx][v] + _PIXEL_EXTENT)):
+                    for stats, boxes in ((point_stats, None), (box_stats, found.boxes[j, c_idx][v] + PIXEL_EXTENT)):
                         r = match_instances(found.points[j, c_idx][v] + 0.5, found.scores[j, c_idx][v], g, boxes)  # pixel centres
                         stats[cname] = [a + b for a, b in zip(stats[cname], r)]
         if progress is not None:
@@ -273,9 +213,7 @@ def evaluate_counts(model, data: str | LabeledImages, annotations: str | GroundT
     instance_scores: dict[str, InstanceMetrics | None] = {"points": None, "boxes": None}
     if gt is not None:
         for key, stats in (("points", point_stats), ("boxes", box_stats)):
-            per = {c: prf(*v) for c, v in stats.items()}
-            scored = [p["F1"] for c, p in per.items() if sum(stats[c])]  # a class with no instance either way is left out
-            instance_scores[key] = InstanceMetrics(per, sum(scored) / len(scored) if scored else 0.0)
+            instance_scores[key] = instance_metrics(stats)
     return CountingReport(split=split, images=len(pred), count_views=views, counting=count_metrics(pred, truth, cfg.classes),
                           counting_raw=count_metrics(torch.cat(raws), truth, cfg.classes),
                           baseline=count_metrics(baseline, truth, cfg.classes),

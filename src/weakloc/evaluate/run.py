@@ -28,6 +28,7 @@ from weakloc.data.images import read_image
 from weakloc.data.labels import LabeledImages, check_split, load_labels, resolve_split
 from weakloc.errors import CheckpointError, ImageReadError, OptionError, WeaklocError
 from weakloc.evaluate.classification import classification_metrics
+from weakloc.evaluate.matching import InstanceMetrics, instance_metrics, region_instances
 from weakloc.evaluate.wsol import BoxAccuracyCounts, BoxMetrics, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list
 from weakloc.explain import centre_gaussian, get_method, pipeline
 from weakloc.explain.run import check_maps, model_device
@@ -167,6 +168,10 @@ class EvaluationReport(Result):
         centre_baseline: the centre Gaussian's :class:`~weakloc.evaluate.wsol.BoxMetrics`.
         counting: a counting model's :class:`~weakloc.evaluate.counting.CountingReport`, when the
             caller adds one (``dataclasses.replace(report, counting=...)``); None otherwise.
+        instances: every connected region of each sample's map at the fixed threshold
+            (``GT-known_tau``) as one instance box, matched one to one with the class's ground-truth
+            boxes at IoU >= 0.5: per-class precision / recall / F1 (a box around a whole school of
+            fish is one false positive and many misses here, where MaxBoxAccV2 counts a hit).
     """
 
     split: str
@@ -180,6 +185,7 @@ class EvaluationReport(Result):
     localization: WSOLMetrics
     centre_baseline: BoxMetrics
     counting: CountingReport | None = None
+    instances: InstanceMetrics | None = None
 
     def to_dict(self) -> dict:
         """The JSON ``weakloc evaluate --out`` writes (``counting`` only when there is one)."""
@@ -188,6 +194,8 @@ class EvaluationReport(Result):
                "unannotated_images": list(self.unannotated_images), "skipped_images": [dict(s) for s in self.skipped_images],
                "classification": dict(self.classification), "localization": self.localization.to_dict(),
                "centre_baseline": self.centre_baseline.to_dict()}
+        if self.instances is not None:
+            out["instances"] = self.instances.to_dict()
         if self.counting is not None:
             out["counting"] = self.counting.to_dict()
         return out
@@ -280,6 +288,7 @@ def evaluate_model(
     # counts, not per-sample arrays: memory does not grow with the test set (but for each image's class probabilities)
     sweeps, base_sweeps = BoxAccuracyCounts(taus), BoxAccuracyCounts(taus)
     hits = hits_correct = 0
+    instance_stats: dict[str, list[int]] = {}
     pxap_acc = PxAPAccumulator(taus, device)
     pxap_base = PxAPAccumulator(taus, device)
     has_masks = False
@@ -315,6 +324,9 @@ def evaluate_model(
             else:
                 correct = pr_rows.gather(1, cls_of[:, None])[:, 0] >= 0.5
             hits += int(hit.sum())
+            for r, (_, s) in zip(region_instances(maps, gts, tau_fixed), rows):
+                name = cfg.classes[samples[s].cls]
+                instance_stats[name] = [a + b for a, b in zip(instance_stats.get(name, [0, 0, 0]), r)]
             hits_correct += int((hit.cpu() & correct).sum())
             with_mask = [(maps[n], samples[s].mask()) for n, (_, s) in enumerate(rows) if samples[s].mask is not None]
             if with_mask:
@@ -346,7 +358,7 @@ def evaluate_model(
     return EvaluationReport(split=split, images=len(labeled), localization_samples=n, samples_per_class=per_class,
                             unscored_boxes=unscored, unannotated_images=unannotated,
                             skipped_images=skipped_images(labeled.paths, seen), classification=cls_metrics,
-                            localization=loc, centre_baseline=base)
+                            localization=loc, centre_baseline=base, instances=instance_metrics(instance_stats))
 
 
 def summary_rows(report: EvaluationReport | dict) -> list[dict]:
