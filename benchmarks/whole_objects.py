@@ -2,11 +2,14 @@
 
     uv run python benchmarks/whole_objects.py --dataset aquarium --out runs/whole-aquarium
     uv run python benchmarks/whole_objects.py --dataset bccd --out runs/whole-bccd
+    uv run python benchmarks/whole_objects.py --dataset synthetic --out runs/whole-synthetic
+    uv run python benchmarks/whole_objects.py --dataset all --rows cam,default,refine,ddt,cam+ddt,cam+ddt-refine   # one table per set
 
 Aquarium (../shared/datasets/aquarium): 7 classes, multi-label presence from the YOLO files as the
 only training label; the boxes of each present class score its map (MaxBoxAccV2, the protocol's
 GT-known setting), on the dataset's own test split. BCCD: "contains platelets?" (see
-``bccd_platelets.py``), scored on the platelet boxes of the positive test images.
+``bccd_platelets.py``), scored on the platelet boxes of the positive test images. Synthetic: the
+demo's data (600 shapes, ``backbones.py``'s), 160 px, scored on its val split.
 
 Every row is one lever added to the base (or a named combination); models are trained once and
 shared by the rows that only change the map. The centre baseline and plain CAM (the same backbone at
@@ -34,10 +37,13 @@ from bccd_platelets import write_labels as write_bccd_labels  # noqa: E402
 
 from weakloc.config import MapConfig, upgrade_v1  # noqa: E402
 from weakloc.data.annotations import read_annotations  # noqa: E402
+from weakloc.data.labels import load_labels, select_split  # noqa: E402
 from weakloc.errors import WeaklocError  # noqa: E402
 from weakloc.evaluate.calibrate import calibrate  # noqa: E402
 from weakloc.evaluate.run import evaluate_model  # noqa: E402
+from weakloc.explain.ddt import fit_directions  # noqa: E402
 from weakloc.models import load_model  # noqa: E402
+from weakloc.models.colocalization import load_directions, save_directions  # noqa: E402
 from weakloc.train import fine_tune  # noqa: E402
 
 #: trained models: name -> fine_tune keyword arguments (a ``teacher`` names another model here)
@@ -102,6 +108,13 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "k5-size-norm": ("stride16", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
                                                                              "normalizations": ("minmax", "pas")}},
                      "K = 5 picks the test-time size (1-3x) and the normalisation (min-max or PaS); CAM, clamped weights"),
+    # issue 18: evidence of objects the classifier does not need, and maps that follow the image's edges
+    "refine": ("stride32", "cam", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
+               "weakloc train's defaults + guided filter with the image (refine)"),
+    "ddt": ("stride32", "ddt", {"input_scale": 2}, "class co-localization of the backbone's features (DDT), 2x size"),
+    "cam+ddt": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True}, "CAM blended with DDT (weight 0.5), 2x size"),
+    "cam+ddt-refine": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
+                       "CAM + DDT, then the guided filter"),
     "k5-size-norm-s32": ("stride32", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
                                                                                  "normalizations": ("minmax", "pas")}},
                          "... the same choice for the plain stride-32 model"),
@@ -157,6 +170,12 @@ def prepare(row: str, labels: Path, gt, args, cfg: dict, chosen: dict | None = N
     stored = model.config.maps
     model.config.maps = dataclasses.replace(stored, test_size=None, options={},
                                             sources={k: v for k, v in stored.sources.items() if k not in ("test_size", "options")})
+    if method in ("ddt", "cam+ddt") and getattr(model, "colocalization", None) is None:  # the statistics, once per model
+        folder = args.out / model_name / "ddt"
+        model.colocalization = load_directions(folder, len(model.config.classes)) if (folder / "ddt.safetensors").is_file() else None
+        if model.colocalization is None:
+            model.colocalization = fit_directions(model, select_split(load_labels(labels), "train"))
+            save_directions(model.colocalization, folder)
     if "input_scale" in options:  # test-time resolution (`--test-size` of evaluate / localize)
         options["test_size"] = int(round(model.config.input_size * options.pop("input_scale") / 32) * 32)
     label = method
@@ -191,24 +210,40 @@ def calibrated(res: dict) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["aquarium", "bccd"], default="aquarium")
+    ap.add_argument("--dataset", choices=["aquarium", "bccd", "synthetic", "all"], default="aquarium")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--image-size", type=int, default=None, help="default: 320 (aquarium), 256 (bccd)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: 320 (aquarium), 256 (bccd), 160 (synthetic)")
     ap.add_argument("--root", type=Path, default=None, help="dataset folder (default: ../shared/datasets/<dataset>)")
     ap.add_argument("--per-class", default="5,10", help="K of the calibrated columns (annotated train images per class)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.dataset != "all":
+        return table(args.dataset, args)
+    out = args.out
+    for dataset in ("synthetic", "aquarium", "bccd"):
+        args.out = out / dataset if out else None
+        table(dataset, args)
+
+
+def table(dataset: str, args) -> None:
+    """Train what the rows need, score them (cached in OUT/results.json) and print the table."""
     ks = [int(k) for k in args.per_class.split(",") if k.strip()]
-    args.out = args.out or Path(f"runs/whole-{args.dataset}")
-    root = args.root or Path("../shared/datasets") / args.dataset
-    if args.dataset == "aquarium":
+    args.out = args.out or Path(f"runs/whole-{dataset}")
+    root = args.root or Path("../shared/datasets") / dataset
+    if dataset == "aquarium":
         labels, annotations = aquarium_labels(root, args.out)
-        cfg = {"size": args.image_size or 320, "monitor": "val_loss", "crop": (0.5, 1.0)}
-    else:
+        cfg = {"size": args.image_size or 320, "monitor": "val_loss", "crop": (0.5, 1.0), "split": "test"}
+    elif dataset == "bccd":
         labels, annotations = write_bccd_labels(root, args.out), root / "BCCD" / "Annotations"
-        cfg = {"size": args.image_size or 256, "monitor": "val_auroc", "crop": (0.6, 1.0)}
+        cfg = {"size": args.image_size or 256, "monitor": "val_auroc", "crop": (0.6, 1.0), "split": "test"}
+    else:
+        from backbones import synthetic_data
+
+        labels, annotations = synthetic_data(args.out, 600, args.seed)[:2]
+        labels = labels / "labels.csv"
+        cfg = {"size": args.image_size or 160, "monitor": "val_loss", "crop": None, "split": "val"}  # the demo: fine_tune's crops
     gt = read_annotations(annotations)
     cache = args.out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -218,11 +253,14 @@ def main() -> None:
             continue
         model, method, label, options = prepare(row, labels, gt, args, cfg, results.get(row, {}).get("chosen"))
         if row not in results:
-            rep = evaluate_model(model, labels, gt, method=method, maps=options, split="test", gt_known_tau=0.2).to_dict()
+            t0 = time.perf_counter()
+            rep = evaluate_model(model, labels, gt, method=method, maps=options, split=cfg["split"], gt_known_tau=0.2).to_dict()
+            per_image = (time.perf_counter() - t0) / rep["images"]
             seconds = args.out / ROWS[row][0] / "train_seconds.txt"
             results[row] = {"model": ROWS[row][0], "method": label, "options": ROWS[row][2], "classification": rep["classification"],
                             "localization": rep["localization"], "centre": rep["centre_baseline"], "images": rep["images"],
-                            "samples": rep["localization_samples"],
+                            "samples": rep["localization_samples"], "seconds_per_image": per_image,
+                            "instances": rep.get("instances"),
                             "train_seconds": float(seconds.read_text()) if seconds.is_file() else None}
             if "choose" in ROWS[row][2]:
                 results[row]["chosen"] = model.config.maps.to_dict()
@@ -234,7 +272,7 @@ def main() -> None:
                 print(f"{row}, K = {k}: {e}", flush=True)
                 results[row].setdefault("calibrated", {})[str(k)] = {"tau": None, "gt_known": None, "error": str(e)}
                 continue
-            rep_k = evaluate_model(model, labels, gt, method=method, maps=options, split="test", gt_known_tau=cal.threshold)
+            rep_k = evaluate_model(model, labels, gt, method=method, maps=options, split=cfg["split"], gt_known_tau=cal.threshold)
             results[row].setdefault("calibrated", {})[str(k)] = {"tau": cal.threshold, "gt_known": rep_k.localization.gt_known_loc}
         cache.write_text(json.dumps(results, indent=2))
     device = machine_name()
@@ -242,11 +280,11 @@ def main() -> None:
     first = results[rows[0]]
     plain = results.get("cam", {}).get("localization", {}).get("MaxBoxAccV2")
     centre = first["centre"]["MaxBoxAccV2"]
-    print(f"\n{args.dataset}, test split ({first['images']} images, {first['samples']} scored image-class pairs); "
+    print(f"\n{dataset}, {cfg['split']} split ({first['images']} images, {first['samples']} scored image-class pairs); "
           f"{cfg['size']} px, {args.epochs} epochs per model; {device}")
     print("| row | adds | model | map | acc / mAP | MaxBoxAccV2 | vs centre | vs plain CAM | IoU30/50/70 | GT-known @0.2 (K=0) | "
-          + " | ".join(f"GT-known @K={k} (tau)" for k in ks) + " |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ks))
+          + " | ".join(f"GT-known @K={k} (tau)" for k in ks) + " | instance F1 @0.2 | s / image |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(ks) + 2))
     for r in rows:
         res = results[r]
         loc, c = res["localization"], res["classification"]
@@ -256,10 +294,18 @@ def main() -> None:
         cols = " | ".join(f"{cal[str(k)]['gt_known']:.1f} ({cal[str(k)]['tau']:.2f})" if cal.get(str(k), {}).get("tau") is not None
                           else "no threshold" if str(k) in cal else "-" for k in ks)
         print(f"| {r} | {ROWS[r][3]} | {res['model']} | {res['method']} | {cls} | {loc['MaxBoxAccV2']:.1f} | {loc['MaxBoxAccV2'] - centre:+.1f} | "
-              f"{vs_cam} | {loc['IoU30']:.1f}/{loc['IoU50']:.1f}/{loc['IoU70']:.1f} | {loc['GT-known Loc']:.1f} | {cols} |")
+              f"{vs_cam} | {loc['IoU30']:.1f}/{loc['IoU50']:.1f}/{loc['IoU70']:.1f} | {loc['GT-known Loc']:.1f} | {cols} | "
+              f"{fmt(res.get('instances'), lambda v: v['F1'] * 100)} | {fmt(res.get('seconds_per_image'), lambda v: v, 2)} |")
     cb = first["centre"]
     print(f"| centre baseline | a centred Gaussian | - | - | - | {centre:.1f} | 0.0 | - | {cb['IoU30']:.1f}/{cb['IoU50']:.1f}/{cb['IoU70']:.1f} | "
-          f"{cb.get('GT-known Loc', float('nan')):.1f} | " + " | ".join("-" for _ in ks) + " |")
+          f"{cb.get('GT-known Loc', float('nan')):.1f} | " + " | ".join("-" for _ in ks) + " | - | - |")
+    print("(instance F1: every region at the fixed threshold one box, matched one to one at IoU 0.5, mean over classes; "
+          "s / image: evaluation time of the row's maps on this machine, older cached rows have none)")
+
+
+def fmt(value, get, digits: int = 1) -> str:
+    """A cell of a cached value that older caches may lack."""
+    return "-" if value is None else f"{get(value):.{digits}f}"
 
 
 if __name__ == "__main__":
