@@ -159,6 +159,7 @@ CORRUPTIONS = [
     ("maps-eigen-smooth-int", _set_maps("eigen_smooth", 1), "'maps.eigen_smooth'"),
     ("maps-dtype-unknown", _set_maps("dtype", "fp8"), "'maps.dtype'"),
     ("maps-normalization-number", _set_maps("normalization", 0.9), "'maps.normalization'"),
+    ("maps-refine-number", _set_maps("refine", 0.1), "'maps.refine'"),
     ("maps-test-size-zero", _set_maps("test_size", 0), "'maps.test_size'"),
     ("maps-options-list", _set_maps("options", ["cam"]), "'maps.options'"),
     ("maps-options-method-number", _set_maps("options", {"cam": 1}), "'maps.options'"),
@@ -216,7 +217,7 @@ def test_every_schema_field_has_a_corruption_case():
     assert set(CONFIG_SCHEMA) <= named
     assert {f"maps.{k}" for k in MAPS_SCHEMA} - {"maps.sources"} <= named | {"maps.sources"}
     assert {f"maps.{k}" for k in ("threshold", "method", "layer", "fusion", "tta", "eigen_smooth", "dtype", "normalization",
-                                  "test_size", "options", "box_sizes", "count_views")} <= named
+                                  "refine", "test_size", "options", "box_sizes", "count_views")} <= named
     assert {f"localization.{k}" for k in LOCALIZATION_SCHEMA} <= named
 
 
