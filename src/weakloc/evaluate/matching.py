@@ -82,9 +82,11 @@ def instance_metrics(stats: dict[str, list[int]]) -> InstanceMetrics:
     return InstanceMetrics(per, sum(scored) / len(scored) if scored else 0.0)
 
 
-def region_instances(maps: torch.Tensor, gt_boxes: list[torch.Tensor], threshold: float, iou: float = 0.5) -> list[tuple[int, int, int]]:
-    """Each connected region of each map above ``threshold`` as one instance box, matched one to one
-    with that map's ground-truth boxes at ``iou`` (regions by descending mean map value).
+def region_instances(maps: torch.Tensor, gt_boxes: list[torch.Tensor], threshold: float, iou: float = 0.5,
+                     min_area: int = 1) -> list[tuple[int, int, int]]:
+    """Each connected region of each map above ``threshold`` (of at least ``min_area`` pixels) as one
+    instance box, matched one to one with that map's ground-truth boxes at ``iou`` (regions by
+    descending mean map value).
 
     Args:
         maps: ``(N, H, W)`` normalised maps.
@@ -93,7 +95,8 @@ def region_instances(maps: torch.Tensor, gt_boxes: list[torch.Tensor], threshold
     Returns:
         N ``(true positives, false positives, false negatives)``.
     """
-    regions = region_boxes(binarize(maps, torch.full(maps.shape[:1], float(threshold), device=maps.device)), maps, keep="all")
+    regions = region_boxes(binarize(maps, torch.full(maps.shape[:1], float(threshold), device=maps.device)), maps, keep="all",
+                           min_area=min_area)
     out = []
     for found, gt in zip(regions, gt_boxes):
         boxes = found.boxes + PIXEL_EXTENT

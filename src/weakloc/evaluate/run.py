@@ -169,7 +169,8 @@ class EvaluationReport(Result):
         counting: a counting model's :class:`~weakloc.evaluate.counting.CountingReport`, when the
             caller adds one (``dataclasses.replace(report, counting=...)``); None otherwise.
         instances: every connected region of each sample's map at the fixed threshold
-            (``GT-known_tau``) as one instance box, matched one to one with the class's ground-truth
+            (``GT-known_tau``), but those smaller than one feature-map cell (output stride squared
+            pixels), as one instance box, matched one to one with the class's ground-truth
             boxes at IoU >= 0.5: per-class precision / recall / F1 (a box around a whole school of
             fish is one false positive and many misses here, where MaxBoxAccV2 counts a hit).
     """
@@ -289,6 +290,7 @@ def evaluate_model(
     sweeps, base_sweeps = BoxAccuracyCounts(taus), BoxAccuracyCounts(taus)
     hits = hits_correct = 0
     instance_stats: dict[str, list[int]] = {}
+    min_region = (cfg.output_stride or 32) ** 2  # a region smaller than one feature cell is a fragment of upsampling, not an object
     pxap_acc = PxAPAccumulator(taus, device)
     pxap_base = PxAPAccumulator(taus, device)
     has_masks = False
@@ -324,7 +326,7 @@ def evaluate_model(
             else:
                 correct = pr_rows.gather(1, cls_of[:, None])[:, 0] >= 0.5
             hits += int(hit.sum())
-            for r, (_, s) in zip(region_instances(maps, gts, tau_fixed), rows):
+            for r, (_, s) in zip(region_instances(maps, gts, tau_fixed, min_area=min_region), rows):
                 name = cfg.classes[samples[s].cls]
                 instance_stats[name] = [a + b for a, b in zip(instance_stats.get(name, [0, 0, 0]), r)]
             hits_correct += int((hit.cpu() & correct).sum())
