@@ -166,10 +166,10 @@ def prepare(row: str, labels: Path, gt, args, cfg: dict, chosen: dict | None = N
     model_name, method, options, _ = ROWS[row]
     model = load_model(train(model_name, labels, args, cfg))
     options = dict(options)
-    # rows state their test-time size (default: the training size) and their map options; fine_tune stores defaults of both
+    # rows state their test-time size (default: the training size), map options and refinement; fine_tune stores defaults of all
     stored = model.config.maps
-    model.config.maps = dataclasses.replace(stored, test_size=None, options={},
-                                            sources={k: v for k, v in stored.sources.items() if k not in ("test_size", "options")})
+    model.config.maps = dataclasses.replace(stored, test_size=None, options={}, refine=None,
+                                            sources={k: v for k, v in stored.sources.items() if k not in ("test_size", "options", "refine")})
     if method in ("ddt", "cam+ddt") and getattr(model, "colocalization", None) is None:  # the statistics, once per model
         folder = args.out / model_name / "ddt"
         model.colocalization = load_directions(folder, len(model.config.classes)) if (folder / "ddt.safetensors").is_file() else None
