@@ -14,8 +14,10 @@ offline) with one recipe and one seed, so the backbone is the only difference:
   320 px, crops of 50-100 % of the image; the threshold calibrated on 5 annotated train images per
   class; the dataset's test split scored. ``--images`` caps the training images (default: all).
 
-Every backbone trains at the same input size (not its own pretrained size: 224 / 240 / 260 px), so a
-difference comes from the features, not the resolution. Maps are CAM. The table: MaxBoxAccV2 (the
+Maps are CAM without the guided-filter refinement that ``fine_tune`` stores by default (the first
+rows were measured before it existed; the comparison is of the backbones' features). Every backbone
+trains at the same input size (not its own pretrained size: 224 / 240 / 260 px), so a
+difference comes from the features, not the resolution. The table: MaxBoxAccV2 (the
 best threshold), GT-known Loc and Top-1 Loc at the calibrated threshold, the centre baseline's
 MaxBoxAccV2, and the training time. Results are cached in OUT/results.json (delete a row to redo it).
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
 
+from weakloc.config import MapConfig  # noqa: E402
 from weakloc.data.labels import load_labels  # noqa: E402
 from weakloc.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
 from weakloc.demo import CALIBRATION_IMAGES, DEMO_IMAGE_SIZE, DEMO_OUTPUT_STRIDE  # noqa: E402
@@ -77,7 +80,7 @@ def measure(backbone: str, data, annotations, split: str, calibration: dict, set
     """Fine-tune ``backbone``, calibrate its threshold, score ``split``; the table's row."""
     t0 = time.perf_counter()
     result = fine_tune(data, args.out / backbone, backbone=backbone, output_stride=DEMO_OUTPUT_STRIDE, epochs=args.epochs,
-                       seed=args.seed, progress=False, **settings)
+                       seed=args.seed, progress=False, maps=MapConfig(refine="none"), **settings)
     seconds = time.perf_counter() - t0
     model = result.model
     calibrate(model, calibration["data"], annotations, per_class=calibration["per_class"], methods=("cam",),

@@ -115,3 +115,26 @@ def test_evaluate_reports_instances_for_every_gt_box(synth_single):
     per = rep.to_dict()["instances"]["per_class"]
     assert sum(v["tp"] + v["fn"] for v in per.values()) == rep.localization_samples  # one shape per synthetic image
     assert all(0 <= v["F1"] <= 1 for v in per.values())
+
+
+def test_a_never_calibrated_model_thresholds_refined_maps_at_their_own_default(tiny_model, tmp_path):
+    """Refined maps keep a spread of the map around the object, so the customary 0.3 / 0.2 would cut
+    far outside it: an uncalibrated model's refined maps use REFINED_THRESHOLD; a calibrated
+    threshold always wins."""
+    from weakloc.config import DEFAULT_BOX_THRESHOLD, DEFAULT_GT_KNOWN_THRESHOLD, REFINED_THRESHOLD
+    from weakloc.evaluate.run import stored_threshold
+    from weakloc.localize.run import localize_batches
+
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(image)
+    assert localize_batches(tiny_model, [image]).threshold == DEFAULT_BOX_THRESHOLD
+    assert localize_batches(tiny_model, [image], maps={"refine": "guided"}).threshold == REFINED_THRESHOLD
+    tiny_model.config.maps.refine = "guided"
+    assert localize_batches(tiny_model, [image]).threshold == REFINED_THRESHOLD
+    assert localize_batches(tiny_model, [image], maps={"refine": "none"}).threshold == DEFAULT_BOX_THRESHOLD
+    assert stored_threshold(tiny_model.config, "guided") == REFINED_THRESHOLD
+    assert stored_threshold(tiny_model.config, "none") == DEFAULT_GT_KNOWN_THRESHOLD
+    tiny_model.config.maps.threshold = 0.42
+    assert localize_batches(tiny_model, [image]).threshold == "calibrated" and stored_threshold(tiny_model.config, "guided") == 0.42

@@ -160,7 +160,8 @@ def test_config_json_holds_the_training_and_map_settings_used(trained):
     assert train["crop_scale"] == [0.35, 1.0] and train["backbone_lr"] == [0.01, 0.3] and train["freeze_epochs"] == 1
     maps = raw["maps"]
     assert maps["test_size"] == 128 and maps["options"] == DEFAULT_MAP_OPTIONS and maps["count_views"] is None
-    assert maps["sources"] == {"test_size": {"by": "fine_tune", "test_scale": 2.0}, "options": {"by": "fine_tune"}}
+    assert maps["refine"] == "guided"
+    assert maps["sources"] == {"test_size": {"by": "fine_tune", "test_scale": 2.0}, "options": {"by": "fine_tune"}, "refine": {"by": "fine_tune"}}
     assert raw["format_version"] == 2 and raw["backbone"] == "test_resnet" and raw["input_size"] == 64
 
 
@@ -187,10 +188,12 @@ def test_stored_map_settings_keep_what_the_caller_set():
     assert (maps.count_views, maps.test_size, maps.options, maps.sources) == ("none", 96, {"cam": {}}, {})
     maps = trained_maps(model, TrainConfig(dihedral=True), MapConfig(), options_given=False, transformer=False)
     assert maps.count_views == "dihedral" and maps.sources["count_views"] == {"by": "fine_tune", "dihedral": True}
-    assert maps.test_size is None  # counting models keep the training size
+    assert maps.test_size is None and maps.refine is None  # counting models keep the training size and their peaks' maps
     plain = ModelConfig(input_size=64, classes=["a", "b"])
     assert trained_maps(plain, TrainConfig(test_scale=1.5), MapConfig(), options_given=False, transformer=True).test_size is None
     assert trained_maps(plain, TrainConfig(test_scale=1.5), MapConfig(), options_given=False, transformer=False).test_size == 96
+    assert trained_maps(plain, TrainConfig(), MapConfig(), options_given=False, transformer=False).refine == "guided"
+    assert trained_maps(plain, TrainConfig(), MapConfig(refine="none"), options_given=False, transformer=False).refine == "none"
 
 
 def test_the_models_classes_must_be_the_datas():

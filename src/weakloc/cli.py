@@ -368,6 +368,8 @@ def train(
     density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
     density_context: bool = typer.Option(True, help="The density head also reads the last feature map (what each object is)."),
     test_scale: float = typer.Option(2.0, help="Maps and boxes are made on inputs this many times the training size (1: same)."),
+    refine: Optional[str] = typer.Option(None, help="Map refinement stored with the model: none | guided[:R[,EPS]] "
+                                         "(default: guided for a classifier, none for a counting model; see localize --refine)."),
     positive: Optional[str] = typer.Option(None, help="With two classes: the 'yes' class, making a yes/no task (default: yes/no only "
                                            "when the other class is a 'no' word such as no, negative, normal, absent)."),
     interpretation: bool = typer.Option(True, "--interpretation/--no-interpretation", help="After training, write "
@@ -399,6 +401,12 @@ def train(
         hide_prob=hide_prob, hide_grid=hide_grid, cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight,
         consistency_weight=consistency_weight, teacher_method=teacher_method, teacher_threshold=teacher_threshold, test_scale=test_scale)
     check_train_options(model, settings, out)  # before the labels (and any annotations) are read
+    maps = None
+    if refine is not None:
+        from weakloc.config import MapConfig
+
+        _check_map_options({"refine": refine})
+        maps = MapConfig(refine=refine)
     check_output_folder("--out", out)
     if counts or counts_from:
         from weakloc.data.counts import load_count_labels
@@ -410,7 +418,7 @@ def train(
 
         if rank_zero_only.rank == 0:
             console.print(f"task: {_printable(data.task_description)}", highlight=False)
-    result = fine_tune(data, out, model=model, train=settings, val=val, teacher=teacher, resume=resume, positive=positive)
+    result = fine_tune(data, out, model=model, train=settings, maps=maps, val=val, teacher=teacher, resume=resume, positive=positive)
     if result.rank != 0:  # another process of a distributed run: rank zero reports and writes
         return
     m = result.metrics

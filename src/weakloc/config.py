@@ -55,6 +55,17 @@ DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_BOX_THRESHOLD = 0.3
 #: fixed threshold of GT-known / Top-1 Loc for a model that was never calibrated (the CAM paper's)
 DEFAULT_GT_KNOWN_THRESHOLD = 0.2
+#: both of them for maps refined with the image (``refine`` other than none): a refined map's edges are
+#: the image's while its flat surroundings keep a spread of the map, so the customary fractions of
+#: the maximum cut far outside the object (docs/models.md, "Default map options")
+REFINED_THRESHOLD = 0.5
+
+
+def fallback_threshold(refine: str | None, default: float) -> float:
+    """The box threshold of a never-calibrated model: ``default`` for plain maps,
+    :data:`REFINED_THRESHOLD` for maps refined with the image."""
+    return default if refine in (None, "none") else REFINED_THRESHOLD
+
 # timm names, with an optional ".tag"; no "hf-hub:" names or paths, which make timm fetch or read files
 _BACKBONE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 

@@ -374,6 +374,8 @@ for command in ("localize", "evaluate", "explain"):  # issue 18: maps refined wi
     for v in ("foo", "guided:2", "guided:0.1,0.1,0.1"):
         opt(command, "--refine", v, E, match="--refine|refine")
 opt("localize", "--refine", "guided", OK)
+opt("train", "--refine", "foo", E, match="--refine|refine")
+opt("train", "--refine", "none", OK)
 opt("explain", "--refine", "guided:0.1,0.001", OK)
 opt("localize", "--tta", None, OK)
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weakloc.checks import check_float, check_int
-from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD, MapConfig
+from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD, MapConfig, fallback_threshold
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.images import read_image
@@ -80,13 +80,16 @@ def check_batch_size(batch_size, name: str = "batch_size") -> int:
     return check_int(name, batch_size, 1)
 
 
-def stored_threshold(cfg) -> float:
+def stored_threshold(cfg, refine: str | None = None) -> float:
     """The model's calibrated box threshold (``maps.threshold``), else
-    :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` (the CAM paper's); a value outside [0, 1]
-    is a :class:`~weakloc.errors.CheckpointError`."""
+    :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` (the CAM paper's), or for maps refined with
+    the image (``refine``) :data:`~weakloc.config.REFINED_THRESHOLD`; a value outside [0, 1] is a
+    :class:`~weakloc.errors.CheckpointError`."""
     tau = cfg.maps.threshold
+    if tau is None:
+        tau = fallback_threshold(refine, DEFAULT_GT_KNOWN_THRESHOLD)
     try:
-        return check_float("maps.threshold in the model's config.json", DEFAULT_GT_KNOWN_THRESHOLD if tau is None else tau, 0.0, 1.0)
+        return check_float("maps.threshold in the model's config.json", tau, 0.0, 1.0)
     except OptionError as e:
         raise CheckpointError(str(e)) from None
 
@@ -238,7 +241,8 @@ def evaluate_model(
             ``dtype``, ``normalization``, ``test_size``, ``positive_weights``, ...).
         step: threshold step of the sweep (``cam_curve_interval``).
         gt_known_tau: fixed threshold of GT-known / Top-1 Loc (default: the model's calibrated
-            threshold, else :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` as in the CAM paper).
+            threshold, else :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` as in the CAM paper, or
+            :data:`~weakloc.config.REFINED_THRESHOLD` for refined maps).
         gt_class: explicit ``{annotation class: model class}`` names.
         progress: optional callable ``(done, total)``.
 
@@ -281,7 +285,7 @@ def evaluate_model(
     for s_idx, s in enumerate(samples):
         by_image.setdefault(s.image, []).append(s_idx)
     taus = threshold_list(step)
-    tau_fixed = gt_known_tau if gt_known_tau is not None else stored_threshold(cfg)
+    tau_fixed = gt_known_tau if gt_known_tau is not None else stored_threshold(cfg, settings.refine)
     loader = DataLoader(ImageDataset.from_labels(labeled, eval_transform(size, cfg.mean, cfg.std)), batch_size=batch_size,
                         shuffle=False, collate_fn=collate_skip_bad)
     centre = centre_gaussian((size, size), device=device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from weakloc.checks import check_choice, check_int
-from weakloc.config import DEFAULT_BOX_THRESHOLD, MapConfig
+from weakloc.config import DEFAULT_BOX_THRESHOLD, MapConfig, fallback_threshold
 from weakloc.data.dataset import DECODERS
 from weakloc.data.images import list_images
 from weakloc.errors import OptionError
@@ -384,7 +384,8 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
             :func:`default_target`.
         threshold: a number in [0, 1), ``otsu``, ``percentile:Q``, ``calibrated``, or ``auto`` (the
             model's calibrated threshold, ``maps.threshold``, if any, else
-            :data:`~weakloc.config.DEFAULT_BOX_THRESHOLD`).
+            :data:`~weakloc.config.DEFAULT_BOX_THRESHOLD`, or :data:`~weakloc.config.REFINED_THRESHOLD` for
+            refined maps).
         keep: ``all`` regions or the ``largest`` per map.
         min_area: regions smaller than this many map pixels are dropped (``keep="all"``).
         count_views: counting models: test-time views counts are averaged over (``none``,
@@ -411,17 +412,17 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     keep = check_choice("keep", keep, ("all", "largest"))
     check_progress(progress)
     check_maps(maps)
-    calibrated = cfg.maps.threshold
-    if isinstance(threshold, str) and threshold == "auto":
-        threshold = "calibrated" if calibrated is not None else DEFAULT_BOX_THRESHOLD
-    threshold = check_threshold(threshold, calibrated)
-    target = default_target(model) if target is None else check_target(target, cfg.classes)
     if method is not None:
         check_method(method)
     counting = getattr(model, "counting_head", None) is not None
     if not counting and (count_views is not None or _asked(maps, "count_views")):
         raise OptionError("count_views: only counting models average test-time views (use tta in maps for maps)")
     settings = pipeline.map_settings(model, maps, **given_settings(method=method, count_views=count_views))
+    calibrated = cfg.maps.threshold
+    if isinstance(threshold, str) and threshold == "auto":
+        threshold = "calibrated" if calibrated is not None else fallback_threshold(settings.refine, DEFAULT_BOX_THRESHOLD)
+    threshold = check_threshold(threshold, calibrated)
+    target = default_target(model) if target is None else check_target(target, cfg.classes)
     device = model_device(model, device)
     model = model.to(device).eval()
     return LocalizeBatches(model, settings, threshold, target, keep, min_area, list_images(images), batch_size, device, display_size,

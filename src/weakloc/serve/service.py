@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from weakloc.checks import check_choice, check_int
-from weakloc.config import DEFAULT_BOX_THRESHOLD
+from weakloc.config import DEFAULT_BOX_THRESHOLD, fallback_threshold
 from weakloc.errors import OptionError, WeaklocError
 from weakloc.explain import pipeline
 from weakloc.explain.maps import upsample
@@ -294,7 +294,7 @@ class Service:
 
     def default_threshold(self) -> float:
         """The page's first threshold: the model's calibrated one, else the default."""
-        return float(self.calibrated) if self.calibrated is not None else DEFAULT_BOX_THRESHOLD
+        return float(self.calibrated) if self.calibrated is not None else fallback_threshold(self.config.maps.refine, DEFAULT_BOX_THRESHOLD)
 
     def check(self, method=None, target=None, threshold="auto", keep="all", min_area=4) -> Settings:
         """A request's settings checked before any work (an :class:`OptionError` naming the field)."""

@@ -34,7 +34,7 @@ from weakloc.errors import OptionError, WeaklocError
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decision_threshold, default_backbone_lr
-from weakloc.train.options import (DEFAULT_MAP_OPTIONS, TrainSettings, check_train_options, process_layout,  # noqa: F401 -- re-exported
+from weakloc.train.options import (DEFAULT_MAP_OPTIONS, DEFAULT_REFINE, TrainSettings, check_train_options, process_layout,  # noqa: F401 -- re-exported
                                    scaled_size, settle_settings)
 from weakloc.train.state import (RESUME_KEYS, SKIPPED_FILE, TMP_SUFFIX, AtomicCheckpointIO, StopOnSignal,  # noqa: F401 -- re-exported
                                  TrainingHistory, TrainingInterrupted, check_resumable, remove_stale_temporaries,
@@ -412,8 +412,10 @@ def trained_maps(model: ModelConfig, train: TrainConfig, maps: MapConfig, *, opt
     them unset -- the test-time size ``train.test_scale`` times the training size (not for counting
     models, whose counts are learnt at the training scale, the attention head, whose maps are dense
     already, nor transformers, whose position embeddings fix the input size), a counting model's
-    count views (the views training made equivalent, docs/counting.md) and
-    :data:`~weakloc.train.options.DEFAULT_MAP_OPTIONS`. ``sources`` says which ``fine_tune`` set."""
+    count views (the views training made equivalent, docs/counting.md),
+    :data:`~weakloc.train.options.DEFAULT_MAP_OPTIONS` and, for a classifier (not a counting model,
+    whose instances come from its own peaks), :data:`~weakloc.train.options.DEFAULT_REFINE`.
+    ``sources`` says which ``fine_tune`` set."""
     sources = {k: dict(v) for k, v in maps.sources.items()}
     out = replace(maps, options={m: dict(o) for m, o in maps.options.items()}, sources=sources)
     if out.test_size is None and train.test_scale != 1 and model.counting is None and model.head != "attention" and not transformer:
@@ -425,6 +427,9 @@ def trained_maps(model: ModelConfig, train: TrainConfig, maps: MapConfig, *, opt
     if not options_given:
         out.options = {m: dict(o) for m, o in DEFAULT_MAP_OPTIONS.items()}
         sources["options"] = {"by": "fine_tune"}
+    if out.refine is None and model.counting is None:
+        out.refine = DEFAULT_REFINE
+        sources["refine"] = {"by": "fine_tune"}
     return out
 
 

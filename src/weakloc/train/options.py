@@ -39,6 +39,9 @@ TRAINING_DENSITY = {"density_stage": -3, "density_hidden": 64, "density_context"
 #: map options :func:`~weakloc.train.fine_tune` stores with a model unless the caller gives some:
 #: CAM with negative class weights clamped (docs/results.md, the demo and Aquarium sections)
 DEFAULT_MAP_OPTIONS: dict[str, dict] = {"cam": {"positive_weights": True}}
+#: the map refinement a trained classifier stores (docs/models.md, "Default map options"): maps smoothed
+#: along the image's edges before boxes are taken
+DEFAULT_REFINE = "guided"
 #: what ``monitor`` may name: the validation metrics the training module logs
 MONITORS = ("val_loss", "val_acc", "val_auroc", "val_prauc", "val_map", "val_count_mae")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
