@@ -111,10 +111,17 @@ def test_evaluate_reports_instances_for_every_gt_box(synth_single):
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="test_resnet", classes=load_labels(synth_single).classes, input_size=64, output_stride=8, drop_rate=0.0)
-    rep = evaluate_model(WeaklocNet(cfg, pretrained="none").eval(), synth_single, synth_single / "annotations.json", split="val")
-    per = rep.to_dict()["instances"]["per_class"]
-    assert sum(v["tp"] + v["fn"] for v in per.values()) == rep.localization_samples  # one shape per synthetic image
-    assert all(0 <= v["F1"] <= 1 for v in per.values())
+    net = WeaklocNet(cfg, pretrained="none").eval()
+    found = {}
+    for keep in ("all", "peaks"):
+        rep = evaluate_model(net, synth_single, synth_single / "annotations.json", split="val", keep=keep)
+        inst = rep.to_dict()["instances"]
+        per = inst["per_class"]
+        assert inst["keep"] == keep
+        assert sum(v["tp"] + v["fn"] for v in per.values()) == rep.localization_samples  # one shape per synthetic image
+        assert all(0 <= v["F1"] <= 1 for v in per.values())
+        found[keep] = sum(v["tp"] + v["fp"] for v in per.values())
+    assert found["peaks"] >= found["all"]  # splitting never merges regions
 
 
 def test_a_never_calibrated_model_thresholds_refined_maps_at_their_own_default(tiny_model, tmp_path):

@@ -97,7 +97,8 @@ def print_report(report: dict, title: str = "Evaluation") -> None:
     inst = report.get("instances")
     if inst:
         tp, fp, fn = (sum(v[k] for v in inst["per_class"].values()) for k in ("tp", "fp", "fn"))
-        console.print(f"instances (each region at {loc['GT-known_tau']:.2f} one box, IoU >= 0.5, one to one): "
+        rule = "each region split at its peaks" if inst.get("keep") == "peaks" else "each region"
+        console.print(f"instances ({rule} at {loc['GT-known_tau']:.2f} one box, IoU >= 0.5, one to one): "
                       f"{tp} of {tp + fn} objects found, {fp} false box(es); mean F1 over classes {inst['F1'] * 100:.1f}")
 
 
@@ -475,7 +476,7 @@ def localize(
     out: Path = typer.Option(Path("weakloc-localize"), "--out", "-o"),
     target: Optional[str] = typer.Option(None, help="predicted | all | topK | CLASS (default: predicted / positive / present classes)."),
     threshold: str = typer.Option("auto", help="auto (the calibrated one, else 0.3) | NUMBER | otsu | percentile:Q | calibrated"),
-    keep: str = typer.Option("all", help="all regions, or the largest per map."),
+    keep: str = typer.Option("all", help="all regions, the largest per map, or peaks: every region split at the map's peaks (touching objects)."),
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(16),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)."),
@@ -490,12 +491,13 @@ def localize(
     and at the end detections.json (COCO), counts.csv (counting models) and index.html. Run the same command again after an
     interruption to finish the rest; under torchrun each rank takes its share."""
     from weakloc.checks import check_choice
+    from weakloc.localize.regions import KEEP
     from weakloc.localize.threshold import parse_threshold
     from weakloc.report.localization import PICTURES, localize_to_folder
 
     opts = _check_run_options(batch_size, count_views, maps)
     check_output_folder("--out", out)
-    check_choice("--keep", keep, ("all", "largest"))
+    check_choice("--keep", keep, KEEP)
     check_choice("--pictures", pictures, PICTURES)
     check_choice("--decode", decode, ("cpu", "device"))
     workers = default_workers() if workers is None else check_int("--workers", workers, 0)
@@ -567,6 +569,7 @@ def evaluate(
     step: float = typer.Option(0.01, help="Threshold step of the sweep (cam_curve_interval)."),
     gt_known_tau: Optional[float] = typer.Option(None, help="Fixed threshold of GT-known / Top-1 Loc (default: the calibrated one, else 0.2)."),
     gt_class: Optional[list[str]] = typer.Option(None, help="ANNOTATION_CLASS=MODEL_CLASS (repeatable)."),
+    keep: str = typer.Option("all", help="Instance boxes: all regions, or peaks: every region split at the map's peaks (crowds)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON here."),
     count_views: CountViewsOpt = None,
     batch_size: int = typer.Option(32),
@@ -580,12 +583,14 @@ def evaluate(
     from weakloc.checks import check_float
     from weakloc.evaluate.run import evaluate_model
     from weakloc.evaluate.wsol import MIN_STEP
+    from weakloc.localize.regions import KEEP
 
     opts = _check_run_options(batch_size, count_views, maps, split)
     if out:
         check_output_file("--out", out)
     check_float("--step", step, MIN_STEP, 0.5)
     check_float("--gt-known-tau", gt_known_tau, 0.0, 1.0, allow_none=True)
+    check_choice("--keep", keep, KEEP)
     net = _load(model, device, **network)
     counting = None
     if net.counting_head is not None:
@@ -598,7 +603,8 @@ def evaluate(
                                        count_views=count_views, progress=update)
     with progress_bar("evaluating") as update:
         report = evaluate_model(net, data, annotations, maps=opts, split=split, step=step, gt_known_tau=gt_known_tau,
-                                gt_class=_parse_gt_class(gt_class), batch_size=batch_size, progress=update)
+                                gt_class=_parse_gt_class(gt_class), keep=keep, batch_size=batch_size,
+                                progress=update)
     print_report(report)
     if counting is not None:
         print_counting(counting)

@@ -377,6 +377,9 @@ opt("localize", "--refine", "guided", OK)
 opt("train", "--refine", "foo", E, match="--refine|refine")
 opt("train", "--refine", "none", OK)
 opt("explain", "--refine", "guided:0.1,0.001", OK)
+for command in ("localize", "evaluate"):  # issue 18: regions split at the map's peaks
+    opt(command, "--keep", "split", E, match="--keep|keep")
+    opt(command, "--keep", "peaks", OK)
 opt("localize", "--tta", None, OK)
 
 # --- old spellings (docs/changelog.md): each still works, with a one-line warning naming the new

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weakloc.localize.regions import binarize, region_boxes
+from weakloc.localize.regions import PEAK_PROMINENCE, binarize, region_boxes
 from weakloc.results import Result
 
 #: inclusive pixel extents -> continuous box corners
@@ -83,7 +83,7 @@ def instance_metrics(stats: dict[str, list[int]]) -> InstanceMetrics:
 
 
 def region_instances(maps: torch.Tensor, gt_boxes: list[torch.Tensor], threshold: float, iou: float = 0.5,
-                     min_area: int = 1) -> list[tuple[int, int, int]]:
+                     min_area: int = 1, keep: str = "all", prominence: float = PEAK_PROMINENCE) -> list[tuple[int, int, int]]:
     """Each connected region of each map above ``threshold`` (of at least ``min_area`` pixels) as one
     instance box, matched one to one with that map's ground-truth boxes at ``iou`` (regions by
     descending mean map value).
@@ -91,12 +91,14 @@ def region_instances(maps: torch.Tensor, gt_boxes: list[torch.Tensor], threshold
     Args:
         maps: ``(N, H, W)`` normalised maps.
         gt_boxes: N ``(M, 4)`` inclusive pixel boxes (the WSOL protocol's convention).
+        keep: ``all`` (each connected region) or ``peaks`` (regions split at the map's peaks of at
+            least ``prominence``, :func:`~weakloc.localize.regions.split_at_peaks`).
 
     Returns:
         N ``(true positives, false positives, false negatives)``.
     """
-    regions = region_boxes(binarize(maps, torch.full(maps.shape[:1], float(threshold), device=maps.device)), maps, keep="all",
-                           min_area=min_area)
+    regions = region_boxes(binarize(maps, torch.full(maps.shape[:1], float(threshold), device=maps.device)), maps, keep=keep,
+                           min_area=min_area, prominence=prominence)
     out = []
     for found, gt in zip(regions, gt_boxes):
         boxes = found.boxes + PIXEL_EXTENT

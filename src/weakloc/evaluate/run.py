@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from weakloc.checks import check_float, check_int
+from weakloc.checks import check_choice, check_float, check_int
 from weakloc.config import DEFAULT_GT_KNOWN_THRESHOLD, MapConfig, fallback_threshold
 from weakloc.data.annotations import GroundTruth, match_annotations, read_annotations
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
@@ -32,6 +32,7 @@ from weakloc.evaluate.matching import InstanceMetrics, instance_metrics, region_
 from weakloc.evaluate.wsol import BoxAccuracyCounts, BoxMetrics, PxAPAccumulator, WSOLMetrics, box_sweep, check_step, threshold_list
 from weakloc.explain import centre_gaussian, get_method, pipeline
 from weakloc.explain.run import check_maps, model_device
+from weakloc.localize.regions import KEEP
 from weakloc.results import Result
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ class EvaluationReport(Result):
             pixels), as one instance box, matched one to one with the class's ground-truth
             boxes at IoU >= 0.5: per-class precision / recall / F1 (a box around a whole school of
             fish is one false positive and many misses here, where MaxBoxAccV2 counts a hit).
+        instance_keep: the rule of ``instances``: ``all`` regions, or ``peaks`` (split at the map's peaks).
     """
 
     split: str
@@ -190,6 +192,7 @@ class EvaluationReport(Result):
     centre_baseline: BoxMetrics
     counting: CountingReport | None = None
     instances: InstanceMetrics | None = None
+    instance_keep: str = "all"
 
     def to_dict(self) -> dict:
         """The JSON ``weakloc evaluate --out`` writes (``counting`` only when there is one)."""
@@ -199,7 +202,7 @@ class EvaluationReport(Result):
                "classification": dict(self.classification), "localization": self.localization.to_dict(),
                "centre_baseline": self.centre_baseline.to_dict()}
         if self.instances is not None:
-            out["instances"] = self.instances.to_dict()
+            out["instances"] = {"keep": self.instance_keep, **self.instances.to_dict()}
         if self.counting is not None:
             out["counting"] = self.counting.to_dict()
         return out
@@ -216,6 +219,7 @@ def evaluate_model(
     step: float = 0.01,
     gt_known_tau: float | None = None,
     gt_class: dict[str, str] | None = None,
+    keep: str = "all",
     batch_size: int = 32,
     device: str | torch.device | None = None,
     progress=None,
@@ -244,6 +248,9 @@ def evaluate_model(
             threshold, else :data:`~weakloc.config.DEFAULT_GT_KNOWN_THRESHOLD` as in the CAM paper, or
             :data:`~weakloc.config.REFINED_THRESHOLD` for refined maps).
         gt_class: explicit ``{annotation class: model class}`` names.
+        keep: how the instance boxes (``instances``) are taken: ``all`` connected regions, or
+            ``peaks`` (each region split at the map's peaks; ``largest`` is one box per map, the
+            protocol's own rule).
         progress: optional callable ``(done, total)``.
 
     Returns:
@@ -262,6 +269,7 @@ def evaluate_model(
     gt_known_tau = check_float("gt_known_tau", gt_known_tau, 0.0, 1.0, allow_none=True)
     batch_size = check_batch_size(batch_size)
     gt_class = check_gt_class(gt_class)
+    keep = check_choice("keep", keep, KEEP)
     settings = pipeline.map_settings(model, check_maps(maps), method=method)
     device = model_device(model, device)
     model = model.to(device).eval()
@@ -330,7 +338,7 @@ def evaluate_model(
             else:
                 correct = pr_rows.gather(1, cls_of[:, None])[:, 0] >= 0.5
             hits += int(hit.sum())
-            for r, (_, s) in zip(region_instances(maps, gts, tau_fixed, min_area=min_region), rows):
+            for r, (_, s) in zip(region_instances(maps, gts, tau_fixed, min_area=min_region, keep=keep), rows):
                 name = cfg.classes[samples[s].cls]
                 instance_stats[name] = [a + b for a, b in zip(instance_stats.get(name, [0, 0, 0]), r)]
             hits_correct += int((hit.cpu() & correct).sum())
@@ -364,7 +372,7 @@ def evaluate_model(
     return EvaluationReport(split=split, images=len(labeled), localization_samples=n, samples_per_class=per_class,
                             unscored_boxes=unscored, unannotated_images=unannotated,
                             skipped_images=skipped_images(labeled.paths, seen), classification=cls_metrics,
-                            localization=loc, centre_baseline=base, instances=instance_metrics(instance_stats))
+                            localization=loc, centre_baseline=base, instances=instance_metrics(instance_stats), instance_keep=keep)
 
 
 def summary_rows(report: EvaluationReport | dict) -> list[dict]:

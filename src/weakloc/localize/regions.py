@@ -12,8 +12,18 @@ import cv2
 import numpy as np
 import torch
 
+from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
 from weakloc.checks import check_choice, check_int
 from weakloc.errors import OptionError
+
+#: how regions become boxes: the largest region per map, every region, or every region split at its peaks
+KEEP = ("largest", "all", "peaks")
+#: ``keep="peaks"``: a peak splits its region when it rises at least this far (normalised map units) above
+#: the saddle to any higher peak (its dynamic), so ripples of a smooth map do not split one object
+PEAK_PROMINENCE = 0.1
 
 
 @dataclass
@@ -37,19 +47,57 @@ def binarize(maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return maps > thresholds[..., None, None]
 
 
-def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest", min_area: int = 1) -> list[Detection]:
+def split_at_peaks(mask: np.ndarray, heat: np.ndarray, prominence: float = PEAK_PROMINENCE) -> np.ndarray:
+    """Split the foreground of one map into one region per peak: the map's maxima whose dynamic is at
+    least ``prominence`` seed a watershed of the inverted map inside ``mask``, so two touching objects
+    with a dip between them become two regions; a connected region without such a peak stays whole.
+
+    Args:
+        mask: ``(H, W)`` uint8 foreground; heat: ``(H, W)`` float normalised map.
+
+    Returns:
+        ``(H, W)`` int32 labels, 0 background, 1..R regions.
+    """
+    whole, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return whole.astype(np.int32)
+    seeds, found = ndimage.label(h_maxima(heat.astype(np.float64), prominence).astype(bool) & (mask > 0),
+                                 structure=np.ones((3, 3)))
+    split = watershed(-heat, seeds, mask=mask > 0) if found else np.zeros_like(whole)
+    # regions the seeds did not reach (no peak of that dynamic inside) keep their own label
+    return np.where(split > 0, split, np.where(whole > 0, whole + found, 0)).astype(np.int32)
+
+
+def _label_stats(labels: np.ndarray, heat: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels ``0..n-1`` (0 background) -> (n, boxes ``(n-1, 4)`` inclusive x0 y0 x1 y1, areas, map sums),
+    the way OpenCV's ``connectedComponentsWithStats`` gives them; labels without pixels get area 0."""
+    n = int(labels.max()) + 1
+    area = np.bincount(labels.ravel(), minlength=n)[1:].astype(np.float64)
+    sums = np.bincount(labels.ravel(), weights=heat.ravel(), minlength=n)[1:]
+    boxes = np.zeros((n - 1, 4), np.int64)
+    for i, sl in enumerate(ndimage.find_objects(labels, max_label=n - 1)):
+        if sl is not None:
+            boxes[i] = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
+    return n, boxes, area, sums
+
+
+def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest", min_area: int = 1,
+                 prominence: float = PEAK_PROMINENCE) -> list[Detection]:
     """Boxes of the connected regions (8-connectivity) of each mask.
 
     Args:
         masks: ``(N, H, W)`` bool.
         maps: ``(N, H, W)`` normalised maps (region scores are their mean inside a region).
-        keep: ``largest`` (one box per map, the largest region) or ``all``.
-        min_area: regions smaller than this many pixels are dropped (``all`` only; 0 and 1 keep every region).
+        keep: ``largest`` (one box per map, the largest region), ``all``, or ``peaks`` (every region
+            split at the map's peaks, :func:`split_at_peaks`: touching objects, schools of fish).
+        min_area: regions smaller than this many pixels are dropped (``all`` and ``peaks``; 0 and 1
+            keep every region).
+        prominence: ``peaks``: the least dynamic of a peak that splits a region.
 
     Returns:
         N :class:`Detection` (CPU tensors); a map with no foreground gives no box.
     """
-    check_choice("keep", keep, ("largest", "all"))
+    check_choice("keep", keep, KEEP)
     check_int("min_area", min_area, 0)
     if masks.ndim != 3 or masks.shape != maps.shape:
         raise OptionError(f"region_boxes: masks {tuple(masks.shape)} and maps {tuple(maps.shape)} must both be (N, H, W)")
@@ -57,23 +105,24 @@ def region_boxes(masks: torch.Tensor, maps: torch.Tensor, keep: str = "largest",
     maps_np = maps.detach().float().cpu().numpy()
     out: list[Detection] = []
     for m, s in zip(masks_np, maps_np):
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        if keep == "peaks":
+            n, corners, area, sums = _label_stats(split_at_peaks(m, s, prominence), s)
+        else:
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+            stats = stats[1:]
+            sums = np.bincount(labels.ravel(), weights=s.ravel(), minlength=n)[1:]
+            area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+            corners = np.concatenate([stats[:, :2], stats[:, :2] + stats[:, 2:4] - 1], 1)
         if n <= 1:
             out.append(Detection(torch.zeros(0, 4), torch.zeros(0)))
             continue
-        stats = stats[1:]
-        sums = np.bincount(labels.ravel(), weights=s.ravel(), minlength=n)[1:]
-        area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
         order = np.argsort(-area, kind="stable")
         if keep == "largest":
             order = order[:1]
         else:
-            order = order[area[order] >= min_area]
-        x0, y0 = stats[order, 0], stats[order, 1]
-        x1 = x0 + stats[order, 2] - 1
-        y1 = y0 + stats[order, 3] - 1
-        boxes = np.stack([x0, y0, x1, y1], 1).astype(np.float32)
-        out.append(Detection(torch.from_numpy(boxes), torch.from_numpy((sums[order] / area[order]).astype(np.float32))))
+            order = order[area[order] >= max(min_area, 1)]
+        boxes = corners[order].astype(np.float32).reshape(-1, 4)
+        out.append(Detection(torch.from_numpy(boxes), torch.from_numpy((sums[order] / np.maximum(area[order], 1)).astype(np.float32))))
     return out
 
 

@@ -29,7 +29,7 @@ from weakloc.explain import normalize_minmax, pipeline
 from weakloc.explain.run import (ImageBatch, SkippedFile, check_maps, check_method, check_progress, check_target, given_settings,
                                  image_batches, model_device)
 from weakloc.localize.instances import Instances, counting_forward, output_instances, predicted_counts
-from weakloc.localize.regions import binarize, region_boxes, scale_boxes
+from weakloc.localize.regions import KEEP, binarize, region_boxes, scale_boxes
 from weakloc.localize.threshold import check_threshold, thresholds_for
 from weakloc.models.classifier import check_finite
 from weakloc.results import Result
@@ -386,8 +386,9 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
             model's calibrated threshold, ``maps.threshold``, if any, else
             :data:`~weakloc.config.DEFAULT_BOX_THRESHOLD`, or :data:`~weakloc.config.REFINED_THRESHOLD` for
             refined maps).
-        keep: ``all`` regions or the ``largest`` per map.
-        min_area: regions smaller than this many map pixels are dropped (``keep="all"``).
+        keep: ``all`` regions, the ``largest`` per map, or ``peaks`` (every region split at the map's
+            peaks, :func:`~weakloc.localize.regions.split_at_peaks`).
+        min_area: regions smaller than this many map pixels are dropped (``keep="all"`` or ``"peaks"``).
         count_views: counting models: test-time views counts are averaged over (``none``,
             ``flip``, ``dihedral``); None: the model's stored ``maps.count_views``, else ``none``.
         display_size: longest side of the pictures kept for overlays; None: no pictures.
@@ -409,7 +410,7 @@ def localize_batches(model, images, *, method: str | None = None, maps: MapConfi
     display_size = None if display_size is None else check_int("display_size", display_size, 1)
     workers = check_int("workers", workers, 0)
     decode = check_choice("decode", decode, DECODERS)
-    keep = check_choice("keep", keep, ("all", "largest"))
+    keep = check_choice("keep", keep, KEEP)
     check_progress(progress)
     check_maps(maps)
     if method is not None:

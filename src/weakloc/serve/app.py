@@ -144,7 +144,7 @@ Paths = Annotated[list[str], Form(description="images under --images DIR, by rel
 Method = Annotated[str | None, Form(description="heatmap method (GET /api/model lists them with their cost); default: the model's")]
 Target = Annotated[str | None, Form(description="predicted | all | topK | a class name or index; default as weakloc localize")]
 Threshold = Annotated[str, Form(description="auto (the calibrated one, else 0.3) | a number in [0, 1) | otsu | percentile:Q | calibrated")]
-Keep = Annotated[str, Form(description="all regions, or the largest per map")]
+Keep = Annotated[str, Form(description="all regions, the largest per map, or peaks: every region split at its peaks")]
 MinArea = Annotated[int, Form(description="drop regions smaller than this many map pixels")]
 Maps = Annotated[str, Form(description="none | png | array: each map, normalised, as a grey PNG or uint8 array (base64)")]
 Masks = Annotated[str, Form(description="none | rle (COCO RLE at the image's size) | map (RLE at the map's size)")]

@@ -35,7 +35,7 @@ from weakloc.explain import pipeline
 from weakloc.explain.maps import upsample
 from weakloc.explain.registry import METHODS, ExplainMethod
 from weakloc.explain.run import check_method, check_target
-from weakloc.localize.regions import binarize, region_boxes, scale_boxes
+from weakloc.localize.regions import KEEP, binarize, region_boxes, scale_boxes
 from weakloc.localize.run import CountBatch, LocalizedBox, LocalizedImage, RegionBatch, default_target, localize_batches
 from weakloc.localize.threshold import check_threshold, parse_threshold, thresholds_for
 from weakloc.report.overlay import blend, colorize, draw_detections
@@ -311,7 +311,7 @@ class Service:
         threshold = "auto" if threshold in (None, "") else threshold
         if threshold != "auto":
             threshold = check_threshold(_as_threshold(threshold), self.calibrated)
-        keep = check_choice("keep", keep, ("all", "largest"))
+        keep = check_choice("keep", keep, KEEP)
         min_area = check_int("min_area", min_area, 0)
         return Settings(method, target, threshold, keep, min_area)
 
@@ -426,7 +426,7 @@ class Service:
         if threshold is not None:
             threshold = check_threshold(_as_threshold(threshold), self.calibrated)
         if keep is not None:
-            keep = check_choice("keep", keep, ("all", "largest"))
+            keep = check_choice("keep", keep, KEEP)
         if min_area is not None:
             min_area = check_int("min_area", min_area, 0)
         images, annotations = [], []
