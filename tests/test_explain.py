@@ -28,7 +28,7 @@ def test_cam_raw_is_classifier_weights_times_features(tiny_model):
 def test_maps_shapes_device_and_range(tiny_model):
     x = torch.randn(3, 3, 64, 64)
     for name in METHODS:
-        if name in ("attention", "localizer", "rollout", "grad-rollout", "ddt", "cam+ddt"):  # own head, transformer, statistics: own tests
+        if name in ("attention", "localizer", "box", "rollout", "grad-rollout", "ddt", "cam+ddt"):  # own head, transformer, statistics: own tests
             continue
         h = explain(tiny_model, x, name, target="top2")
         assert h.raw.shape == h.normalized.shape == (3, 2, 64, 64)

@@ -9,7 +9,7 @@ from weakloc.errors import AnnotationError, WeaklocError
 from weakloc.explain import explain
 from weakloc.train import fine_tune
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
-from weakloc.train.pseudo import localizer_loss, pseudo_masks
+from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
 
 
 def _peaked(h=6, w=6):
@@ -60,9 +60,11 @@ def test_dropout_consistency_zero_when_evidence_is_even_and_positive_when_peaked
 
 def test_pseudo_masks_and_localizer_loss(tiny_model):
     x = torch.randn(2, 3, 64, 64)
-    masks = pseudo_masks(tiny_model, x, (8, 8), "cam", threshold=0.5)
+    maps = teacher_maps(tiny_model, x, "cam")
+    assert torch.equal(maps, explain(tiny_model, x, "cam", target="all").normalized)
+    masks = pseudo_masks(maps, (8, 8), threshold=0.5)
     assert masks.shape == (2, 3, 8, 8) and set(masks.unique().tolist()) <= {0.0, 1.0}
-    expected = (explain(tiny_model, x, "cam", target="all", size=(8, 8)).normalized >= 0.5).float()
+    expected = (F.avg_pool2d(maps, 8) >= 0.5).float()  # each 8x8 block's mean
     assert torch.equal(masks, expected)
     present = torch.tensor([[True, False, False], [False, True, True]])
     perfect = (masks * 2 - 1) * 30
@@ -73,16 +75,82 @@ def test_pseudo_masks_and_localizer_loss(tiny_model):
         localizer_loss(zero[:, :, :4], masks, present)
 
 
+def test_pseudo_boxes_are_the_extent_of_the_present_classes_foreground():
+    maps = torch.zeros(3, 2, 10, 20)
+    maps[0, 0, 2:5, 4:9] = 1.0  # class 0: rows 2-4, columns 4-8
+    maps[0, 1, 7:9, 15:17] = 1.0  # class 1, absent from image 0: ignored
+    maps[1, 0, 1:3, 0:2] = 0.9
+    maps[1, 1, 6:10, 10:20] = 0.6  # both present in image 1: their union's extent
+    present = torch.tensor([[True, False], [True, True], [True, True]])
+    boxes, valid = pseudo_boxes(maps, present, threshold=0.5)
+    assert valid.tolist() == [True, True, False]  # image 2 has no foreground
+    assert boxes[0].tolist() == pytest.approx([4 / 20, 2 / 10, 9 / 20, 5 / 10])
+    assert boxes[1].tolist() == pytest.approx([0.0, 0.1, 1.0, 1.0])
+    assert boxes[2].tolist() == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(WeaklocError, match="pseudo_boxes"):
+        pseudo_boxes(maps, present[:, :1])
+
+
+def test_box_loss_is_zero_on_the_target_and_ignores_invalid_images():
+    t = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]])
+    valid = torch.tensor([True, False])
+    assert box_loss(t.clone(), t, valid).item() == pytest.approx(0.0, abs=1e-6)
+    off = torch.tensor([[0.5, 0.6, 0.9, 0.9], [0.3, 0.3, 0.4, 0.4]], requires_grad=True)
+    loss = box_loss(off, t, valid)
+    assert loss.item() > 1.0  # disjoint boxes: GIoU loss above 1, plus the L1
+    loss.backward()
+    assert off.grad[1].abs().sum() == 0  # the invalid image's box gets no gradient
+    assert box_loss(off, t, torch.tensor([False, False])).item() == 0.0
+
+
+def test_box_head_regresses_a_box_at_any_input_size():
+    from weakloc.models.heads import BoxHead
+
+    head = BoxHead(4)
+    untrained = head(torch.randn(2, 4, 6, 6))
+    assert untrained.shape == (2, 4) and (untrained >= 0).all() and (untrained <= 1).all()
+    assert untrained[0].tolist() == pytest.approx([0.25, 0.25, 0.75, 0.75], abs=1e-5)  # uniform weights, 0.25 each way
+    # objectness from channel 0 of the features: all weight on one position puts the box around it
+    with torch.no_grad():
+        head.conv.weight[0, 0] = 50.0
+    f = torch.zeros(1, 4, 10, 10)
+    f[0, 0, 1, 8] = 1.0
+    box = head(f)[0]
+    assert box.tolist() == pytest.approx([0.85 - 0.25, 0.0, 1.0, 0.15 + 0.25], abs=1e-4)  # clamped to the image
+    # the same box from a finer grid of the same picture (a larger input)
+    f2 = torch.zeros(1, 4, 20, 20)
+    f2[0, 0, 2:4, 16:18] = 1.0
+    with torch.no_grad():
+        head.conv.weight[0, 0] = 500.0
+    assert head(f2)[0].tolist() == pytest.approx(box.tolist(), abs=1e-3)
+
+
+def test_box_method_draws_the_box():
+    from weakloc.explain.methods import box_map
+
+    m = box_map(torch.tensor([[0.25, 0.0, 0.75, 0.5]]), (4, 8))
+    assert m[0].tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0], [0] * 8, [0] * 8]
+
+
 def test_second_stage_trains_a_localizer_from_a_teacher(synth_single, tmp_path):
     kw = dict(backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=1, freeze_epochs=0,
               batch_size=8, progress=False, workers=0, limit_batches=2)
     first = fine_tune(synth_single, tmp_path / "first", align_weight=1.0, consistency_weight=1.0, **kw)
     with pytest.raises(WeaklocError, match="no localizer head"):
         explain(first.model, torch.randn(1, 3, 64, 64), "localizer")
+    with pytest.raises(WeaklocError, match="no box head"):
+        explain(first.model, torch.randn(1, 3, 64, 64), "box")
     second = fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, **kw)
-    assert second.model.config.localizer
+    assert second.model.config.localizer and second.model.config.box_head
     h = explain(second.model, torch.randn(2, 3, 64, 64), "localizer", target="all")
     assert h.raw.shape == (2, 3, 64, 64) and 0 <= h.raw.min() and h.raw.max() <= 1
+    boxes = explain(second.model, torch.randn(2, 3, 64, 64), "box", target="all")
+    assert boxes.raw.shape == (2, 3, 64, 64) and set(boxes.raw.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(boxes.raw[:, 0], boxes.raw[:, 2])  # class-agnostic: one box for every class
+    from weakloc.models import load_model
+
+    reloaded = load_model(second.model_dir)  # the box head's weights travel with the model folder
+    assert reloaded.config.box_head and torch.equal(reloaded.box_head.conv.weight, second.model.box_head.conv.weight)
     from dataclasses import replace
 
     from weakloc.data.labels import load_labels

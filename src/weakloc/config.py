@@ -252,6 +252,8 @@ class ModelConfig:
             stage's grid (needs ``density_stage`` and ``density_hidden``).
         localizer: a second-stage localizer head trained on a first-stage model's pseudo-masks
             (PSOL's idea; see ``fine_tune(teacher=)``); its maps are the method ``localizer``.
+        box_head: a second-stage class-agnostic box regressor trained on the first-stage model's
+            pseudo-boxes (:class:`~weakloc.models.heads.BoxHead`); its box is the method ``box``.
         maps: how the model's maps are made (:class:`MapConfig`).
         train: how the model was trained (:class:`TrainConfig`), None when unknown.
         format_version: the ``config.json`` format (:data:`FORMAT_VERSION`).
@@ -278,6 +280,7 @@ class ModelConfig:
     density_hidden: int = 0
     density_context: bool = False
     localizer: bool = False
+    box_head: bool = False
     maps: MapConfig = field(default_factory=MapConfig)
     train: TrainConfig | None = None
     format_version: int = FORMAT_VERSION
@@ -463,6 +466,7 @@ CONFIG_SCHEMA: dict[str, _Rule] = {
     "density_hidden": (_int_in(0, 4096), "a whole number of channels in 0..4096"),
     "density_context": (_is_bool, "true or false"),
     "localizer": (_is_bool, "true or false"),
+    "box_head": (_is_bool, "true or false"),
     "maps": _OBJECT,
     "train": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "localization": _OBJECT,  # format 1

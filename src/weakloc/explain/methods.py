@@ -266,6 +266,27 @@ def localizer_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: st
     return probs.gather(1, targets[..., None, None].expand(-1, -1, *probs.shape[-2:])), targets, out.logits
 
 
+def box_map(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, 4)`` boxes ``x0, y0, x1, y1`` in ``[0, 1]`` image coordinates -> ``(B, H, W)`` maps, 1 on
+    the pixels whose centre lies inside the box and 0 elsewhere."""
+    h, w = size
+    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) / w
+    b = boxes.float()[:, :, None]
+    inside_x = (xs[None] >= b[:, 0]) & (xs[None] <= b[:, 2])  # (B, W)
+    inside_y = (ys[None] >= b[:, 1]) & (ys[None] <= b[:, 3])  # (B, H)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+
+
+def box_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
+    """The second-stage box regressor's class-agnostic box, as a map at the images' size (1 inside the
+    box): the same box for every target, whose class the classifier gives (PSOL's combination)."""
+    out = _head_forward(model, images, layer, "box_head", "box", "train a second stage: weakloc train DATA --teacher FIRST_MODEL")
+    targets = targets_fn(out.logits)
+    maps = box_map(out.box, tuple(images.shape[-2:]))
+    return maps[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, out.logits
+
+
 def principal_projection(x: torch.Tensor) -> torch.Tensor:
     """First principal component of each map's channel vectors, as a map.
 

@@ -66,6 +66,7 @@ for _name, _fn, _grad, _relu, _summary in [
     ("eigengradcam", methods.eigengradcam, True, True, "EigenGrad-CAM: first principal component of gradient x activation"),
     ("attention", methods.attention_maps, False, False, "The trainable attention head's own maps (models trained with --head attention)"),
     ("localizer", methods.localizer_maps, False, False, "The second-stage localizer's object maps (models trained with --teacher)"),
+    ("box", methods.box_maps, False, False, "The second-stage class-agnostic box regressor's box (models trained with --teacher)"),
     ("rollout", rollout.rollout, False, False, "Attention rollout through every transformer layer (head fusion, discard ratio)"),
     ("grad-rollout", rollout.grad_rollout, True, False, "Gradient-weighted attention rollout, per target"),
     ("random", methods.random_baseline, False, False, "Baseline: uniform random map"),

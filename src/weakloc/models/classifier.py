@@ -18,7 +18,7 @@ from weakloc.config import HEADS, TASKS, ModelConfig
 from weakloc.errors import WeaklocError
 from weakloc.models.backbone import create_backbone, input_normalization
 from weakloc.models.grid import to_grid
-from weakloc.models.heads import CBAM, AttentionHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
+from weakloc.models.heads import CBAM, AttentionHead, BoxHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
 
 
 def check_finite(tensor: torch.Tensor, what: str, names: Sequence[str] | None = None) -> torch.Tensor:
@@ -54,6 +54,8 @@ class ModelOutput(NamedTuple):
         head_counts: ``(B, K)`` the pooled count head's own prediction (``count``/``both``), else None.
         localizer: ``(B, K, h, w)`` the second-stage localizer's logits (sigmoid: object
             probability per class and position), else None.
+        box: ``(B, 4)`` the second-stage box regressor's class-agnostic box ``x0, y0, x1, y1`` in
+            ``[0, 1]`` image coordinates, else None.
     """
 
     logits: torch.Tensor
@@ -64,6 +66,7 @@ class ModelOutput(NamedTuple):
     density: torch.Tensor | None = None
     head_counts: torch.Tensor | None = None
     localizer: torch.Tensor | None = None
+    box: torch.Tensor | None = None
 
 
 class WeaklocNet(nn.Module):
@@ -112,6 +115,7 @@ class WeaklocNet(nn.Module):
                                               density_channels=density_channels, hidden=config.density_hidden, positions=positions,
                                               context=config.density_context and self._density_index is not None)
         self.localizer = nn.Conv2d(self.backbone.num_features, len(config.classes), 1) if config.localizer else None
+        self.box_head = BoxHead(self.backbone.num_features) if config.box_head else None
         self.attention_head = None
         if config.head == "attention":
             stages = sorted({s % n for s in config.attention_stages if -n <= s < n})
@@ -162,7 +166,8 @@ class WeaklocNet(nn.Module):
         if self.counting_head is not None:
             counts, density, head_counts = self.counting_head(f, density_features)
         localizer = self.localizer(f) if self.localizer is not None else None
-        return ModelOutput(logits, maps, f, attention, counts, density, head_counts, localizer)
+        box = self.box_head(f) if self.box_head is not None else None
+        return ModelOutput(logits, maps, f, attention, counts, density, head_counts, localizer, box)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from a last feature map alone ``(N, C, h, w) -> (N, K)`` (not for the attention head,
@@ -191,7 +196,7 @@ class WeaklocNet(nn.Module):
         trained from the first epoch)."""
         cbam = [p for m in self.backbone.modules() if isinstance(m, CBAM) for p in m.parameters()]
         head = list(self.classifier.parameters())
-        for extra in (self.attention_head, self.counting_head, self.localizer):
+        for extra in (self.attention_head, self.counting_head, self.localizer, self.box_head):
             if extra is not None:
                 head += list(extra.parameters())
         return head + cbam

@@ -73,6 +73,7 @@ class TimmClassifier(nn.Module):
     counting_head = None
     attention_head = None
     localizer = None
+    box_head = None
 
     def __init__(self, net: nn.Module, config: ModelConfig):
         super().__init__()

@@ -220,3 +220,33 @@ class CountingHead(nn.Module):
         head = F.softplus(self.count(features.mean((2, 3)))) if self.count is not None else None
         counts = density.sum((2, 3)) if density is not None else head
         return counts, density, head
+
+
+class BoxHead(nn.Module):
+    """A class-agnostic box regressor on a feature map (the second stage of PSOL, Zhang et al. CVPR
+    2020, made fully convolutional so it answers at any input size).
+
+    A 1x1 convolution gives each position an objectness logit and its distances to the box's four
+    sides (softplus, in fractions of the image side, as FCOS regresses them); the box is the
+    softmax-objectness-weighted mean of the positions' boxes, in ``[0, 1]`` image coordinates.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 5, 1)
+        nn.init.zeros_(self.conv.weight)
+        # softplus(b) = 0.25: an untrained head answers a box half the image wide around each position
+        nn.init.constant_(self.conv.bias[1:], math.log(math.expm1(0.25)))
+        nn.init.zeros_(self.conv.bias[:1])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, 4)`` boxes ``x0, y0, x1, y1`` in ``[0, 1]`` image coordinates."""
+        out = self.conv(features).float()
+        b, _, h, w = out.shape
+        weight = out[:, 0].flatten(1).softmax(-1)  # (B, h*w)
+        dist = F.softplus(out[:, 1:]).flatten(2)  # (B, 4, h*w): left, top, right, bottom
+        ys = (torch.arange(h, device=out.device, dtype=out.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=out.device, dtype=out.dtype) + 0.5) / w
+        cy, cx = (v.reshape(-1) for v in torch.meshgrid(ys, xs, indexing="ij"))
+        boxes = torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1)  # (B, 4, h*w)
+        return (boxes * weight[:, None]).sum(-1).clamp(0, 1)

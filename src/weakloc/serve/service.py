@@ -69,6 +69,8 @@ def method_problem(model, name: str) -> str | None:
         return "this model has no attention head (train with --head attention)"
     if name == "localizer" and getattr(model, "localizer", None) is None:
         return "this model has no localizer (train a second stage with --teacher)"
+    if name == "box" and getattr(model, "box_head", None) is None:
+        return "this model has no box head (train a second stage with --teacher)"
     if name in ("rollout", "grad-rollout"):
         from weakloc.explain.rollout import attention_probabilities
 

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from weakloc.config import MapConfig, ModelConfig, TrainConfig
+from weakloc.config import MapConfig, ModelConfig, TrainConfig, fallback_threshold
 from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
 from weakloc.errors import OptionError, WeaklocError
@@ -197,9 +197,9 @@ def settle_for_data(model: ModelConfig, train: TrainConfig, labeled: LabeledImag
 
 
 def load_teacher(teacher, model: ModelConfig, train: TrainConfig) -> tuple[WeaklocNet | None, ModelConfig, TrainConfig]:
-    """The first-stage model (or None), the config with a localizer head to learn its maps, and the
-    teacher's map method and threshold settled: the given ones, else the teacher's calibrated ones,
-    else ``cam`` and 0.2."""
+    """The first-stage model (or None), the config with a localizer head to learn its maps and a box
+    head to learn its boxes, and the teacher's map method and threshold settled: the given ones, else
+    the teacher's calibrated ones, else ``cam`` and 0.2 (0.5 for refined maps)."""
     if teacher is None:
         return None, model, train
     net = teacher if isinstance(teacher, WeaklocNet) else load_model(teacher)
@@ -207,8 +207,9 @@ def load_teacher(teacher, model: ModelConfig, train: TrainConfig) -> tuple[Weakl
         raise WeaklocError(f"the teacher's classes {net.config.classes} differ from the data's {model.classes}")
     stored = net.config.maps
     train = replace(train, teacher_method=train.teacher_method or stored.method or "cam",
-                    teacher_threshold=next(t for t in (train.teacher_threshold, stored.threshold, 0.2) if t is not None))
-    return net, replace(model, localizer=True), train
+                    teacher_threshold=next(t for t in (train.teacher_threshold, stored.threshold,
+                                                       fallback_threshold(stored.refine, 0.2)) if t is not None))
+    return net, replace(model, localizer=True, box_head=True), train
 
 
 def build_model(model: ModelConfig, train: TrainConfig, teacher: WeaklocNet | None) -> WeaklocNet:

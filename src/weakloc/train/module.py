@@ -19,7 +19,7 @@ from weakloc.evaluate.classification import classification_metrics
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
-from weakloc.train.pseudo import localizer_loss, pseudo_masks
+from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
 
 
 #: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when
@@ -50,16 +50,17 @@ class ClassifierModule(pl.LightningModule):
         model: the network.
         settings: the losses, their weights, augmentation and the optimiser (:class:`TrainConfig`;
             ``backbone_lr`` None: :func:`default_backbone_lr`).
-        teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``,
-            thresholded at ``settings.teacher_threshold``, default 0.2) train ``model``'s localizer head.
+        teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``, refined
+            as the teacher stores, thresholded at ``settings.teacher_threshold``, default 0.2) train
+            ``model``'s localizer head (masks) and box head (the extent of the present classes' masks).
     """
 
     def __init__(self, model: WeaklocNet, settings: TrainConfig, teacher: WeaklocNet | None = None):
         super().__init__()
         self.model = model
         self.settings = settings
-        if (teacher is None) != (model.localizer is None):
-            raise ValueError("a localizer head is trained from a teacher, and a teacher needs a model with a localizer head")
+        if (teacher is None) != (model.localizer is None and model.box_head is None):
+            raise ValueError("second-stage heads (localizer, box) are trained from a teacher, and a teacher needs a model with one")
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
         self.teacher_method = settings.teacher_method or "cam"
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
@@ -133,9 +134,14 @@ class ClassifierModule(pl.LightningModule):
             if o.consistency_weight:
                 loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
         if self._teacher and training:  # validation runs without gradients, which some teacher maps need
-            masks = pseudo_masks(self._teacher[0], batch["image"], tuple(out.localizer.shape[-2:]), self.teacher_method,
-                                 self.teacher_threshold)
-            loss = loss + localizer_loss(out.localizer, masks, present_classes(presence, k))
+            teacher = self._teacher[0]
+            maps = teacher_maps(teacher, batch["image"], self.teacher_method, teacher.config.maps.refine)
+            present = present_classes(presence, k)
+            if out.localizer is not None:
+                masks = pseudo_masks(maps, tuple(out.localizer.shape[-2:]), self.teacher_threshold)
+                loss = loss + localizer_loss(out.localizer, masks, present)
+            if out.box is not None:
+                loss = loss + box_loss(out.box, *pseudo_boxes(maps, present, self.teacher_threshold))
         return loss, out.logits, presence
 
     def _crop_consistency(self, images: torch.Tensor, density: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ MODEL_SETTINGS = ("backbone", "input_size", "output_stride", "drop_rate", "head"
 TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))
 #: :class:`ModelConfig` fields :func:`~weakloc.train.fine_tune` sets itself, and from what
 SET_BY_TRAINING = {"classes": "the data's classes", "task": "the data's labels", "positive_class": "positive=",
-                   "decision_threshold": "the validation images", "localizer": "teacher=", "maps": "maps=", "train": "train="}
+                   "decision_threshold": "the validation images", "localizer": "teacher=", "box_head": "teacher=", "maps": "maps=", "train": "train="}
 #: old keyword -> the setting it became (kept with a DeprecationWarning)
 DEPRECATED = {"image_size": "input_size", "num_workers": "workers", "val_data": "val", "map_options": "maps"}
 #: the density head of a counting model trained without a ModelConfig: the 3x3 head on stage -3
