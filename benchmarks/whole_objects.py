@@ -96,6 +96,7 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "hires-800-positive": ("stride16", "cam", {"test_size": 800, "positive_weights": True}, "stride 16, 800 px, clamped weights"),
     "has-640": ("has", "cam", {"test_size": 640}, "Hide-and-Seek, input 640 px at test time"),
     "psol-640": ("psol", "localizer", {"test_size": 640}, "second stage, input 640 px at test time"),
+    "box-x2": ("psol", "box", {"input_scale": 2}, "second stage's class-agnostic box regressor (PSOL), 2x test-time size"),
     "align-640": ("align", "cam", {"test_size": 640}, "alignment + consistency, input 640 px at test time"),
     "x2": ("stride16", "cam", {"input_scale": 2}, "stride 16, input twice the training size at test time"),
     "x2-eigencam": ("stride16", "eigencam", {"input_scale": 2}, "... Eigen-CAM instead of CAM"),

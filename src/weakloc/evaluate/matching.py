@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision.ops import box_iou
 
 from weakloc.localize.regions import PEAK_PROMINENCE, binarize, region_boxes
 from weakloc.results import Result
@@ -27,15 +28,6 @@ class InstanceMetrics(Result):
         return {"per_class": {c: dict(v) for c, v in self.per_class.items()}, "F1": self.f1}
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of ``(N, 4)`` and ``(M, 4)`` continuous boxes -> ``(N, M)``."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
-
-
 def match_instances(pred_points: torch.Tensor, pred_scores: torch.Tensor, gt_boxes: torch.Tensor,
                     pred_boxes: torch.Tensor | None = None, iou: float = 0.5) -> tuple[int, int, int]:
     """Greedy one-to-one matching by descending score: a point matches an unmatched GT box that
@@ -54,7 +46,7 @@ def match_instances(pred_points: torch.Tensor, pred_scores: torch.Tensor, gt_box
         ok = (x >= gt_boxes[None, :, 0]) & (x <= gt_boxes[None, :, 2]) & (y >= gt_boxes[None, :, 1]) & (y <= gt_boxes[None, :, 3])
         quality = ok.float()
     else:
-        quality = _iou(pred_boxes, gt_boxes)
+        quality = box_iou(pred_boxes.float(), gt_boxes.float()).nan_to_num(0.0)  # two empty boxes: no overlap
         ok = quality >= iou
     used = torch.zeros(len(gt_boxes), dtype=torch.bool)
     tp = 0
