@@ -116,6 +116,7 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "cam+ddt": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True}, "CAM blended with DDT (weight 0.5), 2x size"),
     "cam+ddt-refine": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
                        "CAM + DDT, then the guided filter"),
+    "attention-refine": ("attention", "attention", {"refine": "guided"}, "attention head's maps, then the guided filter"),
     "k5-size-norm-s32": ("stride32", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
                                                                                  "normalizations": ("minmax", "pas")}},
                          "... the same choice for the plain stride-32 model"),
