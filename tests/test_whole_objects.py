@@ -108,7 +108,7 @@ def test_box_head_regresses_a_box_at_any_input_size():
 
     head = BoxHead(4)
     untrained = head(torch.randn(2, 4, 6, 6))
-    assert untrained.shape == (2, 4) and (untrained >= 0).all() and (untrained <= 1).all()
+    assert untrained.shape == (2, 4)
     assert untrained[0].tolist() == pytest.approx([0.25, 0.25, 0.75, 0.75], abs=1e-5)  # uniform weights, 0.25 each way
     # objectness from channel 0 of the features: all weight on one position puts the box around it
     with torch.no_grad():
@@ -116,7 +116,8 @@ def test_box_head_regresses_a_box_at_any_input_size():
     f = torch.zeros(1, 4, 10, 10)
     f[0, 0, 1, 8] = 1.0
     box = head(f)[0]
-    assert box.tolist() == pytest.approx([0.85 - 0.25, 0.0, 1.0, 0.15 + 0.25], abs=1e-4)  # clamped to the image
+    # not clamped to the image: a side past the border still gets a gradient back
+    assert box.tolist() == pytest.approx([0.85 - 0.25, 0.15 - 0.25, 0.85 + 0.25, 0.15 + 0.25], abs=1e-4)
     # the same box from a finer grid of the same picture (a larger input)
     f2 = torch.zeros(1, 4, 20, 20)
     f2[0, 0, 2:4, 16:18] = 1.0
@@ -128,7 +129,7 @@ def test_box_head_regresses_a_box_at_any_input_size():
 def test_box_method_draws_the_box():
     from weakloc.explain.methods import box_map
 
-    m = box_map(torch.tensor([[0.25, 0.0, 0.75, 0.5]]), (4, 8))
+    m = box_map(torch.tensor([[0.25, -0.2, 0.75, 0.5]]), (4, 8))
     assert m[0].tolist() == [[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0], [0] * 8, [0] * 8]
 
 

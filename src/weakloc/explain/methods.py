@@ -267,8 +267,8 @@ def localizer_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: st
 
 
 def box_map(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(B, 4)`` boxes ``x0, y0, x1, y1`` in ``[0, 1]`` image coordinates -> ``(B, H, W)`` maps, 1 on
-    the pixels whose centre lies inside the box and 0 elsewhere."""
+    """``(B, 4)`` boxes ``x0, y0, x1, y1`` in image coordinates (``[0, 1]`` is the image; a box may pass
+    its border) -> ``(B, H, W)`` maps, 1 on the pixels whose centre lies inside the box, 0 elsewhere."""
     h, w = size
     ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) / w

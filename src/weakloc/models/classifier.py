@@ -55,7 +55,7 @@ class ModelOutput(NamedTuple):
         localizer: ``(B, K, h, w)`` the second-stage localizer's logits (sigmoid: object
             probability per class and position), else None.
         box: ``(B, 4)`` the second-stage box regressor's class-agnostic box ``x0, y0, x1, y1`` in
-            ``[0, 1]`` image coordinates, else None.
+            image coordinates (``[0, 1]`` is the image; not clamped), else None.
     """
 
     logits: torch.Tensor

@@ -228,7 +228,9 @@ class BoxHead(nn.Module):
 
     A 1x1 convolution gives each position an objectness logit and its distances to the box's four
     sides (softplus, in fractions of the image side, as FCOS regresses them); the box is the
-    softmax-objectness-weighted mean of the positions' boxes, in ``[0, 1]`` image coordinates.
+    softmax-objectness-weighted mean of the positions' boxes, in image coordinates (``[0, 1]`` is the
+    image). It is not clamped to the image: a clamp would stop the gradient of a side that overshoots
+    the border, and that side would stay there for good.
     """
 
     def __init__(self, channels: int):
@@ -240,7 +242,7 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.conv.bias[:1])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)`` -> ``(B, 4)`` boxes ``x0, y0, x1, y1`` in ``[0, 1]`` image coordinates."""
+        """``(B, C, h, w)`` -> ``(B, 4)`` boxes ``x0, y0, x1, y1`` in image coordinates (may pass the border)."""
         out = self.conv(features).float()
         b, _, h, w = out.shape
         weight = out[:, 0].flatten(1).softmax(-1)  # (B, h*w)
@@ -249,4 +251,4 @@ class BoxHead(nn.Module):
         xs = (torch.arange(w, device=out.device, dtype=out.dtype) + 0.5) / w
         cy, cx = (v.reshape(-1) for v in torch.meshgrid(ys, xs, indexing="ij"))
         boxes = torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1)  # (B, 4, h*w)
-        return (boxes * weight[:, None]).sum(-1).clamp(0, 1)
+        return (boxes * weight[:, None]).sum(-1)
