@@ -80,7 +80,7 @@ def test_constant_and_nan_maps_normalise_to_zeros():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(WeaklocError, match="unknown explanation method 'nope'; known: ablationcam, attention, cam, "):
+    with pytest.raises(WeaklocError, match="unknown explanation method 'nope'; known: ablationcam, attention, box, cam, "):
         from weakloc.explain import get_method
         get_method("nope")
 

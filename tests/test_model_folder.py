@@ -147,6 +147,7 @@ CORRUPTIONS = [
     ("density-hidden-negative", _set("density_hidden", -1), "'density_hidden'"),
     ("density-context-string", _set("density_context", "yes"), "'density_context'"),
     ("localizer-int", _set("localizer", 1), "'localizer'"),
+    ("box-head-string", _set("box_head", "yes"), "'box_head'"),
     ("maps-list", _set("maps", []), "'maps'"),
     ("maps-null", _set("maps", None), "'maps'"),
     ("maps-unknown-key", _set_maps("colour", "red"), "'maps'"),
