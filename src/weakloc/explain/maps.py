@@ -191,3 +191,13 @@ def refine_maps(maps: torch.Tensor, images: torch.Tensor, how: str | None) -> to
     grey = normalize_minmax(grey)  # the guide on [0, 1] per image, whatever the normalisation of the inputs
     radius = max(1, round(params[0] * min(maps.shape[-2:])))
     return guided_filter(grey, maps, radius, params[1])
+
+
+def at_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, 3, H, W)`` resized to ``size x size`` (bilinear, antialiased), or as they are.
+
+    A second stage's teacher makes its targets at its own inference size (``maps.test_size``), where
+    its maps were measured; the box regressor answers at the size it was trained at."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

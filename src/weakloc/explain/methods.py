@@ -17,7 +17,7 @@ from torch import nn
 
 from weakloc.errors import WeaklocError
 from weakloc.explain.layers import activation_grid, capture_activation, find_layer, forward_to_layer, is_weakloc_net, to_grid
-from weakloc.explain.maps import normalize_minmax, upsample
+from weakloc.explain.maps import at_size, normalize_minmax, upsample
 
 TargetsFn = Callable[[torch.Tensor], torch.Tensor]
 #: ``(logits (B, K), targets (B, T)) -> scores (B, T)``: what a gradient method differentiates.
@@ -280,8 +280,11 @@ def box_map(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def box_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None):
     """The second-stage box regressor's class-agnostic box, as a map at the images' size (1 inside the
-    box): the same box for every target, whose class the classifier gives (PSOL's combination)."""
-    out = _head_forward(model, images, layer, "box_head", "box", "train a second stage: weakloc train DATA --teacher FIRST_MODEL")
+    box): the same box for every target, whose class the classifier gives (PSOL's combination).
+
+    The regressor reads the images resized to the model's training size: it learnt the sides'
+    distances from objects at that scale, and at twice the size its boxes shrink towards the centre."""
+    out = _head_forward(model, at_size(images, model.config.input_size), layer, "box_head", "box", "train a second stage: weakloc train DATA --teacher FIRST_MODEL")
     targets = targets_fn(out.logits)
     maps = box_map(out.box, tuple(images.shape[-2:]))
     return maps[:, None].expand(-1, targets.shape[1], -1, -1).contiguous(), targets, out.logits

@@ -19,7 +19,7 @@ from weakloc.evaluate.classification import classification_metrics
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
-from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
+from weakloc.train.pseudo import at_size, box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
 
 
 #: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when
@@ -135,7 +135,9 @@ class ClassifierModule(pl.LightningModule):
                 loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
         if self._teacher and training:  # validation runs without gradients, which some teacher maps need
             teacher = self._teacher[0]
-            maps = teacher_maps(teacher, batch["image"], self.teacher_method, teacher.config.maps.refine)
+            # at the teacher's own test size: at its training size its pseudo-boxes are far worse (docs/results.md, sixth round)
+            maps = teacher_maps(teacher, at_size(batch["image"], teacher.config.inference_size()), self.teacher_method,
+                                teacher.config.maps.refine)
             present = present_classes(presence, k)
             if out.localizer is not None:
                 masks = pseudo_masks(maps, tuple(out.localizer.shape[-2:]), self.teacher_threshold)
