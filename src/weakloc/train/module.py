@@ -19,7 +19,8 @@ from weakloc.evaluate.classification import classification_metrics
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
-from weakloc.train.pseudo import at_size, box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
+from weakloc.explain.maps import at_size
+from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
 
 
 #: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
 from weakloc.errors import WeaklocError
-from weakloc.explain.maps import at_size  # noqa: F401 -- the teacher sees its inputs at its own size
 
 
 def teacher_maps(teacher, images: torch.Tensor, method: str = "cam", refine: str | None = None,
