@@ -194,6 +194,8 @@ def test_stored_map_settings_keep_what_the_caller_set():
     assert trained_maps(plain, TrainConfig(test_scale=1.5), MapConfig(), options_given=False, transformer=False).test_size == 96
     assert trained_maps(plain, TrainConfig(), MapConfig(), options_given=False, transformer=False).refine == "guided"
     assert trained_maps(plain, TrainConfig(), MapConfig(refine="none"), options_given=False, transformer=False).refine == "none"
+    attention = ModelConfig(input_size=64, classes=["a", "b"], head="attention")
+    assert trained_maps(attention, TrainConfig(), MapConfig(), options_given=False, transformer=False).refine is None
 
 
 def test_the_models_classes_must_be_the_datas():

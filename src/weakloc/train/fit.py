@@ -415,7 +415,8 @@ def trained_maps(model: ModelConfig, train: TrainConfig, maps: MapConfig, *, opt
     already, nor transformers, whose position embeddings fix the input size), a counting model's
     count views (the views training made equivalent, docs/counting.md),
     :data:`~weakloc.train.options.DEFAULT_MAP_OPTIONS` and, for a classifier (not a counting model,
-    whose instances come from its own peaks), :data:`~weakloc.train.options.DEFAULT_REFINE`.
+    whose instances come from its own peaks, nor the attention head, whose fine maps the filter
+    blurs: docs/results.md, sixth round), :data:`~weakloc.train.options.DEFAULT_REFINE`.
     ``sources`` says which ``fine_tune`` set."""
     sources = {k: dict(v) for k, v in maps.sources.items()}
     out = replace(maps, options={m: dict(o) for m, o in maps.options.items()}, sources=sources)
@@ -428,7 +429,7 @@ def trained_maps(model: ModelConfig, train: TrainConfig, maps: MapConfig, *, opt
     if not options_given:
         out.options = {m: dict(o) for m, o in DEFAULT_MAP_OPTIONS.items()}
         sources["options"] = {"by": "fine_tune"}
-    if out.refine is None and model.counting is None:
+    if out.refine is None and model.counting is None and model.head != "attention":
         out.refine = DEFAULT_REFINE
         sources["refine"] = {"by": "fine_tune"}
     return out
