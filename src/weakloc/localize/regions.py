@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-
 from scipy import ndimage
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
