@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--aquarium-root", type=Path, default=Path("../shared/datasets/aquarium"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reevaluate", action="store_true", help="score the heads already trained (OUT/<head>/model) again")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted training from OUT/<head>/checkpoints")
     ap.add_argument("--box-sizes-from", type=int, default=0,
                     help="also score each head with instance box sizes calibrated on this many annotated train images per class, as extra rows")
     ap.add_argument("--region-scales", default=None,
@@ -158,7 +159,7 @@ def main() -> None:
                         seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, balanced=args.balanced, progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
                         density_context=not args.no_density_context,
-                        density_l1=args.density_l1, density_tv=args.density_tv, density_gather=args.density_gather, crop_consistency=args.crop_consistency, ema_decay=args.ema_decay, lr=args.lr,
+                        density_l1=args.density_l1, density_tv=args.density_tv, density_gather=args.density_gather, crop_consistency=args.crop_consistency, ema_decay=args.ema_decay, lr=args.lr, resume=args.resume,
                         backbone_lr=tuple(float(v) for v in args.backbone_lr.split(",")) if args.backbone_lr else None)
         record(head, res.model, time.perf_counter() - t0)
     for head in args.heads.split(",") if args.count_tta else []:
