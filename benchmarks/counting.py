@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--density-gather", type=float, default=0.0, help="weight of the density maps' L1/2 sparsity")
     ap.add_argument("--crop-consistency", type=float, default=0.0, help="weight of the crop-consistency loss")
     ap.add_argument("--ema-decay", type=float, default=0.0, help="moving average of the weights, decay per step (0: off)")
+    ap.add_argument("--swa", type=float, default=0.0, help="stochastic weight averaging over this last fraction of the steps (0: off)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--backbone-lr", default=None, help="earliest,latest backbone LR multipliers (default: fine_tune's)")
     ap.add_argument("--bccd-root", type=Path, default=Path("../shared/datasets/bccd"))
@@ -159,7 +160,7 @@ def main() -> None:
                         seed=args.seed, monitor="val_count_mae", dihedral=args.dihedral, balanced=args.balanced, progress=False, counting=head,
                         count_loss=args.count_loss, density_stage=None if args.density_stage == "last" else int(args.density_stage), density_hidden=args.density_hidden,
                         density_context=not args.no_density_context,
-                        density_l1=args.density_l1, density_tv=args.density_tv, density_gather=args.density_gather, crop_consistency=args.crop_consistency, ema_decay=args.ema_decay, lr=args.lr, resume=args.resume,
+                        density_l1=args.density_l1, density_tv=args.density_tv, density_gather=args.density_gather, crop_consistency=args.crop_consistency, ema_decay=args.ema_decay, swa=args.swa, lr=args.lr, resume=args.resume,
                         backbone_lr=tuple(float(v) for v in args.backbone_lr.split(",")) if args.backbone_lr else None)
         record(head, res.model, time.perf_counter() - t0)
     for head in args.heads.split(",") if args.count_tta else []:

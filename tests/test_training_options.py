@@ -151,3 +151,32 @@ def test_weight_average_is_validated_and_kept(synth_binary, tmp_path):
         next(module.model.parameters()).add_(1.0)
     module.ema.update(module.model, step=1)
     assert torch.equal(next(module.ema.module.parameters()), next(module.model.parameters()))
+
+
+def test_stochastic_weight_averaging_holds_the_lr_averages_uniformly_and_keeps_the_last_epoch(synth_binary, tmp_path):
+    from weakloc.train.module import ClassifierModule, swa_start
+
+    assert swa_start(100, 0.25) == 75 and swa_start(100, 0.0) == 100
+    res = fine_tune(synth_binary, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, output_stride=8, epochs=3,
+                    batch_size=8, progress=False, swa=0.5, monitor="val_loss", freeze_epochs=0)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    averaged = {k[len("ema.module."):]: v for k, v in last["state_dict"].items() if k.startswith("ema.module.")}
+    kept = res.model.state_dict()
+    assert set(averaged) == set(kept) and all(torch.equal(kept[k], averaged[k].float()) for k in kept)  # the last epoch's average
+    assert res.metrics["best_epoch"] == 2
+
+    # the LR is held from the start of the averaged fraction, and the average is the plain mean of the steps' weights
+    module = ClassifierModule(res.model, TrainConfig(swa=0.5, epochs=1, freeze_epochs=0))
+    module._trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = [sched.lr_lambdas[0](s) for s in range(12)]
+    assert module.ema.update_after_step == 5 and lrs[5:] == [lrs[5]] * 7 and lrs[4] != lrs[5]
+    p = next(module.model.parameters())
+    seen = []
+    for step in range(1, 10):
+        with torch.no_grad():
+            p.copy_(torch.full_like(p, float(step)))
+        module.ema.update(module.model, step=step)
+        if step > 5:
+            seen.append(step)
+    assert torch.allclose(next(module.ema.module.parameters()), torch.full_like(p, sum(seen) / len(seen)))

@@ -357,6 +357,7 @@ def train(
     density_gather: float = typer.Option(0.0, help="Weight of the density maps' L1/2 sparsity: prefers counts gathered in peaks to counts spread thinly."),
     crop_consistency: float = typer.Option(0.0, help="Weight of the crop-consistency loss: a random crop's count must match the whole image's density on its cells."),
     ema_decay: float = typer.Option(0.0, help="Keep a moving average of the weights with this decay per step (0: off); the average is validated and kept."),
+    swa: float = typer.Option(0.0, help="Stochastic weight averaging over this last fraction of the steps (0: off; e.g. 0.25): the LR is held and the weights averaged; the last epoch's average is kept."),
     hide_prob: float = typer.Option(0.0, help="Hide-and-Seek: probability of hiding each of --hide-grid x --hide-grid patches (0: off)."),
     hide_grid: int = typer.Option(4, help="Hide-and-Seek: patches per side."),
     cutmix_alpha: float = typer.Option(0.0, help="CutMix Beta alpha (0: off)."),
@@ -399,7 +400,7 @@ def train(
         limit_batches=int(limit_batches) if limit_batches is not None and limit_batches >= 1 and float(limit_batches).is_integer() else limit_batches,
         loss=loss, focal_gamma=focal_gamma, balanced=balanced, count_loss=count_loss, count_weight=count_weight,
         density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency,
-        hide_prob=hide_prob, hide_grid=hide_grid, cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, align_weight=align_weight,
+        hide_prob=hide_prob, hide_grid=hide_grid, cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, swa=swa, align_weight=align_weight,
         consistency_weight=consistency_weight, teacher_method=teacher_method, teacher_threshold=teacher_threshold, test_scale=test_scale)
     check_train_options(model, settings, out)  # before the labels (and any annotations) are read
     maps = None

@@ -165,6 +165,10 @@ class TrainConfig:
         hide_prob, hide_grid: Hide-and-Seek (each of ``hide_grid``² patches hidden with this probability).
         cutmix_alpha: CutMix with Beta(alpha, alpha) areas (0: off; not with counts).
         ema_decay: a moving average of the weights with this decay per step (0: off).
+        swa: stochastic weight averaging (Izmailov et al. 2018) over this last fraction of the run's
+            steps (0: off): the learning rate is held where the fraction starts and the weights
+            seen there are averaged uniformly; the average is validated and the last epoch's kept
+            (not the best epoch's). Not with ``ema_decay``.
         align_weight, consistency_weight: feature-class-weight alignment and attentive-dropout
             consistency losses (Kim et al. 2022; 0: off).
         teacher_method, teacher_threshold: second stage (a ``teacher`` model given): its map method
@@ -208,6 +212,7 @@ class TrainConfig:
     hide_grid: int = 4
     cutmix_alpha: float = 0.0
     ema_decay: float = 0.0
+    swa: float = 0.0
     align_weight: float = 0.0
     consistency_weight: float = 0.0
     teacher_method: str | None = None

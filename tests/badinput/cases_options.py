@@ -228,6 +228,8 @@ for name in ("--density-l1", "--density-tv", "--density-gather", "--crop-consist
     opt("train", name, "-1", E)
 for v in ("1", "-0.1", "nan"):
     opt("train", "--ema-decay", v, E)
+    opt("train", "--swa", v, E)
+opt("train", "--swa", "0.25", E, extra=["--ema-decay", "0.9"], match="--swa and --ema-decay")
 for v in ("1.5", "-0.1"):
     opt("train", "--hide-prob", v, E)
 opt("train", "--teacher", "{root}/no-teacher", E, match="no-teacher")

@@ -568,7 +568,8 @@ def fine_tune(
     if rank != 0:  # rank zero writes the model folder and the run's files
         last = module.evaluated_model.cpu().float().eval()
         return TrainResult(last, out / "model", {}, run.history.epochs, module.skip_log, record, rank)
-    best, checkpoint = best_model(module, Path(run.best.best_model_path or run.last))
+    # the SWA average is the run's end, not an epoch validation picked
+    best, checkpoint = best_model(module, Path(run.last if settings_used.swa else run.best.best_model_path or run.last))
     _finish_config(best, loaders[1], settings_used, given)
     model_dir = save_model(best, out / "model")
     # the saved config.json as load_model reads it (JSON's types: tuples for pairs, floats), so the

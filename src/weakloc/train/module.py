@@ -44,6 +44,24 @@ def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: f
     return end + (1 - end) * (1 + math.cos(math.pi * p)) / 2
 
 
+def swa_start(total: int, swa: float) -> int:
+    """The step from which stochastic weight averaging holds the LR and averages: the last ``swa``
+    fraction of ``total`` steps (``total`` with ``swa`` 0)."""
+    return total - int(round(total * swa)) if swa else total
+
+
+def weight_average(model: WeaklocNet, settings: TrainConfig) -> ModelEmaV3 | None:
+    """timm's moving average of ``model``'s weights for ``settings.ema_decay``, or for
+    ``settings.swa`` the uniform average from the step :func:`swa_start` gives (set by
+    ``configure_optimizers``, once the run's length is known): with warm-up power 1 and gamma 1
+    the decay after ``n`` averaged steps is n / (n + 1), and before the start it is 0 (a copy)."""
+    if settings.swa:
+        return ModelEmaV3(model, decay=1.0, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0).requires_grad_(False)
+    if settings.ema_decay:
+        return ModelEmaV3(model, decay=settings.ema_decay, use_warmup=True).requires_grad_(False)
+    return None
+
+
 class ClassifierModule(pl.LightningModule):
     """Trains a :class:`WeaklocNet` on image-level labels.
 
@@ -72,7 +90,7 @@ class ClassifierModule(pl.LightningModule):
         self._val_targets: list[torch.Tensor] = []
         self._count_errors: list[torch.Tensor] = []
         # a submodule, so checkpoints (and resuming) carry the averaged weights as "ema.module.*"
-        self.ema = ModelEmaV3(model, decay=settings.ema_decay, use_warmup=True).requires_grad_(False) if settings.ema_decay else None
+        self.ema = weight_average(model, settings)
         if self.ema is not None:
             self.ema.train()  # never run in training; left in train mode so Lightning's mode switching sees one model
 
@@ -274,8 +292,13 @@ class ClassifierModule(pl.LightningModule):
         opt = torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         frozen = min(total, round(total * o.freeze_epochs / max(1, o.epochs))) if o.freeze_epochs else 0
+        hold = max(frozen, swa_start(total, o.swa))
+        if o.swa:
+            self.ema.update_after_step = hold  # the uniform average starts where the LR is held
 
         def multiplier(step: int) -> float:
+            if o.swa and step > hold:  # SWA: a constant LR, so the averaged weights differ
+                step = hold
             if step < frozen:  # head warm-up phase
                 return one_cycle(step / max(1, frozen))
             p = (step - frozen) / max(1, total - frozen)

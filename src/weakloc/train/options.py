@@ -383,6 +383,9 @@ def check_training(train: TrainConfig, spelled: dict[str, str] | None = None) ->
     check_float(o("hide_prob"), train.hide_prob, 0, 1)
     check_int(o("hide_grid"), train.hide_grid, 1)
     check_float(o("ema_decay"), train.ema_decay, 0, 1, high_open=True)
+    check_float(o("swa"), train.swa, 0, 1, high_open=True)
+    if train.swa and train.ema_decay:
+        raise OptionError(f"{o('swa')} and {o('ema_decay')} both average the weights: give one")
     if train.teacher_method is not None:
         check_choice(o("teacher_method"), train.teacher_method, sorted(METHODS))
     check_float(o("teacher_threshold"), train.teacher_threshold, 0, 1, allow_none=True)
