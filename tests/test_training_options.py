@@ -59,6 +59,16 @@ def test_binary_metrics_include_pr_auc():
     assert set(m) == {"acc", "auroc", "prauc"} and 0 <= m["prauc"] <= 1
 
 
+def test_multi_label_metrics_with_one_class_and_with_several():
+    """One counted class (a multi-label model with a single label) is scored, not refused by torchmetrics."""
+    probs = torch.tensor([[0.9], [0.2], [0.6], [0.3]])
+    one = classification_metrics(probs, torch.tensor([[1], [0], [0], [1]]), "multi")
+    assert one["acc"] == pytest.approx(0.5) and one["map"] == pytest.approx((1 + 2 / 3) / 2)  # positives ranked 1st and 3rd
+    three = classification_metrics(torch.cat([probs, 1 - probs, probs], 1), torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0]]), "multi")
+    assert three["acc"] == pytest.approx(7 / 12)  # micro: every (image, class) pair at 0.5
+    assert three["map"] == pytest.approx((5 / 6 + 1.0) / 2)  # class 2 has no positive: left out
+
+
 @pytest.fixture(scope="module")
 def synth_binary(tmp_path_factory):
     from weakloc.data.synthetic import SyntheticConfig, write_synthetic

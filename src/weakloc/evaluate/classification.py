@@ -30,9 +30,13 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, task: str
             out["prauc"] = float(TMF.average_precision(probs[:, positive], is_pos, task="binary"))
     else:
         t = targets.long()
-        out["acc"] = float(TMF.accuracy(probs, t, task="multilabel", num_labels=k, average="micro"))
+        # micro accuracy is the binary accuracy of every (image, class) pair; torchmetrics'
+        # multilabel task refuses a single label (one counted class)
+        out["acc"] = float(TMF.accuracy(probs.flatten(), t.flatten(), task="binary"))
         present = t.sum(0) > 0
-        if present.any():
+        if present.sum() == 1:
+            out["map"] = float(TMF.average_precision(probs[:, present].flatten(), t[:, present].flatten(), task="binary"))
+        elif present.any():
             ap = TMF.average_precision(probs[:, present], t[:, present], task="multilabel", num_labels=int(present.sum()), average="macro")
             out["map"] = float(ap)
     return out
