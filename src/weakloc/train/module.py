@@ -54,7 +54,9 @@ def weight_average(model: WeaklocNet, settings: TrainConfig) -> ModelEmaV3 | Non
     """timm's moving average of ``model``'s weights for ``settings.ema_decay``, or for
     ``settings.swa`` the uniform average from the step :func:`swa_start` gives (set by
     ``configure_optimizers``, once the run's length is known): with warm-up power 1 and gamma 1
-    the decay after ``n`` averaged steps is n / (n + 1), and before the start it is 0 (a copy)."""
+    the decay after ``n`` averaged steps is n / (n + 1), and before the start it is 0 (a copy).
+    One averager for both keeps the validated average, checkpoints and ``--resume`` on one path
+    (Lightning's StochasticWeightAveraging swaps the model only when training ends)."""
     if settings.swa:
         return ModelEmaV3(model, decay=1.0, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0).requires_grad_(False)
     if settings.ema_decay:
