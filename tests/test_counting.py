@@ -388,7 +388,7 @@ def test_density_head_learns_synthetic_counts_on_a_small_budget(tmp_path):
     """Regression guard for counting as a whole (labels, density head, loss, schedule, rounding,
     peaks): the offline ImageNet Lite0 trained on 58 images of 0-3 squares for 6 epochs at 96 px
     (about a minute on 2 cores) counts its training images clearly better than the mean count and
-    puts points on the squares. The benchmark's targets (MAE <= 0.15, point F1 >= 0.85) need
+    puts points on the squares (one class, so it also covers single-label validation metrics). The benchmark's targets (MAE <= 0.15, point F1 >= 0.85) need
     2,000 images and 20 epochs (docs/results.md, fourth round); measured margins: docs/results.md,
     eighth round."""
     from weakloc.data.synthetic import SyntheticConfig, write_synthetic
