@@ -53,7 +53,8 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
     - ``mid-write``: inside the second write of ``last.ckpt`` (epoch 1's), half of it on disk;
     - ``epoch-2``: in epoch 2's first training step (epoch 1's checkpoints complete);
     - ``epoch-0``: in the very first training step (no checkpoint yet);
-    - ``cli``: the ``weakloc train`` command, slowed so that the parent's SIGTERM lands in epoch 1.
+    - ``cli``: the ``weakloc train`` command, slowed so that the parent's SIGTERM lands in epoch 1;
+    - ``swa-epoch-2``: as ``epoch-2``, with weight averaging over the second half of the steps.
     """
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
@@ -78,7 +79,7 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
         return real_save(obj, f, *args, **kwargs)
 
     def step(self, batch, batch_idx):
-        if kind == "epoch-2" and self.current_epoch == 2 or kind == "epoch-0":
+        if kind in ("epoch-2", "swa-epoch-2") and self.current_epoch == 2 or kind == "epoch-0":
             _pause(marker)
         if kind == "cli" and self.current_epoch == 1 and batch_idx == 0:
             marker.write_text("epoch 1")
@@ -94,7 +95,7 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
         cli.main(["train", str(data), "-o", str(out), "--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32",
                   "--batch-size", "8", "--epochs", str(epochs), "--workers", "0"])
     else:
-        fine_tune(data, out, epochs=epochs, **TINY)
+        fine_tune(data, out, epochs=epochs, **TINY, **({"swa": 0.5} if kind.startswith("swa") else {}))
     os._exit(0)
 
 
@@ -188,6 +189,27 @@ def test_sigterm_saves_a_resumable_state_and_exits_non_zero(data, tmp_path):
     assert not [w for w in caught if "before the epoch ended" in str(w.message)]  # expected here: no alarm about it
     assert result.metrics["train_images"] // TINY["batch_size"] == STEPS
     _check_complete(out, result)
+
+
+@needs_fork
+def test_weight_averaging_survives_a_kill_and_resume(data, tmp_path):
+    """SWA killed in epoch 2 resumes and keeps averaging: the checkpoint of the kill holds the
+    average (a copy of the weights where averaging begins), the finished run keeps the final
+    average, which is not the last step's weights. (A resumed run is not bit-identical to an
+    uninterrupted one -- its augmentation draws differ -- so the runs are not compared.)"""
+    out = tmp_path / "run"
+    code, log = _run_until_paused("swa-epoch-2", data, out, tmp_path)
+    assert code == -signal.SIGKILL, log
+    before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    averaged_then = {k.removeprefix("ema.module."): v for k, v in before.items() if k.startswith("ema.module.")}
+    assert averaged_then and all(torch.equal(v, before["model." + k]) for k, v in averaged_then.items())  # steps 0-4: a copy
+    result = fine_tune(data, out, epochs=EPOCHS, resume=True, swa=0.5, **TINY)
+    after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == EPOCHS * STEPS
+    averaged = {k.removeprefix("ema.module."): v for k, v in after["state_dict"].items() if k.startswith("ema.module.")}
+    kept = result.model.state_dict()
+    assert all(torch.equal(kept[k], v.float()) for k, v in averaged.items())
+    assert any(not torch.equal(v, after["state_dict"]["model." + k]) for k, v in averaged.items() if v.is_floating_point())
 
 
 # --- resume choice and atomic writes -------------------------------------------------------------
