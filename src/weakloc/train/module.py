@@ -16,10 +16,10 @@ from weakloc.config import TrainConfig
 from weakloc.data.dataset import SkipLog, SkippedImage
 from weakloc.errors import WeaklocError
 from weakloc.evaluate.classification import classification_metrics
+from weakloc.explain.maps import at_size
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
-from weakloc.explain.maps import at_size
 from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
 
 
@@ -47,7 +47,7 @@ def one_cycle(progress: float, warmup: float = 0.25, start: float = 0.04, end: f
 def swa_start(total: int, swa: float) -> int:
     """The step from which stochastic weight averaging holds the LR and averages: the last ``swa``
     fraction of ``total`` steps (``total`` with ``swa`` 0)."""
-    return total - int(round(total * swa)) if swa else total
+    return total - int(round(total * swa))
 
 
 def weight_average(model: WeaklocNet, settings: TrainConfig) -> ModelEmaV3 | None:
