@@ -229,3 +229,44 @@ def test_yolo_reader_names_the_bad_line(tmp_path, line, message):
 
     with pytest.raises(AnnotationError, match=rf"train_a.txt:2: .*{message}"):
         read_yolo(_yolo(tmp_path, {"train": "0 0.5 0.5 0.2 0.2\n" + line}))
+
+
+def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_path):
+    from weakloc.models import load_model
+
+    kw = dict(pretrained="none", epochs=2, freeze_epochs=1, batch_size=8, progress=False, workers=0, limit_batches=2)
+    first = fine_tune(synth_single, tmp_path / "first", backbone="test_resnet", input_size=64, output_stride=8, **kw)
+    # the classifier's own settings come from the teacher, whatever the call says
+    second = fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, box_backbone="test_resnet", backbone="resnet18",
+                       input_size=96, **kw)
+    net, teacher = second.model, first.model
+    assert net.config.box_backbone == "test_resnet" and net.config.backbone == "test_resnet" and net.config.input_size == 64
+    trained, frozen = dict(net.state_dict()), dict(teacher.state_dict())
+    for key, value in frozen.items():  # weights and BatchNorm statistics: the teacher's, untouched by training
+        assert torch.equal(trained[key], value), key
+    from weakloc.models import WeaklocNet
+
+    start = WeaklocNet(net.config)  # an untrained box network: training moved the box network's weights
+    assert not torch.equal(start.box_head.conv.weight, net.box_head.conv.weight)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x), teacher(x))  # the classifier answers as the teacher does
+        box = net.forward_maps(x).box
+    assert box.shape == (2, 4)
+    reloaded = load_model(second.model_dir)
+    assert reloaded.config.box_backbone == "test_resnet"
+    with torch.no_grad():
+        assert torch.allclose(reloaded.forward_maps(x).box, box)
+    maps = explain(reloaded, x, "box", target="all")
+    assert maps.raw.shape == (2, 3, 64, 64)
+
+
+def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
+    from weakloc.errors import OptionError
+
+    with pytest.raises(OptionError, match="box.backbone.*--teacher, teacher="):
+        fine_tune(synth_single, tmp_path / "x", box_backbone="test_resnet", pretrained="none", epochs=1, progress=False)
+    from weakloc.models import ModelConfig, WeaklocNet
+
+    with pytest.raises(WeaklocError, match="needs box_head"):
+        WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], box_backbone="test_resnet"))

@@ -366,6 +366,8 @@ def train(
     teacher: Optional[Path] = typer.Option(None, help="Second stage: learn a localizer from this first-stage model's maps (PSOL)."),
     teacher_method: Optional[str] = typer.Option(None, help="The teacher's map method (default: its calibrated one, else cam)."),
     teacher_threshold: Optional[float] = typer.Option(None, help="Pseudo-mask threshold (default: the teacher's calibrated one, else 0.2)."),
+    box_backbone: Optional[str] = typer.Option(None, help="With --teacher: the box head gets its own network, this timm backbone "
+                                               "(PSOL's separate localizer); the classifier is the teacher's, kept frozen."),
     density_stage: str = typer.Option("-3", help="Stage the density head reads (feature_info index), or 'last' for the last feature map."),
     density_hidden: int = typer.Option(64, help="Width of the density head's 3x3 convolution (0: none)."),
     density_context: bool = typer.Option(True, help="The density head also reads the last feature map (what each object is)."),
@@ -390,7 +392,7 @@ def train(
         attention_stages=_int_list(attention_stages, "--attention-stages") or [-3, -2], attention_norm=attention_norm,
         cbam_stages=_int_list(cbam_stages, "--cbam-stages"), adl_stages=_int_list(adl_stages, "--adl-stages"),
         tap_threshold=tap_threshold, counting=counting, density_hidden=density_hidden, density_context=density_context,
-        density_stage=None if density_stage == "last" else _one_int(density_stage, "--density-stage"))
+        density_stage=None if density_stage == "last" else _one_int(density_stage, "--density-stage"), box_backbone=box_backbone)
     settings = TrainConfig(
         pretrained=pretrained, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
@@ -402,7 +404,7 @@ def train(
         density_l1=density_l1, density_tv=density_tv, density_gather=density_gather, crop_consistency=crop_consistency,
         hide_prob=hide_prob, hide_grid=hide_grid, cutmix_alpha=cutmix_alpha, ema_decay=ema_decay, swa=swa, align_weight=align_weight,
         consistency_weight=consistency_weight, teacher_method=teacher_method, teacher_threshold=teacher_threshold, test_scale=test_scale)
-    check_train_options(model, settings, out)  # before the labels (and any annotations) are read
+    check_train_options(model, settings, out, teacher=teacher is not None)  # before the labels (and any annotations) are read
     maps = None
     if refine is not None:
         from weakloc.config import MapConfig

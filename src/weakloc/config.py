@@ -259,6 +259,9 @@ class ModelConfig:
             (PSOL's idea; see ``fine_tune(teacher=)``); its maps are the method ``localizer``.
         box_head: a second-stage class-agnostic box regressor trained on the first-stage model's
             pseudo-boxes (:class:`~weakloc.models.heads.BoxHead`); its box is the method ``box``.
+        box_backbone: the box head's own network, a timm backbone name (PSOL's separate light
+            localizer): the box head reads its features, not the classifier's, and the classifier
+            is the teacher's, kept frozen (``fine_tune(teacher=)``). None: one shared backbone.
         maps: how the model's maps are made (:class:`MapConfig`).
         train: how the model was trained (:class:`TrainConfig`), None when unknown.
         format_version: the ``config.json`` format (:data:`FORMAT_VERSION`).
@@ -286,6 +289,7 @@ class ModelConfig:
     density_context: bool = False
     localizer: bool = False
     box_head: bool = False
+    box_backbone: str | None = None
     maps: MapConfig = field(default_factory=MapConfig)
     train: TrainConfig | None = None
     format_version: int = FORMAT_VERSION
@@ -418,6 +422,10 @@ def _is_name(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip())
 
 
+def _is_backbone_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(_BACKBONE_NAME.fullmatch(v))
+
+
 def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
     return lambda v: _is_int(v) and lo <= v <= hi
 
@@ -449,8 +457,7 @@ _OBJECT: _Rule = (lambda v: isinstance(v, dict), "an object")
 
 #: config.json's model fields: a check of the JSON value and what the field must be (the error's words)
 CONFIG_SCHEMA: dict[str, _Rule] = {
-    "backbone": (lambda v: isinstance(v, str) and bool(_BACKBONE_NAME.fullmatch(v)),
-                 "a timm model name (letters, digits, '_', '-', '.')"),
+    "backbone": (_is_backbone_name, "a timm model name (letters, digits, '_', '-', '.')"),
     "classes": (_list_of(lambda v: isinstance(v, str)), "a list of class names"),
     "task": (_one_of(*TASKS), " or ".join(map(repr, TASKS))),
     "input_size": _SIZE_RULE,
@@ -472,6 +479,7 @@ CONFIG_SCHEMA: dict[str, _Rule] = {
     "density_context": (_is_bool, "true or false"),
     "localizer": (_is_bool, "true or false"),
     "box_head": (_is_bool, "true or false"),
+    "box_backbone": (_optional(_is_backbone_name), "null or a timm model name (letters, digits, '_', '-', '.')"),
     "maps": _OBJECT,
     "train": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "localization": _OBJECT,  # format 1

@@ -235,6 +235,8 @@ for v in ("1.5", "-0.1"):
 opt("train", "--teacher", "{root}/no-teacher", E, match="no-teacher")
 opt("train", "--teacher-threshold", "1.5", E, extra=["--teacher", "{model}"])
 opt("train", "--teacher-method", "foo", E, extra=["--teacher", "{model}"])
+opt("train", "--box-backbone", "test_resnet", E, match="--teacher")
+opt("train", "--box-backbone", "no_such_net", E, extra=["--teacher", "{model}"], match="no_such_net")
 opt("train", "--density-stage", "x", E)
 opt("train", "--density-stage", "99", E, extra=["--counts"], build=lambda env: env.set(labels=env["counts"]))
 opt("train", "--density-hidden", "-1", E)

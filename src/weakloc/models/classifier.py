@@ -115,7 +115,17 @@ class WeaklocNet(nn.Module):
                                               density_channels=density_channels, hidden=config.density_hidden, positions=positions,
                                               context=config.density_context and self._density_index is not None)
         self.localizer = nn.Conv2d(self.backbone.num_features, len(config.classes), 1) if config.localizer else None
-        self.box_head = BoxHead(self.backbone.num_features) if config.box_head else None
+        self.box_backbone = None
+        if config.box_backbone:
+            if not config.box_head:
+                raise WeaklocError("box_backbone is the box head's own network: it needs box_head")
+            self.box_backbone = create_backbone(config.box_backbone, pretrained, config.output_stride, config.input_size)
+            mean, std = input_normalization(self.box_backbone)
+            if (tuple(mean), tuple(std)) != (tuple(config.mean), tuple(config.std)):
+                raise WeaklocError(f"box backbone {config.box_backbone!r} normalises its input differently from "
+                                   f"{config.backbone!r}; use the same backbone family")
+        box_channels = (self.box_backbone or self.backbone).num_features
+        self.box_head = BoxHead(box_channels) if config.box_head else None
         self.attention_head = None
         if config.head == "attention":
             stages = sorted({s % n for s in config.attention_stages if -n <= s < n})
@@ -166,7 +176,10 @@ class WeaklocNet(nn.Module):
         if self.counting_head is not None:
             counts, density, head_counts = self.counting_head(f, density_features)
         localizer = self.localizer(f) if self.localizer is not None else None
-        box = self.box_head(f) if self.box_head is not None else None
+        box = None
+        if self.box_head is not None:
+            box = self.box_head(f if self.box_backbone is None else
+                                to_grid(self.box_backbone.forward_features(x), self.box_backbone, tuple(x.shape[-2:])))
         return ModelOutput(logits, maps, f, attention, counts, density, head_counts, localizer, box)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -191,9 +204,25 @@ class WeaklocNet(nn.Module):
         """Softmax (single-label) or sigmoid (multi-label) of ``(B, K)`` logits."""
         return logits.softmax(-1) if self.config.task == "single" else logits.sigmoid()
 
+    @property
+    def frozen_classifier(self) -> bool:
+        """A separate box network (``box_backbone``) is trained beside a frozen copy of its teacher:
+        only the box network and the localizer head learn, and the rest stays in eval mode."""
+        return self.box_backbone is not None
+
+    def train(self, mode: bool = True) -> "WeaklocNet":
+        super().train(mode)
+        if self.frozen_classifier:  # the teacher's BatchNorm statistics and dropout stay as they were
+            for part in (self.backbone, self.dropout, self.classifier, self.attention_head, self.counting_head):
+                if part is not None:
+                    part.eval()
+        return self
+
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters that start untrained: classifier, attention, counting and localizer heads, CBAM blocks (head learning rate,
-        trained from the first epoch)."""
+        trained from the first epoch). With a separate box network: the box and localizer heads only."""
+        if self.frozen_classifier:
+            return list(self.box_head.parameters()) + (list(self.localizer.parameters()) if self.localizer is not None else [])
         cbam = [p for m in self.backbone.modules() if isinstance(m, CBAM) for p in m.parameters()]
         head = list(self.classifier.parameters())
         for extra in (self.attention_head, self.counting_head, self.localizer, self.box_head):
@@ -202,7 +231,10 @@ class WeaklocNet(nn.Module):
         return head + cbam
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
-        """The backbone's own parameters (without inserted blocks), earliest layers first."""
+        """The backbone's own parameters (without inserted blocks), earliest layers first; with a
+        separate box network, that network's (the classifier's backbone is frozen)."""
+        if self.frozen_classifier:
+            return list(self.box_backbone.parameters())
         new = {id(p) for p in self.new_parameters()}
         return [p for p in self.backbone.parameters() if id(p) not in new]
 

@@ -209,14 +209,26 @@ def load_teacher(teacher, model: ModelConfig, train: TrainConfig) -> tuple[Weakl
     train = replace(train, teacher_method=train.teacher_method or stored.method or "cam",
                     teacher_threshold=next(t for t in (train.teacher_threshold, stored.threshold,
                                                        fallback_threshold(stored.refine, 0.2)) if t is not None))
+    if model.box_backbone:  # the classifier is the teacher itself, so is its architecture
+        return net, replace(net.config, localizer=True, box_head=True, box_backbone=model.box_backbone, decision_threshold=None,
+                            maps=MapConfig(), train=None), train
     return net, replace(model, localizer=True, box_head=True), train
 
 
 def build_model(model: ModelConfig, train: TrainConfig, teacher: WeaklocNet | None) -> WeaklocNet:
-    """The network to train, its backbone initialised from ``train.pretrained``."""
+    """The network to train, its backbone initialised from ``train.pretrained``; with a separate box
+    network, everything else is a frozen copy of the teacher."""
     net = WeaklocNet(model, pretrained=train.pretrained)
     if teacher is not None and (tuple(teacher.config.mean) != tuple(net.config.mean) or tuple(teacher.config.std) != tuple(net.config.std)):
         raise WeaklocError("the teacher normalises its input differently from this backbone; use the same backbone family")
+    if net.frozen_classifier:
+        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+        trained = {id(p) for p in net.new_parameters() + net.pretrained_parameters()}
+        named = dict(net.named_parameters())
+        if unexpected or any(id(named[k]) not in trained for k in missing if k in named):
+            raise WeaklocError(f"the teacher's weights do not fit its own architecture: {unexpected or missing}")
+        for p in net.parameters():
+            p.requires_grad_(id(p) in trained)
     return net
 
 
@@ -538,7 +550,8 @@ def fine_tune(
         OptionError: a bad, unknown or twice-given setting, before any data is read.
     """
     given = settle_settings(model, train, maps, val, settings, stacklevel=3)
-    check_train_options(given.model, given.train, out, maps=given.maps, spelled=given.spelled)  # before any data is read
+    check_train_options(given.model, given.train, out, maps=given.maps, spelled=given.spelled,
+                        teacher=teacher is not None)  # before any data is read
     out = Path(out)
     resume_from, resume_info = resume_checkpoint(out / "checkpoints") if resume else (None, None)
     train_set, val_set = load_training_data(data, given.val, positive, given.train)

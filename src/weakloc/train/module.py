@@ -117,6 +117,12 @@ class ClassifierModule(pl.LightningModule):
         """The weights validation scores and training keeps: the moving average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.model.frozen_classifier:
+            # Lightning restores each submodule's mode after validation one by one, which would put the
+            # frozen teacher copy's BatchNorm back in train mode; WeaklocNet.train keeps it in eval
+            self.model.train()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)

@@ -25,7 +25,7 @@ from weakloc.errors import CheckpointError, OptionError
 #: :class:`ModelConfig` fields a caller sets; the others come from the data, the teacher or training
 MODEL_SETTINGS = ("backbone", "input_size", "output_stride", "drop_rate", "head", "attention_stages", "attention_norm",
                   "cbam_stages", "adl_stages", "tap_threshold", "counting", "density_stage", "density_hidden",
-                  "density_context")
+                  "density_context", "box_backbone")
 #: :class:`TrainConfig` fields, each a keyword of :func:`~weakloc.train.fine_tune` too
 TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))
 #: :class:`ModelConfig` fields :func:`~weakloc.train.fine_tune` sets itself, and from what
@@ -326,6 +326,11 @@ def check_model_settings(model: ModelConfig, spelled: dict[str, str] | None = No
 
     if not isinstance(model.backbone, str) or not model.backbone.strip():
         raise OptionError(f"{o('backbone')}: expected a timm model name, got {model.backbone!r}")
+    if model.box_backbone is not None:
+        import timm
+
+        if not isinstance(model.box_backbone, str) or not timm.is_model(model.box_backbone):
+            raise OptionError(f"{o('box_backbone')}: {model.box_backbone!r} is not a timm model name (see timm.list_models())")
     check_int(o("input_size"), model.input_size, 32, 4096)
     check_int(o("output_stride"), model.output_stride, allow_none=True)
     check_choice(o("output_stride"), model.output_stride, (8, 16, 32), allow_none=True)
@@ -413,12 +418,13 @@ def check_map_defaults(maps: MapConfig, input_size: int, spelled: dict[str, str]
 
 
 def check_train_options(model: ModelConfig, train: TrainConfig, out: str | Path | None = None, *, maps: MapConfig | None = None,
-                        spelled: dict[str, str] | None = None) -> None:
+                        spelled: dict[str, str] | None = None, teacher: bool = False) -> None:
     """Refuse out-of-range, unknown or impossible :func:`~weakloc.train.fine_tune` settings before
     any work starts (the CLI calls it before it reads the labels).
 
     Args:
         model, train: the configurations (see :func:`settle_settings`).
+        teacher: whether a first-stage model was given (a separate box network needs one).
         out: the output folder (``--out``), or None to leave it unchecked.
         maps: the map settings to store with the model, if any.
         spelled: setting -> an old keyword the caller gave it as (named beside the option).
@@ -428,6 +434,9 @@ def check_train_options(model: ModelConfig, train: TrainConfig, out: str | Path 
             by its old name) and the allowed values.
     """
     check_model_settings(model, spelled)
+    if model.box_backbone is not None and not teacher:
+        raise OptionError(f"{option_name('box_backbone', spelled)}: a separate box network learns a first-stage model's boxes: "
+                          "give that model too (--teacher, teacher=)")
     check_training(train, spelled)
     if maps is not None:
         check_map_defaults(maps, model.input_size, spelled)
