@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_name  # noqa: E402
 from bccd_platelets import write_labels as write_bccd_labels  # noqa: E402
 
-from weakloc.config import MapConfig, upgrade_v1  # noqa: E402
+from weakloc.config import DEFAULT_BACKBONE, MapConfig, upgrade_v1  # noqa: E402
 from weakloc.data.annotations import read_annotations  # noqa: E402
 from weakloc.data.labels import load_labels, select_split  # noqa: E402
 from weakloc.errors import WeaklocError  # noqa: E402
@@ -57,6 +57,8 @@ MODELS: dict[str, dict] = {
     "attention": {"output_stride": 16, "head": "attention", "attention_stages": [-3, -2]},
     "psol": {"output_stride": 16, "teacher": "stride16"},
     "align-psol": {"output_stride": 16, "align_weight": 1.0, "consistency_weight": 1.0, "teacher": "align"},
+    # PSOL's layout: the box head on its own backbone beside a frozen copy of the default model
+    "psol-sep": {"teacher": "stride32", "box_backbone": DEFAULT_BACKBONE},
 }
 
 #: rows: name -> (model, map method, map overrides, what the row adds). The overrides are ``maps=`` of
@@ -117,6 +119,9 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "cam+ddt-refine": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
                        "CAM + DDT, then the guided filter"),
     "attention-refine": ("attention", "attention", {"refine": "guided"}, "attention head's maps, then the guided filter"),
+    "box": ("psol", "box", {}, "second stage's box regressor sharing the stride-16 classifier's backbone"),
+    "box-sep": ("psol-sep", "box", {}, "box regressor on its own backbone, the default model its frozen teacher (PSOL)"),
+    "box-sep-refine": ("psol-sep", "box", {"refine": "guided"}, "... then the guided filter"),
     "k5-size-norm-s32": ("stride32", "cam", {"positive_weights": True, "choose": {"methods": ("cam",), "scales": (1, 2, 3),
                                                                                  "normalizations": ("minmax", "pas")}},
                          "... the same choice for the plain stride-32 model"),
