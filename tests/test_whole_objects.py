@@ -259,6 +259,12 @@ def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_p
         assert torch.allclose(reloaded.forward_maps(x).box, box)
     maps = explain(reloaded, x, "box", target="all")
     assert maps.raw.shape == (2, 3, 64, 64)
+    # a self-training round: the student's own boxes teach the next box network, started from its weights
+    third = fine_tune(synth_single, tmp_path / "third", teacher=second.model_dir, teacher_method="box", box_backbone="test_resnet",
+                      **kw)
+    assert third.model.config.train.teacher_method == "box"
+    with torch.no_grad():
+        assert torch.allclose(third.model(x), teacher(x))
 
 
 def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
