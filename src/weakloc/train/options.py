@@ -424,10 +424,10 @@ def check_train_options(model: ModelConfig, train: TrainConfig, out: str | Path 
 
     Args:
         model, train: the configurations (see :func:`settle_settings`).
-        teacher: whether a first-stage model was given (a separate box network needs one).
         out: the output folder (``--out``), or None to leave it unchecked.
         maps: the map settings to store with the model, if any.
         spelled: setting -> an old keyword the caller gave it as (named beside the option).
+        teacher: whether a first-stage model was given (a separate box network needs one).
 
     Raises:
         OptionError: naming the option (``--input-size``; ``--input-size (image_size)`` when given
