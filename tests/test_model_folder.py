@@ -148,6 +148,8 @@ CORRUPTIONS = [
     ("density-context-string", _set("density_context", "yes"), "'density_context'"),
     ("localizer-int", _set("localizer", 1), "'localizer'"),
     ("box-head-string", _set("box_head", "yes"), "'box_head'"),
+    ("box-backbone-path", _set("box_backbone", "../x"), "'box_backbone'"),
+    ("box-backbone-number", _set("box_backbone", 3), "'box_backbone'"),
     ("maps-list", _set("maps", []), "'maps'"),
     ("maps-null", _set("maps", None), "'maps'"),
     ("maps-unknown-key", _set_maps("colour", "red"), "'maps'"),

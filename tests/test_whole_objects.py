@@ -100,7 +100,14 @@ def test_box_loss_is_zero_on_the_target_and_ignores_invalid_images():
     assert loss.item() > 1.0  # disjoint boxes: GIoU loss above 1, plus the L1
     loss.backward()
     assert off.grad[1].abs().sum() == 0  # the invalid image's box gets no gradient
-    assert box_loss(off, t, torch.tensor([False, False])).item() == 0.0
+    none = box_loss(off, t, torch.tensor([False, False]))
+    assert none.item() == 0.0
+    none.backward()  # a batch without a present class still backpropagates (a separate box network's only loss)
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    empty = localizer_loss(logits, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, dtype=torch.bool))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert logits.grad.abs().sum() == 0
 
 
 def test_box_head_regresses_a_box_at_any_input_size():
@@ -236,10 +243,15 @@ def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_p
 
     kw = dict(pretrained="none", epochs=2, freeze_epochs=1, batch_size=8, progress=False, workers=0, limit_batches=2)
     first = fine_tune(synth_single, tmp_path / "first", backbone="test_resnet", input_size=64, output_stride=8, **kw)
+    from weakloc.models.checkpoint import save_model
+
+    first.model.config.maps.threshold = 0.37  # as `weakloc calibrate` would store it
+    calibrated = save_model(first.model, tmp_path / "first-calibrated")
     # the classifier's own settings come from the teacher, whatever the call says
-    second = fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, box_backbone="test_resnet", backbone="resnet18",
+    second = fine_tune(synth_single, tmp_path / "second", teacher=calibrated, box_backbone="test_resnet", backbone="resnet18",
                        input_size=96, **kw)
     net, teacher = second.model, first.model
+    assert net.config.maps.threshold == 0.37  # and so do its calibrated map settings
     assert net.config.box_backbone == "test_resnet" and net.config.backbone == "test_resnet" and net.config.input_size == 64
     trained, frozen = dict(net.state_dict()), dict(teacher.state_dict())
     for key, value in frozen.items():  # weights and BatchNorm statistics: the teacher's, untouched by training
@@ -248,15 +260,21 @@ def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_p
 
     start = WeaklocNet(net.config)  # an untrained box network: training moved the box network's weights
     assert not torch.equal(start.box_head.conv.weight, net.box_head.conv.weight)
+    # validation scores the frozen classifier, the same every epoch, so the first epoch stays "best";
+    # the model kept is the last one, whose box backbone trained after the frozen first epoch
+    first_epoch = torch.load(tmp_path / "second" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert first_epoch["epoch"] == 0 and second.metrics["best_epoch"] == 1
+    key = next(k for k in first_epoch["state_dict"] if k.startswith("model.box_backbone.") and k.endswith("weight"))
+    assert not torch.equal(first_epoch["state_dict"][key], net.state_dict()[key[len("model."):]])
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(net(x), teacher(x))  # the classifier answers as the teacher does
-        box = net.forward_maps(x).box
+        box = net.forward_maps(x, with_box=True).box
     assert box.shape == (2, 4)
     reloaded = load_model(second.model_dir)
     assert reloaded.config.box_backbone == "test_resnet"
     with torch.no_grad():
-        assert torch.allclose(reloaded.forward_maps(x).box, box)
+        assert torch.allclose(reloaded.forward_maps(x, with_box=True).box, box)
     maps = explain(reloaded, x, "box", target="all")
     assert maps.raw.shape == (2, 3, 64, 64)
     # a self-training round: the student's own boxes teach the next box network, started from its weights
@@ -265,6 +283,12 @@ def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_p
     assert third.model.config.train.teacher_method == "box"
     with torch.no_grad():
         assert torch.allclose(third.model(x), teacher(x))
+    # another box network than the teacher's starts afresh (its weights would not fit)
+    fourth = fine_tune(synth_single, tmp_path / "fourth", teacher=third.model_dir, box_backbone="test_nfnet", **kw)
+    assert fourth.model.config.box_backbone == "test_nfnet"
+    with torch.no_grad():
+        assert fourth.model.forward_maps(x).box is None  # the box network runs only when asked
+        assert fourth.model.forward_maps(x, with_box=True).box.shape == (2, 4)
 
 
 def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
@@ -274,5 +298,15 @@ def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
         fine_tune(synth_single, tmp_path / "x", box_backbone="test_resnet", pretrained="none", epochs=1, progress=False)
     from weakloc.models import ModelConfig, WeaklocNet
 
+    first = fine_tune(synth_single, tmp_path / "first", backbone="test_resnet", pretrained="none", input_size=64, epochs=1,
+                      freeze_epochs=0, batch_size=8, progress=False, workers=0, limit_batches=1)
+    from dataclasses import replace
+
+    from weakloc.data.labels import load_labels
+
+    multi = replace(load_labels(synth_single), task="multi")
+    with pytest.raises(WeaklocError, match="teacher's task 'single' differs from the data's 'multi'"):
+        fine_tune(multi, tmp_path / "x2", teacher=first.model_dir, box_backbone="test_resnet", pretrained="none", epochs=1,
+                  progress=False)
     with pytest.raises(WeaklocError, match="needs box_head"):
         WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], box_backbone="test_resnet"))

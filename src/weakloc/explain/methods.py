@@ -235,7 +235,7 @@ def _head_forward(model, images: torch.Tensor, layer: str | None, attribute: str
     if getattr(model, attribute, None) is None:
         raise WeaklocError(f"this model has no {head} head ({how})")
     with torch.no_grad():
-        return model.forward_maps(images)
+        return model.forward_maps(images, with_box=attribute == "box_head")
 
 
 def attention_maps(model, images: torch.Tensor, targets_fn: TargetsFn, layer: str | None = None, *, stage: int | None = None):

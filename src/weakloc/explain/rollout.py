@@ -34,7 +34,7 @@ def attention_probabilities(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     Raises:
         WeaklocError: the model has no timm self-attention (``qkv`` + ``attn_drop``) modules.
     """
-    mods = _attention_modules(model)
+    mods = _attention_modules(backbone_of(model))  # not a separate box network's blocks
     if not mods:
         raise WeaklocError(f"{type(backbone_of(model)).__name__} has no timm self-attention blocks to roll out (a ViT/DeiT is needed)")
     store: list[torch.Tensor] = []

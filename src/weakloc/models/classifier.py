@@ -84,7 +84,9 @@ class WeaklocNet(nn.Module):
         if config.head not in HEADS:
             raise WeaklocError(f"unknown head {config.head!r}: use one of {', '.join(HEADS)}")
         self.config = config
-        self.backbone = create_backbone(config.backbone, pretrained, config.output_stride, config.input_size)
+        # with a separate box network, the rest is a teacher's copy: ``pretrained`` is the box network's
+        self.backbone = create_backbone(config.backbone, "none" if config.box_backbone else pretrained, config.output_stride,
+                                        config.input_size)
         if config.mean is None or config.std is None:
             config.mean, config.std = input_normalization(self.backbone)
         if config.cbam_stages:
@@ -145,11 +147,13 @@ class WeaklocNet(nn.Module):
         """``(B, 3, H, W)`` -> ``(B, C, h, w)``; transformer tokens are laid out on their patch grid."""
         return to_grid(self.backbone.forward_features(x), self.backbone, tuple(x.shape[-2:]))
 
-    def forward_maps(self, x: torch.Tensor, on_features=None) -> ModelOutput:
+    def forward_maps(self, x: torch.Tensor, on_features=None, with_box: bool = False) -> ModelOutput:
         """Logits, class maps of every class, features and attention maps from one forward pass.
 
         ``on_features`` (optional) may replace the last feature map before the head reads it
-        (the explanation engine makes it a leaf there).
+        (the explanation engine makes it a leaf there). A box head on the shared features always
+        answers; a separate box network (``box_backbone``) runs only ``with_box``: it would double
+        the cost of every other map and prediction.
         """
         local: list[torch.Tensor] = []
         density_features = None
@@ -177,9 +181,10 @@ class WeaklocNet(nn.Module):
             counts, density, head_counts = self.counting_head(f, density_features)
         localizer = self.localizer(f) if self.localizer is not None else None
         box = None
-        if self.box_head is not None:
-            box = self.box_head(f if self.box_backbone is None else
-                                to_grid(self.box_backbone.forward_features(x), self.box_backbone, tuple(x.shape[-2:])))
+        if self.box_head is not None and self.box_backbone is None:
+            box = self.box_head(f)
+        elif self.box_head is not None and with_box:
+            box = self.box_head(to_grid(self.box_backbone.forward_features(x), self.box_backbone, tuple(x.shape[-2:])))
         return ModelOutput(logits, maps, f, attention, counts, density, head_counts, localizer, box)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:

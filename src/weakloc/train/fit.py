@@ -210,6 +210,10 @@ def load_teacher(teacher, model: ModelConfig, train: TrainConfig) -> tuple[Weakl
                     teacher_threshold=next(t for t in (train.teacher_threshold, stored.threshold,
                                                        fallback_threshold(stored.refine, 0.2)) if t is not None))
     if model.box_backbone:  # the classifier is the teacher itself, so is its architecture
+        for name in ("task", "counting", "positive_class"):
+            if getattr(net.config, name) != getattr(model, name):
+                raise WeaklocError(f"the teacher's {name} {getattr(net.config, name)!r} differs from the data's "
+                                   f"{getattr(model, name)!r}: a separate box network keeps the teacher's classifier as it is")
         return net, replace(net.config, localizer=True, box_head=True, box_backbone=model.box_backbone, decision_threshold=None,
                             maps=MapConfig(), train=None), train
     return net, replace(model, localizer=True, box_head=True), train
@@ -222,13 +226,17 @@ def build_model(model: ModelConfig, train: TrainConfig, teacher: WeaklocNet | No
     if teacher is not None and (tuple(teacher.config.mean) != tuple(net.config.mean) or tuple(teacher.config.std) != tuple(net.config.std)):
         raise WeaklocError("the teacher normalises its input differently from this backbone; use the same backbone family")
     if net.frozen_classifier:
-        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+        state = teacher.state_dict()
+        if teacher.config.box_backbone != model.box_backbone:  # another box network (or none): only a like one carries over
+            state = {k: v for k, v in state.items() if not k.startswith(("box_backbone.", "box_head."))}
+        missing, unexpected = net.load_state_dict(state, strict=False)
         trained = {id(p) for p in net.new_parameters() + net.pretrained_parameters()}
         named = dict(net.named_parameters())
         if unexpected or any(id(named[k]) not in trained for k in missing if k in named):
             raise WeaklocError(f"the teacher's weights do not fit its own architecture: {unexpected or missing}")
         for p in net.parameters():
             p.requires_grad_(id(p) in trained)
+        net.colocalization = teacher.colocalization  # the teacher's DDT statistics fit the copied backbone
     return net
 
 
@@ -558,6 +566,8 @@ def fine_tune(
     config, settings_used = settle_for_data(given.model, given.train, train_set)
     pl.seed_everything(settings_used.seed, workers=True, verbose=False)
     teacher_net, config, settings_used = load_teacher(teacher, config, settings_used)
+    if config.box_backbone and given.maps == MapConfig():  # the classifier is the teacher's: so are its (calibrated) map settings
+        given = replace(given, maps=teacher_net.config.maps, options_given=True)
     net = build_model(config, settings_used, teacher_net)
     loaders = make_loaders(train_set, val_set, net.config, settings_used)
     module = ClassifierModule(net, settings_used, teacher_net)
@@ -581,8 +591,10 @@ def fine_tune(
     if rank != 0:  # rank zero writes the model folder and the run's files
         last = module.evaluated_model.cpu().float().eval()
         return TrainResult(last, out / "model", {}, run.history.epochs, module.skip_log, record, rank)
-    # the SWA average is the run's end, not an epoch validation picked
-    best, checkpoint = best_model(module, Path(run.last if settings_used.swa else run.best.best_model_path or run.last))
+    # the SWA average is the run's end, not an epoch validation picked; so is a separate box network,
+    # whose validation figures are its frozen teacher's, the same every epoch
+    at_end = settings_used.swa or net.frozen_classifier
+    best, checkpoint = best_model(module, Path(run.last if at_end else run.best.best_model_path or run.last))
     _finish_config(best, loaders[1], settings_used, given)
     model_dir = save_model(best, out / "model")
     # the saved config.json as load_model reads it (JSON's types: tuples for pairs, floats), so the

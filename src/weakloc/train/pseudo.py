@@ -86,8 +86,8 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> t
     pseudo-boxes, both ``[0, 1]`` ``x0, y0, x1, y1``, over the ``valid`` images; 0 when none is."""
     if pred.shape != target.shape:
         raise WeaklocError(f"predicted boxes {tuple(pred.shape)} and pseudo-boxes {tuple(target.shape)} differ in shape")
-    if not valid.any():
-        return pred.new_zeros(())
+    if not valid.any():  # zero, but on the graph: the batch's only trainable term may be this one
+        return pred.sum() * 0
     p, t = pred[valid].float(), target[valid].float()
     # a predicted box may be inverted early in training; the GIoU loss needs x0 <= x1
     p = torch.cat([torch.minimum(p[:, :2], p[:, 2:]), torch.maximum(p[:, :2], p[:, 2:])], 1)
@@ -99,7 +99,7 @@ def localizer_loss(logits: torch.Tensor, masks: torch.Tensor, present: torch.Ten
     over the classes present in each image (``(B, K)`` bool); 0 when none is."""
     if logits.shape != masks.shape:
         raise WeaklocError(f"localizer maps {tuple(logits.shape)} and pseudo-masks {tuple(masks.shape)} differ in shape")
-    if not present.any():
-        return logits.new_zeros(())
+    if not present.any():  # zero, but on the graph (see box_loss)
+        return logits.sum() * 0
     per_map = F.binary_cross_entropy_with_logits(logits.float(), masks, reduction="none").flatten(2).mean(-1)  # (B, K)
     return per_map[present].mean()
