@@ -141,7 +141,8 @@ class ClassifierModule(pl.LightningModule):
         """Loss, logits and the classification targets of a batch (counting targets split off)."""
         net = self.model if training else self.evaluated_model
         x = batch["image"]
-        out = net.forward_maps(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x, with_box=training and bool(self._teacher))
+        out = net.forward_maps(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x,
+                               with_box=training and bool(self._teacher))
         target = batch["target"]
         k = net.num_classes
         if net.counting_head is None:
