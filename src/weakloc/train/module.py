@@ -117,10 +117,11 @@ class ClassifierModule(pl.LightningModule):
         """The weights validation scores and training keeps: the moving average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+    def on_train_epoch_start(self) -> None:
         if self.model.frozen_classifier:
-            # Lightning restores each submodule's mode after validation one by one, which would put the
-            # frozen teacher copy's BatchNorm back in train mode; WeaklocNet.train keeps it in eval
+            # Lightning restores each submodule's mode after validation (which runs only at an epoch's
+            # end here) one by one, which would put the frozen teacher copy's BatchNorm back in train
+            # mode; WeaklocNet.train keeps it in eval. Once per epoch, not per batch.
             self.model.train()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
