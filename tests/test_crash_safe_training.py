@@ -5,6 +5,7 @@ Runs that get killed are forked from the test process (no second import of torch
 stopped at a chosen moment by patching, in the child only, the function running at that moment.
 """
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -24,6 +25,8 @@ from weakloc.train import fine_tune
 from weakloc.train.fit import RESUME_KEYS, atomic_write, resume_checkpoint
 
 TINY = {"backbone": "test_resnet", "pretrained": "none", "input_size": 32, "batch_size": 8, "progress": False, "workers": 0}
+#: every source of randomness in training on: a loader worker (augmentation), hidden patches and dropout (the step's)
+EXACT = TINY | {"workers": 1, "hide_prob": 0.3, "drop_rate": 0.2}
 EPOCHS = 3
 STEPS = 2  # per epoch: the data's 22 training images in batches of 8, the partial one dropped
 FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
@@ -54,7 +57,10 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
     - ``epoch-2``: in epoch 2's first training step (epoch 1's checkpoints complete);
     - ``epoch-0``: in the very first training step (no checkpoint yet);
     - ``cli``: the ``weakloc train`` command, slowed so that the parent's SIGTERM lands in epoch 1;
-    - ``swa-epoch-2``: as ``epoch-2``, with weight averaging over the second half of the steps.
+    - ``swa-epoch-2``: as ``epoch-2``, with weight averaging over the second half of the steps;
+    - ``exact-epoch-2``: as ``epoch-2``, with the settings of ``EXACT``;
+    - ``exact-sigterm``: the settings of ``EXACT``, slowed so that the parent's SIGTERM lands in
+      epoch 1's first step.
     """
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
@@ -79,9 +85,9 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
         return real_save(obj, f, *args, **kwargs)
 
     def step(self, batch, batch_idx):
-        if kind in ("epoch-2", "swa-epoch-2") and self.current_epoch == 2 or kind == "epoch-0":
+        if kind in ("epoch-2", "swa-epoch-2", "exact-epoch-2") and self.current_epoch == 2 or kind == "epoch-0":
             _pause(marker)
-        if kind == "cli" and self.current_epoch == 1 and batch_idx == 0:
+        if kind in ("cli", "exact-sigterm") and self.current_epoch == 1 and batch_idx == 0:
             marker.write_text("epoch 1")
             for _ in range(200):  # the SIGTERM lands in this step, the first of epoch 1's two
                 time.sleep(0.05)
@@ -94,6 +100,8 @@ def _child(kind: str, data: Path, out: Path, marker: Path, log: Path, epochs: in
     if kind == "cli":
         cli.main(["train", str(data), "-o", str(out), "--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32",
                   "--batch-size", "8", "--epochs", str(epochs), "--workers", "0"])
+    elif kind.startswith("exact"):
+        fine_tune(data, out, epochs=epochs, **EXACT)
     else:
         fine_tune(data, out, epochs=epochs, **TINY, **({"swa": 0.5} if kind.startswith("swa") else {}))
     os._exit(0)
@@ -112,6 +120,17 @@ def _run_until_paused(kind: str, data: Path, out: Path, tmp: Path, epochs: int =
     proc.join(120)
     assert not proc.is_alive()
     return proc.exitcode, log.read_text()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Torch on one thread, as in ``_child``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _temporaries(out: Path) -> list[Path]:
@@ -192,11 +211,38 @@ def test_sigterm_saves_a_resumable_state_and_exits_non_zero(data, tmp_path):
 
 
 @needs_fork
+@pytest.mark.parametrize("kind, sig", [("exact-epoch-2", signal.SIGKILL), ("exact-sigterm", signal.SIGTERM)])
+def test_a_resumed_run_is_the_run_never_stopped(data, tmp_path, kind, sig):
+    """Killed between two epochs, or stopped by SIGTERM after the first step of one, then resumed:
+    every weight, statistic and optimiser moment is the one of a run never stopped -- the same
+    images in the same order, the same crops, flips, colours, hidden patches and dropout, with the
+    augmentation in a loader worker. (On as many threads as the killed child: sums over another
+    number of threads round differently.)"""
+    never_stopped = tmp_path / "never-stopped"
+    with _one_thread():
+        fine_tune(data, never_stopped, epochs=EPOCHS, **EXACT)
+    out = tmp_path / "run"
+    code, log = _run_until_paused(kind, data, out, tmp_path, sig=sig)
+    assert code != 0, log
+    stopped = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == (2 * STEPS if kind == "exact-epoch-2" else STEPS + 1), log
+    with _one_thread():
+        fine_tune(data, out, epochs=EPOCHS, resume=True, **EXACT)
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (never_stopped, out))
+    assert a["global_step"] == b["global_step"] == EPOCHS * STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    moments = [(a_, b_) for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values())
+               for a_, b_ in zip(sa.values(), sb.values())]
+    assert moments and all(torch.equal(x, y) for x, y in moments)
+
+
+@needs_fork
 def test_weight_averaging_survives_a_kill_and_resume(data, tmp_path):
     """SWA killed in epoch 2 resumes and keeps averaging: the checkpoint of the kill holds the
     average (a copy of the weights where averaging begins), the finished run keeps the final
-    average, which is not the last step's weights. (A resumed run is not bit-identical to an
-    uninterrupted one -- its augmentation draws differ -- so the runs are not compared.)"""
+    average, which is not the last step's weights."""
     out = tmp_path / "run"
     code, log = _run_until_paused("swa-epoch-2", data, out, tmp_path)
     assert code == -signal.SIGKILL, log

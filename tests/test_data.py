@@ -259,3 +259,81 @@ def test_load_labels_dispatch(tmp_path, synth_single):
     assert d.splits is not None and d.task == "single"
     with pytest.raises(LabelError, match="no such file"):
         load_labels(tmp_path / "nothing")
+
+
+# --- training draws fixed by (seed, epoch) ---------------------------------------------------------
+
+def test_epoch_sampler_draws_are_fixed_by_seed_and_epoch():
+    from weakloc.data.dataset import EpochSampler
+
+    a, b = EpochSampler(10, seed=3), EpochSampler(10, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b)  # another instance, the same draws
+    order, seeds = a.draws()
+    assert sorted(order.tolist()) == list(range(10)) and len(set(seeds.tolist())) == 10  # a permutation, a seed per draw
+    b.set_epoch(3)
+    assert list(b) != list(a)
+    assert list(EpochSampler(10, seed=4, epoch=2)) != list(a)
+
+
+def test_epoch_sampler_shards_cover_the_order_padded_and_a_resumed_epoch_skips_what_was_drawn():
+    from weakloc.data.dataset import EpochSampler
+
+    whole = EpochSampler(10, seed=1, epoch=5)
+    shards = [whole.shard(r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # every process makes as many steps
+    drawn = [d for s in shards for d in s]
+    assert {i for i, _ in drawn} == set(range(10)) and len(drawn) == 12  # each image, two drawn again as padding
+    order = whole.draws()[0].tolist()
+    assert [i for i, _ in shards[1]] == (order + order[:2])[1::3]
+    resumed = EpochSampler(10, seed=1, epoch=5, skip=4)
+    assert list(resumed) == list(whole)[4:]
+    resumed.set_epoch(5)  # Lightning's call for the epoch being resumed keeps the skip
+    assert list(resumed) == list(whole)[4:]
+    resumed.set_epoch(6)
+    assert len(list(resumed)) == 10
+
+
+def test_dataset_item_augmentation_follows_its_draw_seed_and_leaves_the_caller_s_stream(tmp_path):
+    from weakloc.data.dataset import train_transform
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    ds = ImageDataset([path], torch.tensor([0]), train_transform(24))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first, again, other = ds[(0, 11)][0], ds[(0, 11)][0], ds[(0, 12)][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert ds[(0, 11)][2] == 0  # the item's index, not the pair
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each item is the ``(index, draw_seed)`` pair it was asked for."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, pair):
+        return pair
+
+
+def _draw_loader(**sampler) -> "EpochLoader":  # noqa: F821 -- imported inside
+    from weakloc.data.dataset import EpochLoader, EpochSampler
+
+    return EpochLoader(_Draws(), batch_size=3, sampler=EpochSampler(10, seed=0, **sampler), drop_last=True, collate_fn=list)
+
+
+def test_epoch_loader_state_resumes_within_an_epoch_and_after_its_end():
+    loader = _draw_loader(epoch=1)
+    everything = list(loader)
+    it = iter(loader)
+    next(it)
+    assert loader.state_dict() == {"epoch": 1, "batches": 1}
+    resumed = _draw_loader()
+    resumed.load_state_dict(loader.state_dict())
+    assert len(resumed) == 3 and list(resumed) == everything[1:]  # the same draws, from the next batch
+    assert resumed.state_dict() == {"epoch": 1, "batches": 3}
+    after_end = _draw_loader()
+    after_end.load_state_dict({"epoch": 1, "batches": 3})  # stopped after the epoch's last batch
+    assert (after_end.sampler.epoch, after_end.sampler.skip) == (2, 0)

@@ -7,14 +7,17 @@ an epoch and every skipped file can be reported by name (:class:`SkipLog`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from weakloc.data.images import read_image, read_jpeg_data
@@ -63,6 +66,104 @@ def eval_transform(size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_S
     ])
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (numpy's ``SeedSequence``): nearby keys --
+    (seed, epoch) and (seed, epoch + 1) -- give unrelated streams, unlike ``seed + epoch``."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class EpochSampler(Sampler):
+    """The training draws of each epoch, fixed by (``seed``, epoch): which images in which order,
+    and a seed for each draw's augmentation. A run stopped at an epoch's end and resumed sees the
+    same images with the same crops, flips and colours as one never stopped, whatever the number
+    of loader workers (whose own random streams would otherwise carry the augmentation, and start
+    afresh on a resume). Lightning calls :meth:`set_epoch` at each epoch's start;
+    :class:`EpochLoader` resumes one within an epoch.
+
+    Yields ``(index, draw_seed)`` pairs, which :class:`ImageDataset` takes as indices.
+
+    Args:
+        n: images in the dataset.
+        seed: the run's seed.
+        weights: ``(n,)`` draw weights: ``n`` draws with replacement in proportion (the class
+            balance of :func:`~weakloc.train.fit.balanced_sampler`); None: a permutation.
+        rank, num_replicas: with several training processes, each takes every
+            ``num_replicas``-th draw from ``rank`` of one order shared by all, the order padded by
+            repeating its start so that every process makes as many steps (as
+            ``torch.utils.data.DistributedSampler`` does).
+        epoch: whose draws; skip: how many of them (this process's) were taken before a stop, left
+            out when the epoch resumes.
+    """
+
+    n: int
+    seed: int = 0
+    weights: torch.Tensor | None = None
+    rank: int = 0
+    num_replicas: int = 1
+    epoch: int = 0
+    skip: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw ``epoch``'s order (a resumed epoch, set already, keeps its skip)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.skip = int(epoch), 0
+
+    def shard(self, rank: int, num_replicas: int) -> "EpochSampler":
+        """This sampler's share for process ``rank`` of ``num_replicas``."""
+        return replace(self, rank=rank, num_replicas=num_replicas)
+
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's ``(indices, draw_seeds)``, each ``(len(self),)`` int64, for this process."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2 ** 62, (self.n,), generator=generator)
+        total = len(self) * self.num_replicas
+        if total > self.n:  # pad by repeating the start (more than once when there are fewer images than processes)
+            order, seeds = order.repeat(math.ceil(total / self.n))[:total], seeds.repeat(math.ceil(total / self.n))[:total]
+        return order[self.rank::self.num_replicas], seeds[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = self.draws()
+        return zip(order[self.skip:].tolist(), seeds[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        """The epoch's draws for this process, a resumed epoch's skipped ones included."""
+        return math.ceil(self.n / self.num_replicas)
+
+
+class EpochLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` whose place Lightning saves in each checkpoint
+    and restores on a resume (``state_dict`` / ``load_state_dict``, Lightning's stateful loaders;
+    it restores them before it starts the resumed epoch's loader workers, which a ``set_epoch``
+    call would reach too late). A run stopped between two batches continues with the next batch
+    of the same draws, not a new shuffle. Its length is the whole epoch's."""
+
+    sampler: EpochSampler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches = 0  # of the current epoch, given out by this loader's iterators
+
+    def __iter__(self):
+        self._batches = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # stopped at the epoch's end: the next one starts
+            epoch, batches = epoch + 1, 0
+        self.sampler.epoch, self.sampler.skip = epoch, batches * self.batch_size
+
+
 class SkippedImage(NamedTuple):
     """An image a loader could not decode: its index in the dataset, its path and why (one line,
     without the file name)."""
@@ -105,13 +206,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """Item ``i``; given ``(i, draw_seed)`` (what :class:`EpochSampler` yields), its random
+        transform draws from that seed, and the caller's random stream is left as it was."""
+        i, draw_seed = item if isinstance(item, tuple) else (item, None)
         try:
             img = read_image(self.paths[i])
         except ImageReadError as e:
             return SkippedImage(i, Path(self.paths[i]), getattr(e, "reason", None) or str(e))
         target = self.targets[i] if self.targets is not None else torch.tensor(-1)
-        return self.transform(img), target, i
+        if draw_seed is None:
+            return self.transform(img), target, i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed)
+            return self.transform(img), target, i
 
 
 def collate_skip_bad(items: list) -> dict:

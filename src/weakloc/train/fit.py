@@ -25,10 +25,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from weakloc.config import MapConfig, ModelConfig, TrainConfig, fallback_threshold
-from weakloc.data.dataset import ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
+from weakloc.data.dataset import EpochLoader, EpochSampler, ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
 from weakloc.errors import OptionError, WeaklocError
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
@@ -85,7 +85,7 @@ def _progress_bar():
         return TQDMProgressBar()
 
 
-def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSampler:
+def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> EpochSampler:
     """Sample images with weight 1 / (images of their class); a multi-label image takes its rarest
     label's weight, and images without any label count as one more class. With counts, the groups
     are each class's count values, weighted 1 / sqrt(images in the group) (rare counts drawn more
@@ -105,8 +105,7 @@ def balanced_sampler(labeled: LabeledImages, seed: int = 0) -> WeightedRandomSam
         per = torch.where(t > 0, 1.0 / counts, torch.zeros_like(t))
         empty = per.amax(1) == 0  # images with no label form a group of their own
         weights = torch.where(empty, torch.full((len(t),), 1.0 / max(1, int(empty.sum()))), per.amax(1))
-    return WeightedRandomSampler(weights.double(), num_samples=len(labeled), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
+    return EpochSampler(len(labeled), seed, weights=weights.double())
 
 
 def validation_threshold(model: WeaklocNet, loader: DataLoader, positive: int) -> float | None:
@@ -245,28 +244,31 @@ def make_loaders(train_set: LabeledImages, val_set: LabeledImages, model: ModelC
     and the validation loader (resized, in order)."""
     workers = default_workers() if train.workers is None else train.workers
     common = {"num_workers": workers, "collate_fn": collate_skip_bad, "persistent_workers": workers > 0}
-    sampler = balanced_sampler(train_set, train.seed) if train.balanced else None
+    sampler = balanced_sampler(train_set, train.seed) if train.balanced else EpochSampler(len(train_set), train.seed)
     augment = train_transform(model.input_size, model.mean, model.std, train.crop_scale, train.dihedral)
-    train_loader = DataLoader(ImageDataset.from_labels(train_set, augment), batch_size=train.batch_size, shuffle=sampler is None,
-                              sampler=sampler, drop_last=len(train_set) > train.batch_size, **common)
+    train_loader = EpochLoader(ImageDataset.from_labels(train_set, augment), batch_size=train.batch_size, sampler=sampler,
+                               drop_last=len(train_set) > train.batch_size, **common)
     val_loader = DataLoader(ImageDataset.from_labels(val_set, eval_transform(model.input_size, model.mean, model.std)),
                             batch_size=train.batch_size, shuffle=False, **common)
     return train_loader, val_loader
 
 
 class SplitValidation(pl.LightningDataModule):
-    """The training and validation loaders for Lightning, each validation image on exactly one
-    process when several train: Lightning's own ``DistributedSampler`` would pad the shards to one
-    size by repeating images, which the validation metrics would then count twice. The training
-    loader gets Lightning's ``DistributedSampler`` (or its wrapper around the class-balanced
-    sampler), which shards and reshuffles it each epoch."""
+    """The training and validation loaders for Lightning, sharded here when several processes train
+    (the trainer is told not to put its own samplers in): each training process takes its share of
+    the epoch's :class:`EpochSampler` draws, and each validation image goes to exactly one process
+    (Lightning's ``DistributedSampler`` would pad the validation shards to one size by repeating
+    images, which the validation metrics would then count twice)."""
 
     def __init__(self, train_loader: DataLoader, val_loader: DataLoader):
         super().__init__()
         self.train_loader, self.val_loader = train_loader, val_loader
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_loader
+        world = self.trainer.world_size
+        if world == 1:
+            return self.train_loader
+        return _resampled(self.train_loader, self.train_loader.sampler.shard(self.trainer.global_rank, world))
 
     def val_dataloader(self) -> DataLoader:
         world = self.trainer.world_size
@@ -275,9 +277,14 @@ class SplitValidation(pl.LightningDataModule):
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
         loader = self.val_loader
-        sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                          collate_fn=loader.collate_fn, persistent_workers=loader.persistent_workers)
+        return _resampled(loader, UnrepeatedDistributedSampler(loader.dataset, num_replicas=world, rank=self.trainer.global_rank,
+                                                               shuffle=False))
+
+
+def _resampled(loader: DataLoader, sampler) -> DataLoader:
+    """``loader`` (of its class) with another sampler, its other settings kept."""
+    return type(loader)(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, persistent_workers=loader.persistent_workers, drop_last=loader.drop_last)
 
 
 @dataclass
@@ -317,7 +324,7 @@ def make_trainer(out: Path, train: TrainConfig, steps_per_epoch: int, progress: 
             callbacks=callbacks, logger=CSVLogger(out, name="logs"),
             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=max(1, min(5, steps_per_epoch)),
             num_sanity_val_steps=0, limit_train_batches=train.limit_batches, limit_val_batches=train.limit_batches,
-            deterministic=False, plugins=[AtomicCheckpointIO()],
+            deterministic=False, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,  # SplitValidation shards
         )
     except (MisconfigurationException, ValueError) as e:  # a layout Lightning cannot run: one line, not its traceback
         raise OptionError(f"--accelerator {train.accelerator} --devices {train.devices} --num-nodes {num_nodes} "
@@ -380,9 +387,6 @@ def run_training(run: _Run, module: ClassifierModule, loaders: tuple[DataLoader,
     with warnings.catch_warnings(), signals_to(run.stopper):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        # resuming a run stopped by SIGTERM within an epoch: the epoch's remaining steps come from a
-        # fresh shuffle, which is what the warning is about, and is fine
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming: it should be
         try:
             run.trainer.fit(module, datamodule=SplitValidation(*loaders), ckpt_path=resume_from, weights_only=True)

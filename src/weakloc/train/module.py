@@ -13,7 +13,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torchvision.ops import sigmoid_focal_loss
 
 from weakloc.config import TrainConfig
-from weakloc.data.dataset import SkipLog, SkippedImage
+from weakloc.data.dataset import EpochLoader, SkipLog, SkippedImage, derived_seed
 from weakloc.errors import WeaklocError
 from weakloc.evaluate.classification import classification_metrics
 from weakloc.explain.maps import at_size
@@ -87,6 +87,7 @@ class ClassifierModule(pl.LightningModule):
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
         self._skips_warned = 0
+        self._resumed_draws: list[dict] = []  # set by on_load_checkpoint
         self._val_losses: list[torch.Tensor] = []  # (2,): a batch's summed loss and its size
         self._val_probs: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
@@ -111,6 +112,16 @@ class ClassifierModule(pl.LightningModule):
         self.skip_log = SkipLog(SkippedImage(f["index"], Path(f["path"]), f["reason"]) for f in saved.get("files", []))
         self.skip_log.events = saved.get("events", len(self.skip_log))
         self._skips_warned = len(self.skip_log)
+        # the training loader's place in its draws (EpochLoader.state_dict, which Lightning saves). Lightning
+        # gives it back only to a loader it builds after restoring, and it built this one before, to count
+        # the schedule's steps: it is given back at the start of training instead (the loader starts lazily)
+        self._resumed_draws = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+
+    def on_train_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        if self._resumed_draws and isinstance(loader, EpochLoader):
+            loader.load_state_dict(self._resumed_draws[0])
+        self._resumed_draws = []
 
     @property
     def evaluated_model(self) -> WeaklocNet:
@@ -123,6 +134,11 @@ class ClassifierModule(pl.LightningModule):
             # end here) one by one, which would put the frozen teacher copy's BatchNorm back in train
             # mode; WeaklocNet.train keeps it in eval. Once per epoch, not per batch.
             self.model.train()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # the step's own random draws (dropout, drop-path, hidden patches, CutMix, crops) from a seed
+        # of (run, epoch, batch, process): a resumed run draws what an unstopped one would have
+        torch.manual_seed(derived_seed(self.settings.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
