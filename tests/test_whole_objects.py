@@ -291,6 +291,20 @@ def test_separate_box_network_learns_beside_a_frozen_teacher(synth_single, tmp_p
         assert fourth.model.forward_maps(x, with_box=True).box.shape == (2, 4)
 
 
+def test_resuming_with_another_teacher_of_the_same_architecture_is_refused(synth_single, tmp_path):
+    from weakloc.errors import CheckpointError
+
+    kw = dict(backbone="test_resnet", pretrained="none", input_size=64, freeze_epochs=0, batch_size=8, progress=False, workers=0,
+              limit_batches=1)
+    first = fine_tune(synth_single, tmp_path / "first", epochs=1, **kw)
+    other = fine_tune(synth_single, tmp_path / "other", epochs=1, seed=1, **kw)
+    fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, epochs=1, **kw)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*last\.ckpt: it was trained from another teacher"):
+        fine_tune(synth_single, tmp_path / "second", teacher=other.model_dir, epochs=2, resume=True, **kw)
+    resumed = fine_tune(synth_single, tmp_path / "second", teacher=first.model_dir, epochs=2, resume=True, **kw)
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+
+
 def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
     from weakloc.errors import OptionError
 

@@ -10,6 +10,7 @@ model (or none), never half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -116,6 +117,17 @@ def ensure_writable(folder: str | Path) -> None:
         probe.unlink()
     except OSError as e:
         raise _write_error(folder, e) from None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's state: every tensor's name, dtype, shape and bytes, in order. Equal
+    weights give equal digests; it names which model a run was made from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_model(model: WeaklocNet, folder: str | Path) -> Path:

@@ -576,7 +576,7 @@ def fine_tune(
     loaders = make_loaders(train_set, val_set, net.config, settings_used)
     module = ClassifierModule(net, settings_used, teacher_net)
     if resume_from is not None:
-        check_resumable(module, resume_from, resume_info["shapes"])
+        check_resumable(module, resume_from, resume_info["shapes"], resume_info["teacher"])
     run = make_trainer(out, settings_used, len(loaders[0]), progress)
     rank, record = run.trainer.global_rank, training_record(run.trainer, settings_used)
     if len(val_set) < record["processes"]:

@@ -17,10 +17,12 @@ from weakloc.data.dataset import EpochLoader, SkipLog, SkippedImage, derived_see
 from weakloc.errors import WeaklocError
 from weakloc.evaluate.classification import classification_metrics
 from weakloc.explain.maps import at_size
+from weakloc.models.checkpoint import weights_digest
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
 from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
+from weakloc.train.state import TEACHER_KEY
 
 
 #: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when
@@ -83,6 +85,7 @@ class ClassifierModule(pl.LightningModule):
         if (teacher is None) != (model.localizer is None and model.box_head is None):
             raise ValueError("second-stage heads (localizer, box) are trained from a teacher, and a teacher needs a model with one")
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
+        self.teacher_digest = weights_digest(teacher) if teacher is not None else None  # which teacher, kept in checkpoints
         self.teacher_method = settings.teacher_method or "cam"
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
@@ -106,6 +109,8 @@ class ClassifierModule(pl.LightningModule):
         # plain types, so a resumed run still lists the images skipped before it (weights_only loads)
         checkpoint["weakloc_skipped"] = {"events": self.skip_log.events, "files": [
             {"index": it.index, "path": str(it.path), "reason": it.reason} for it in self.skip_log]}
+        if self.teacher_digest is not None:
+            checkpoint[TEACHER_KEY] = self.teacher_digest
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("weakloc_skipped", {})

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.checkpoint import atomic_write
 
-
+#: the checkpoint key of the teacher's weights digest (:func:`~weakloc.models.checkpoint.weights_digest`)
+TEACHER_KEY = "weakloc_teacher"
 #: suffix of the temporary file :func:`atomic_write` renames over its target
 TMP_SUFFIX = ".tmp"
 #: the file beside ``model/`` listing the images training skipped: path, a tab, why
@@ -62,8 +63,9 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     state. Broken files are skipped with a warning that names them.
 
     Returns:
-        its path and ``{"epoch", "global_step", "shapes"}`` (``shapes``: of its ``state_dict``'s
-        tensors, for :func:`check_resumable`).
+        its path and ``{"epoch", "global_step", "shapes", "teacher"}`` (``shapes``: of its
+        ``state_dict``'s tensors; ``teacher``: the weights digest of the teacher it was trained
+        from, or None; both for :func:`check_resumable`).
 
     Raises:
         CheckpointError: no checkpoint, or none usable (every file named with its problem).
@@ -84,7 +86,8 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
             broken.append(f"{path.name}: not a training checkpoint (no {', '.join(missing)})")
             continue
         info = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"]),
-                "shapes": {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}}
+                "shapes": {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)},
+                "teacher": ckpt.get(TEACHER_KEY)}
         usable.append(((info["global_step"], info["epoch"], path.name == "last.ckpt"), path, info))
         del ckpt
     if not usable:
@@ -95,12 +98,16 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     return path, info
 
 
-def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple]) -> None:
+def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple], teacher: str | None = None) -> None:
     """Refuse to resume ``module``'s training from a checkpoint of another model (other backbone,
-    head, classes or options), which Lightning would stop at with a long state-dict traceback.
+    head, classes or options), which Lightning would stop at with a long state-dict traceback, or
+    of a run made from another teacher of the same architecture (whose targets, and frozen copy,
+    would silently be mixed with this teacher's).
 
     Args:
         shapes: the checkpoint's tensor shapes by name (:func:`resume_checkpoint`'s ``shapes``).
+        teacher: the checkpoint's teacher digest (``teacher``; None: no teacher, or a checkpoint
+            written before digests were kept), compared with ``module.teacher_digest``.
     """
     own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing, extra = sorted(own.keys() - shapes.keys()), sorted(shapes.keys() - own.keys())
@@ -110,6 +117,9 @@ def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tu
                 f"it lacks {missing[0]}" if missing else f"it has {extra[0]}, which this model lacks")
         raise CheckpointError(f"cannot resume from {path}: it holds another model ({what}); resume with the options "
                               "of the interrupted run, or train without --resume")
+    if teacher is not None and teacher != getattr(module, "teacher_digest", None):
+        raise CheckpointError(f"cannot resume from {path}: it was trained from another teacher (its weights differ from "
+                              "--teacher's); resume with the interrupted run's --teacher, or train without --resume")
 
 
 class TrainingHistory(pl.Callback):
