@@ -72,7 +72,7 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-@dataclass
+@dataclass(eq=False)
 class EpochSampler(Sampler):
     """The training draws of each epoch, fixed by (``seed``, epoch): which images in which order,
     and a seed for each draw's augmentation. A run stopped at an epoch's end and resumed sees the
@@ -136,11 +136,13 @@ class EpochSampler(Sampler):
 
 
 class EpochLoader(DataLoader):
-    """A ``DataLoader`` over an :class:`EpochSampler` whose place Lightning saves in each checkpoint
-    and restores on a resume (``state_dict`` / ``load_state_dict``, Lightning's stateful loaders;
-    it restores them before it starts the resumed epoch's loader workers, which a ``set_epoch``
-    call would reach too late). A run stopped between two batches continues with the next batch
-    of the same draws, not a new shuffle. Its length is the whole epoch's."""
+    """A ``DataLoader`` over an :class:`EpochSampler` that knows its place in the epoch's draws:
+    ``state_dict`` / ``load_state_dict`` (one of Lightning's stateful loaders, so Lightning keeps
+    the state in each checkpoint; ``ClassifierModule`` gives it back on a resume). A run stopped
+    between two batches continues with the next batch of the same draws, not a new shuffle. Its
+    iterator starts at its first batch, not before, so a place or epoch set after ``iter()`` still
+    counts (Lightning calls ``iter()`` before ``set_epoch`` on a resume). Its length is the whole
+    epoch's."""
 
     sampler: EpochSampler
 

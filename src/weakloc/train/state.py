@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.checkpoint import atomic_write
 
+
 #: the checkpoint key of the teacher's weights digest (:func:`~weakloc.models.checkpoint.weights_digest`)
 TEACHER_KEY = "weakloc_teacher"
 #: suffix of the temporary file :func:`atomic_write` renames over its target
