@@ -317,6 +317,8 @@ def train(
     drop_rate: float = typer.Option(0.2, help="Channel dropout before the classifier."),
     epochs: int = typer.Option(5),
     freeze_epochs: int = typer.Option(1, help="Epochs with the backbone frozen first."),
+    frozen_stages: int = typer.Option(0, help="The stem and this many first backbone stages never train (Detectron2's "
+                                      "FREEZE_AT; backpropagation stops above them: faster steps)."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(2e-3, help="Peak learning rate of the head."),
     backbone_lr: Optional[tuple[float, float]] = typer.Option(None, help="Multipliers of --lr for the earliest and latest backbone layers (default 0.01 0.3; 0.3 1.0 with counting)."),
@@ -394,7 +396,7 @@ def train(
         tap_threshold=tap_threshold, counting=counting, density_hidden=density_hidden, density_context=density_context,
         density_stage=None if density_stage == "last" else _one_int(density_stage, "--density-stage"), box_backbone=box_backbone)
     settings = TrainConfig(
-        pretrained=pretrained, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+        pretrained=pretrained, epochs=epochs, freeze_epochs=freeze_epochs, frozen_stages=frozen_stages, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
         precision=precision, accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices, workers=workers,
         strategy=strategy, num_nodes=num_nodes,

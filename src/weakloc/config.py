@@ -137,6 +137,10 @@ class TrainConfig:
         pretrained: ``imagenet`` (offline for EfficientNet-Lite0, else timm's download), ``none``
             (random initialisation) or a backbone weights file (safetensors, or a tensors-only ``.pth``).
         epochs, freeze_epochs: epochs in all, and with the backbone frozen first (head warm-up).
+        frozen_stages: the stem and this many first stages of the backbone (``feature_info``
+            order; Detectron2's ``FREEZE_AT``) never train: their generic low-level filters stay
+            ImageNet's, and backpropagation stops above them, which saves a large share of each
+            step on the CPU (0: every layer trains after the warm-up).
         batch_size, lr: batch size and the head's peak learning rate.
         backbone_lr: (earliest, latest) multipliers of ``lr`` for the backbone's layer groups
             (None: (0.01, 0.3); (0.3, 1.0) with counting, whose early layers must learn to tell
@@ -181,6 +185,7 @@ class TrainConfig:
     pretrained: str = "imagenet"
     epochs: int = 5
     freeze_epochs: int = 1
+    frozen_stages: int = 0
     batch_size: int = 32
     lr: float = 2e-3
     backbone_lr: tuple[float, float] | None = None

@@ -244,3 +244,30 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if bad:
         raise CheckpointError(f"{path}: shape mismatch for {bad[:3]}: {[tuple(sd[k].shape) for k in bad[:3]]} vs {[tuple(target[k].shape) for k in bad[:3]]}")
     model.load_state_dict({k: sd[k] for k in target})
+
+
+def early_parameters(backbone: nn.Module, stages: int, option: str = "frozen_stages") -> list[nn.Parameter]:
+    """The parameters of the stem and the first ``stages`` stages of a timm model (Detectron2's
+    ``FREEZE_AT``): every parameter registered up to and including the module of
+    ``feature_info[stages - 1]`` (for a ResNet, 2 is the stem and ``layer1``; for an EfficientNet,
+    the stem, ``blocks.0`` and ``blocks.1``). 0 gives none.
+
+    Raises:
+        WeaklocError: ``stages`` beyond the backbone's ``feature_info`` (named as ``option``).
+    """
+    if stages <= 0:
+        return []
+    info = backbone.feature_info
+    dicts = info if isinstance(info, list) else info.get_dicts()
+    if stages > len(dicts):
+        raise WeaklocError(f"{option}: {stages} stages, but the backbone has {len(dicts)} (feature_info); use 0..{len(dicts)}")
+    last = dicts[stages - 1]["module"]
+    params: list[nn.Parameter] = []
+    reached = False
+    for name, module in backbone.named_modules():  # registration order: the stem first, then the stages in order
+        inside = name == last or name.startswith(last + ".")
+        if reached and not inside:
+            break
+        reached = reached or inside
+        params.extend(module.parameters(recurse=False))
+    return params

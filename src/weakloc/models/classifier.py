@@ -16,7 +16,7 @@ from torch import nn
 
 from weakloc.config import HEADS, TASKS, ModelConfig
 from weakloc.errors import WeaklocError
-from weakloc.models.backbone import create_backbone, input_normalization
+from weakloc.models.backbone import create_backbone, early_parameters, input_normalization
 from weakloc.models.grid import to_grid
 from weakloc.models.heads import CBAM, AttentionHead, BoxHead, CountingHead, insert_adl, insert_cbam, thresholded_average_pool
 
@@ -242,6 +242,14 @@ class WeaklocNet(nn.Module):
             return list(self.box_backbone.parameters())
         new = {id(p) for p in self.new_parameters()}
         return [p for p in self.backbone.parameters() if id(p) not in new]
+
+    def frozen_stage_parameters(self, stages: int, option: str = "frozen_stages") -> list[nn.Parameter]:
+        """The pretrained parameters of the trained backbone's stem and first ``stages`` stages
+        (:func:`~weakloc.models.backbone.early_parameters`; the box network's with a separate one),
+        without blocks inserted after them (CBAM starts untrained)."""
+        new = {id(p) for p in self.new_parameters()}
+        net = self.box_backbone if self.frozen_classifier else self.backbone
+        return [p for p in early_parameters(net, stages, option) if id(p) not in new]
 
     def backbone_groups(self, n: int = 3) -> list[list[nn.Parameter]]:
         """Backbone parameters in ``n`` consecutive groups, earliest layers first (for layer-wise LRs)."""

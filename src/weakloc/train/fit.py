@@ -34,7 +34,7 @@ from weakloc.errors import OptionError, WeaklocError
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decision_threshold, default_backbone_lr
-from weakloc.train.options import (DEFAULT_MAP_OPTIONS, DEFAULT_REFINE, TrainSettings, check_train_options, process_layout,  # noqa: F401 -- re-exported
+from weakloc.train.options import (DEFAULT_MAP_OPTIONS, DEFAULT_REFINE, TrainSettings, check_train_options, option_name, process_layout,  # noqa: F401 -- re-exported
                                    scaled_size, settle_settings)
 from weakloc.train.state import (RESUME_KEYS, SKIPPED_FILE, TMP_SUFFIX, AtomicCheckpointIO, StopOnSignal,  # noqa: F401 -- re-exported
                                  TrainingHistory, TrainingInterrupted, check_resumable, remove_stale_temporaries,
@@ -573,6 +573,10 @@ def fine_tune(
     if config.box_backbone and given.maps == MapConfig():  # the classifier is the teacher's: so are its (calibrated) map settings
         given = replace(given, maps=teacher_net.config.maps, options_given=True)
     net = build_model(config, settings_used, teacher_net)
+    try:  # the backbone's stage count is known only now
+        net.frozen_stage_parameters(settings_used.frozen_stages, option_name("frozen_stages", given.spelled))
+    except WeaklocError as e:
+        raise OptionError(str(e)) from None
     loaders = make_loaders(train_set, val_set, net.config, settings_used)
     module = ClassifierModule(net, settings_used, teacher_net)
     if resume_from is not None:

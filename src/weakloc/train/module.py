@@ -88,6 +88,10 @@ class ClassifierModule(pl.LightningModule):
         self.teacher_digest = weights_digest(teacher) if teacher is not None else None  # which teacher, kept in checkpoints
         self.teacher_method = settings.teacher_method or "cam"
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
+        self.frozen_ids = {id(p) for p in model.frozen_stage_parameters(settings.frozen_stages)}
+        for p in model.parameters():
+            if id(p) in self.frozen_ids:
+                p.requires_grad_(False)
         self.skip_log = SkipLog()  # undecodable training and validation images, kept in checkpoints
         self._skips_warned = 0
         self._resumed_draws: list[dict] = []  # set by on_load_checkpoint
@@ -156,14 +160,18 @@ class ClassifierModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         for t in self._teacher:
             t.to(self.device)
-        if self.device.type == "cuda":  # NHWC: what cuDNN's tensor-core convolutions run fastest on under mixed precision
-            self.to(memory_format=torch.channels_last)
+        # NHWC: what cuDNN's tensor-core convolutions run fastest on under mixed precision, and what
+        # oneDNN's CPU convolutions run fastest on (their backward most of all)
+        self.to(memory_format=torch.channels_last)
+
+    def on_fit_end(self) -> None:
+        self.to(memory_format=torch.contiguous_format)  # the trained model in the layout it is saved and loaded in
 
     def _step(self, batch: dict, training: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, logits and the classification targets of a batch (counting targets split off)."""
         net = self.model if training else self.evaluated_model
         x = batch["image"]
-        out = net.forward_maps(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x,
+        out = net.forward_maps(x.contiguous(memory_format=torch.channels_last),
                                with_box=training and bool(self._teacher))
         target = batch["target"]
         k = net.num_classes
@@ -475,7 +483,8 @@ def choose_decision_threshold(positive_probs: torch.Tensor, is_positive: torch.T
 
 
 class FreezeBackbone(pl.Callback):
-    """Backbone parameters frozen for the first ``epochs`` epochs (BatchNorm statistics still adapt)."""
+    """Backbone parameters frozen for the first ``epochs`` epochs (BatchNorm statistics still adapt);
+    those of ``frozen_stages`` stay frozen throughout."""
 
     def __init__(self, epochs: int):
         self.epochs = epochs
@@ -483,4 +492,4 @@ class FreezeBackbone(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: ClassifierModule) -> None:
         trainable = trainer.current_epoch >= self.epochs
         for p in pl_module.model.pretrained_parameters():
-            p.requires_grad_(trainable)
+            p.requires_grad_(trainable and id(p) not in pl_module.frozen_ids)

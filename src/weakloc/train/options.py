@@ -357,6 +357,7 @@ def check_training(train: TrainConfig, spelled: dict[str, str] | None = None) ->
         raise OptionError(f"{o('pretrained')}: expected imagenet, none or a weights file, got {train.pretrained!r}")
     check_int(o("epochs"), train.epochs, 1)
     check_int(o("freeze_epochs"), train.freeze_epochs, 0)
+    check_int(o("frozen_stages"), train.frozen_stages, 0)
     check_int(o("batch_size"), train.batch_size, 1)
     check_float(o("lr"), train.lr, 0, low_open=True)
     if train.backbone_lr is not None:
