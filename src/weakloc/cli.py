@@ -850,6 +850,8 @@ def demo(
     n: int = typer.Option(600, help="Synthetic images."),
     epochs: int = typer.Option(8),
     seed: int = typer.Option(0),
+    frozen_stages: Optional[int] = typer.Option(None, help="The stem and this many first backbone stages never train "
+                                                "(default: the demo's recipe; see train --frozen-stages)."),
 ):
     """Offline end to end: synthesise data, fine-tune on image labels only, localize, evaluate, report."""
     from weakloc.checks import check_int
@@ -858,8 +860,10 @@ def demo(
     check_output_folder("--out", out)
     check_int("--n", n, 50, 100_000)
     check_int("--epochs", epochs, 1, 1000)
+    check_int("--frozen-stages", frozen_stages, 0, 5, allow_none=True)  # EfficientNet-Lite0 has 5 (feature_info)
     _quiet_lightning()
-    run_demo(out, n_images=n, epochs=epochs, seed=seed, console=console, progress_bar=progress_bar, print_report=print_report)
+    recipe = {} if frozen_stages is None else {"frozen_stages": frozen_stages}
+    run_demo(out, n_images=n, epochs=epochs, seed=seed, console=console, progress_bar=progress_bar, print_report=print_report, **recipe)
 
 
 def _device(name: str | None):

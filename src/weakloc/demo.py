@@ -27,10 +27,11 @@ from weakloc.train import fine_tune
 DEMO_IMAGE_SIZE = 160
 DEMO_OUTPUT_STRIDE = 16
 CALIBRATION_IMAGES = 100
+DEMO_FROZEN_STAGES = 0
 
 
 def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int = 8, seed: int = 0,
-             console=None, progress_bar=None, print_report=None, methods: tuple[str, ...] = ("cam", "gradcam")) -> dict:
+             frozen_stages: int = DEMO_FROZEN_STAGES, console=None, progress_bar=None, print_report=None, methods: tuple[str, ...] = ("cam", "gradcam")) -> dict:
     """Run the demo; returns the metrics written to ``out/metrics.json``."""
     import os
 
@@ -42,12 +43,12 @@ def run_demo(out: str | Path = "weakloc-demo", n_images: int = 600, epochs: int 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _run_demo(Path(out), n_images, epochs, seed, console, progress_bar, print_report, methods)
+        return _run_demo(Path(out), n_images, epochs, seed, frozen_stages, console, progress_bar, print_report, methods)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progress_bar, print_report, methods) -> dict:
+def _run_demo(out: Path, n_images: int, epochs: int, seed: int, frozen_stages: int, console, progress_bar, print_report, methods) -> dict:
     say = console.print if console is not None else print
     bar = progress_bar or (lambda _d: nullcontext(None))
     t0 = time.perf_counter()
@@ -57,7 +58,7 @@ def _run_demo(out: Path, n_images: int, epochs: int, seed: int, console, progres
         write_synthetic(data, SyntheticConfig(n_images=n_images, size=128, mode="single", val_fraction=0.2, seed=seed), progress=update)
     say(f"[2/4] fine-tuning tf_efficientnet_lite0 (offline ImageNet weights) on image labels only, {epochs} epochs")
     result = fine_tune(data, out / "run", input_size=DEMO_IMAGE_SIZE, output_stride=DEMO_OUTPUT_STRIDE, epochs=epochs,
-                       batch_size=32, seed=seed, progress=console is not None)
+                       batch_size=32, seed=seed, frozen_stages=frozen_stages, progress=console is not None)
     model = result.model
     say(f"[3/4] calibrating the box threshold on {CALIBRATION_IMAGES} training images' boxes, then evaluating "
         f"the validation images ({', '.join(methods)}; centre baseline beside)")

@@ -362,6 +362,7 @@ FT_BAD = [
     ("weight_decay_negative", {"weight_decay": -1.0}, "weight_decay"), ("monitor_unknown", {"monitor": "val_nothing"}, "val_nothing"),
     ("limit_batches_zero", {"limit_batches": 0}, "limit_batches"), ("ema_decay_one", {"ema_decay": 1.0}, "ema_decay"),
     ("swa_one", {"swa": 1.0}, "swa"), ("swa_with_ema", {"swa": 0.25, "ema_decay": 0.9}, "ema_decay"),
+    ("frozen_stages_negative", {"frozen_stages": -1}, "frozen-stages"), ("frozen_stages_9", {"frozen_stages": 9}, "frozen-stages"),
     ("box_backbone_without_teacher", {"box_backbone": "test_resnet"}, "box-backbone"),
     ("box_backbone_blank", {"box_backbone": " "}, "box-backbone"),
     ("loss_unknown", {"loss": "foo"}, "loss|foo"), ("map_options_unknown_method", {"map_options": {"no_such_method": {}}}, "no_such_method"),

@@ -176,6 +176,9 @@ opt("train", "--epochs", "1", OK)
 opt("train", "--freeze-epochs", "-1", E)
 for v in ("0", "5"):
     opt("train", "--freeze-epochs", v, OK)
+for v in ("-1", "9", "x"):  # 9: more stages than the backbone has, known once it is built
+    opt("train", "--frozen-stages", v, E)
+opt("train", "--frozen-stages", "2", OK)
 for v in ("0", "-1"):
     opt("train", "--batch-size", v, E, note="issue: --batch-size 0 crashes")
 opt("train", "--batch-size", "1000", OK, note="a batch larger than the data set is one batch")
@@ -420,6 +423,9 @@ for name in ("--n", "--epochs"):
         opt("demo", name, v, E)
 opt("demo", "-o", "{out}", E, build=_file_at_out, match="out")
 opt("demo", "--seed", "3", OK)
+for v in ("-1", "6", "two"):
+    opt("demo", "--frozen-stages", v, E)
+opt("demo", "--frozen-stages", "2", OK)
 
 
 def _slug(values) -> str:
