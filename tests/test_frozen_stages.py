@@ -66,3 +66,14 @@ def test_frozen_stages_beyond_the_backbone_are_refused_in_one_line(shapes, tmp_p
         fine_tune(shapes, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, epochs=1, progress=False, frozen_stages=9)
     with pytest.raises(OptionError, match="frozen-stages"):
         fine_tune(shapes, tmp_path, backbone="test_resnet", pretrained="none", input_size=64, epochs=1, progress=False, frozen_stages=-1)
+
+
+def test_with_a_separate_box_network_its_early_stages_are_the_frozen_ones():
+    from weakloc.config import ModelConfig
+    from weakloc.models.classifier import WeaklocNet
+
+    net = WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], input_size=64, box_head=True,
+                                 box_backbone="test_resnet"), pretrained="none")
+    frozen = {id(p) for p in net.frozen_stage_parameters(2)}
+    assert frozen == {id(p) for p in early_parameters(net.box_backbone, 2)}
+    assert not frozen & {id(p) for p in net.backbone.parameters()}  # the classifier's copy is frozen anyway, as the teacher's
