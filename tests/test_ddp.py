@@ -25,6 +25,7 @@ from weakloc import load_model
 from weakloc.data.dataset import ImageDataset, collate_skip_bad, eval_transform
 from weakloc.data.labels import load_labels, split_train_val
 from weakloc.evaluate.classification import classification_metrics
+from weakloc.train.state import lost_peer_message
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,8 @@ def test_two_gloo_processes_train_one_model_whose_logged_metrics_are_the_whole_v
     result = _train([sys.executable, "-m", "weakloc.cli", "train", str(data), "-o", str(out), "--epochs", "2",
                      "--strategy", "ddp", *TRAIN])
     _check_run(out, data, result, epochs=2)
+    # the model went channels-last before DDP built its gradient buckets (they take the parameters' strides)
+    assert "Grad strides do not match" not in result.stdout + result.stderr
 
 
 def _children(pid: int) -> list[int]:
@@ -141,3 +144,39 @@ def test_a_run_whose_second_process_is_killed_resumes_under_torchrun(tmp_path, d
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "weakloc.cli"]
     resumed = _train([*torchrun, *command[3:], "--epochs", "2", "--resume"])
     _check_run(out, data, resumed, epochs=2, runs=2)
+
+
+OBSERVED = """
+import subprocess, sys, time
+from pathlib import Path
+from lightning.pytorch.strategies.launchers import subprocess_script as launcher
+from weakloc.train.state import peer_deaths_reported
+
+last = Path(sys.argv[1])
+with peer_deaths_reported(last, world=2):
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    launcher._launch_process_observer([child])  # what Lightning's launcher calls after starting its children
+    time.sleep(60)  # the observer kills this process long before
+print("not killed")
+"""
+
+
+def test_lightnings_observer_says_which_process_ended_before_it_kills_the_main_one(tmp_path):
+    """Lightning's observer SIGKILLs the main process a few seconds after a child died; whether gloo
+    reported the lost peer first is a race, so the observer itself prints the line."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"state")
+    script = tmp_path / "observed.py"
+    script.write_text(OBSERVED)
+    done = subprocess.run([sys.executable, str(script), str(last)], capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == -signal.SIGKILL and "not killed" not in done.stdout
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert f"training process 0 of 2 lost another one (process 1 was killed by SIGKILL); {last} holds the last validated " \
+           "epoch: run the same command with --resume to continue" in line
+
+
+def test_a_lost_peer_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    line = lost_peer_message(1, 4, "Connection closed by peer", tmp_path / "last.ckpt")
+    assert line == ("training process 1 of 4 lost another one (Connection closed by peer); no checkpoint was written yet, "
+                    "so there is nothing to resume: run it again")

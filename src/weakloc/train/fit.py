@@ -37,8 +37,8 @@ from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decisi
 from weakloc.train.options import (DEFAULT_MAP_OPTIONS, DEFAULT_REFINE, TrainSettings, check_train_options, option_name, process_layout,  # noqa: F401 -- re-exported
                                    scaled_size, settle_settings)
 from weakloc.train.state import (RESUME_KEYS, SKIPPED_FILE, TMP_SUFFIX, AtomicCheckpointIO, StopOnSignal,  # noqa: F401 -- re-exported
-                                 TrainingHistory, TrainingInterrupted, check_resumable, remove_stale_temporaries,
-                                 resume_checkpoint, signals_to)
+                                 TrainingHistory, TrainingInterrupted, check_resumable, lost_peer_message, peer_deaths_reported,
+                                 remove_stale_temporaries, resume_checkpoint, signals_to)
 
 
 @dataclass
@@ -384,7 +384,7 @@ def clear_old_run(out: Path, resuming: bool) -> None:
 def run_training(run: _Run, module: ClassifierModule, loaders: tuple[DataLoader, DataLoader], resume_from: Path | None,
                  epochs: int) -> None:
     """Train; SIGTERM or Ctrl+C end it with :class:`TrainingInterrupted` and a resumable state."""
-    with warnings.catch_warnings(), signals_to(run.stopper):
+    with warnings.catch_warnings(), signals_to(run.stopper), peer_deaths_reported(run.last, run.trainer.world_size):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming: it should be
@@ -397,9 +397,7 @@ def run_training(run: _Run, module: ClassifierModule, loaders: tuple[DataLoader,
         except RuntimeError as e:
             if run.trainer.world_size == 1 or not lost_peer(e):
                 raise
-            where = f"{run.last} holds the last validated epoch" if run.last.is_file() else "no checkpoint was written yet"
-            raise TrainingInterrupted(f"training process {run.trainer.global_rank} of {run.trainer.world_size} lost another "
-                                      f"one ({first_line(e)}); {where}: run the same command with --resume to continue",
+            raise TrainingInterrupted(lost_peer_message(run.trainer.global_rank, run.trainer.world_size, first_line(e), run.last),
                                       signal.SIGTERM) from None
 
 

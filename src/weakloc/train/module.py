@@ -157,12 +157,16 @@ class ClassifierModule(pl.LightningModule):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return classification_loss(logits, target, self.model.config.task, self.settings)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # NHWC: what cuDNN's tensor-core convolutions run fastest on under mixed precision, and what
+            # oneDNN's CPU convolutions run fastest on (their backward most of all). Here, before the
+            # strategy wraps the model: DDP's gradient buckets take the parameters' strides when built.
+            self.to(memory_format=torch.channels_last)
+
     def on_fit_start(self) -> None:
         for t in self._teacher:
             t.to(self.device)
-        # NHWC: what cuDNN's tensor-core convolutions run fastest on under mixed precision, and what
-        # oneDNN's CPU convolutions run fastest on (their backward most of all)
-        self.to(memory_format=torch.channels_last)
 
     def on_fit_end(self) -> None:
         self.to(memory_format=torch.contiguous_format)  # the trained model in the layout it is saved and loaded in

@@ -5,7 +5,9 @@ checkpoint (used by :func:`~weakloc.train.fine_tune`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -235,3 +237,55 @@ def signals_to(stopper: StopOnSignal):
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def lost_peer_message(rank: int, world: int, cause: str, last: Path) -> str:
+    """The one line a training process prints when another of its launch went away."""
+    if last.is_file():
+        tail = f"{last} holds the last validated epoch: run the same command with --resume to continue"
+    else:
+        tail = "no checkpoint was written yet, so there is nothing to resume: run it again"
+    return f"training process {rank} of {world} lost another one ({cause}); {tail}"
+
+
+@contextlib.contextmanager
+def peer_deaths_reported(last: Path, world: int):
+    """For the duration, the processes Lightning starts itself (``--strategy ddp`` without
+    torchrun) end with :func:`lost_peer_message` when one of them dies.
+
+    Lightning's observer thread in the main process polls its children every few seconds and, when
+    one has died, SIGKILLs them all and the main process itself -- no handler runs, so the main
+    process ended without a word whenever the observer came before gloo's error about the lost peer
+    (a data-loading or validation stretch without collectives is enough). Here the observer first
+    prints the line, then kills as before (SIGTERM would not free a process stuck in a collective).
+    """
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+        from lightning.pytorch.strategies.launchers import subprocess_script as launcher
+        original = launcher._launch_process_observer
+    except (ImportError, AttributeError):  # another Lightning: its observer as it is, gloo's error still reported
+        yield
+        return
+
+    class Reporting(_ChildProcessObserver):
+        def _terminate_all(self) -> None:
+            ended = [(i + 1, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
+            cause = ", ".join(f"process {i} {_exit_words(code)}" for i, code in ended) or "a process ended"
+            print(f"error: {lost_peer_message(0, world, cause, last)}", file=sys.stderr, flush=True)
+            super()._terminate_all()
+
+    launcher._launch_process_observer = lambda children: Reporting(child_processes=children, main_pid=os.getpid()).start()
+    try:
+        yield
+    finally:
+        launcher._launch_process_observer = original
+
+
+def _exit_words(code: int) -> str:
+    """``-9`` -> 'was killed by SIGKILL', ``1`` -> 'exited with status 1'."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
