@@ -4,6 +4,7 @@
     uv run python benchmarks/whole_objects.py --dataset bccd --out runs/whole-bccd
     uv run python benchmarks/whole_objects.py --dataset synthetic --out runs/whole-synthetic
     uv run python benchmarks/whole_objects.py --dataset all --rows cam,default,refine,ddt,cam+ddt,cam+ddt-refine   # one table per set
+    uv run python benchmarks/whole_objects.py --dataset all --seeds 0,1,2 --out runs/whole-seeds --rows ...   # + mean and spread
 
 Aquarium (../shared/datasets/aquarium): 7 classes, multi-label presence from the YOLO files as the
 only training label; the boxes of each present class score its map (MaxBoxAccV2, the protocol's
@@ -18,6 +19,10 @@ customary threshold (0.2; 0.5 for maps refined with the image, ``REFINED_THRESHO
 on K annotated *train* images per class and report GT-known Loc at it (MaxBoxAccV2 takes the best
 threshold, so calibration does not change it). The ``k5-*`` rows let five annotated train images per
 class choose the test-time size (and normalisation). ``--rows`` picks rows; results are cached in OUT.
+
+``--seeds S1,S2,...`` runs the whole table once per seed (in OUT/<dataset>/seed-S: each seed trains
+its own models, and on the synthetic set draws its own images) and then prints every cell as the
+mean over the seeds with the sample standard deviation and the range.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -225,17 +231,69 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="dataset folder (default: ../shared/datasets/<dataset>)")
     ap.add_argument("--per-class", default="5,10", help="K of the calibrated columns (annotated train images per class)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: the table once per seed (OUT/<dataset>/seed-S), "
+                                                 "then each cell's mean, standard deviation and range")
     args = ap.parse_args()
-    if args.dataset != "all":
-        return table(args.dataset, args)
+    datasets = ("synthetic", "aquarium", "bccd") if args.dataset == "all" else (args.dataset,)
     out = args.out
-    for dataset in ("synthetic", "aquarium", "bccd"):
-        args.out = out / dataset if out else None
-        table(dataset, args)
+    if args.seeds is None:
+        for dataset in datasets:
+            args.out = out / dataset if out and args.dataset == "all" else out
+            table(dataset, args)
+        return
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for dataset in datasets:
+        runs = []
+        for seed in seeds:
+            args.seed, args.out = seed, (out or Path("runs/whole-seeds")) / dataset / f"seed-{seed}"
+            runs.append(table(dataset, args))
+        spread_table(dataset, seeds, runs, args)
 
 
-def table(dataset: str, args) -> None:
-    """Train what the rows need, score them (cached in OUT/results.json) and print the table."""
+def spread(values: list[float | None], digits: int = 1) -> str:
+    """``mean (sd; min-max)`` of the values present; the mean alone for one value, '-' for none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (1 seed)"
+    return f"{statistics.mean(v):.{digits}f} ({statistics.stdev(v):.{digits}f}; {min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def spread_table(dataset: str, seeds: list[int], runs: list[dict], args) -> None:
+    """Every row's cells over the seeds: mean (sample standard deviation; min-max)."""
+    ks = [int(k) for k in args.per_class.split(",") if k.strip()]
+    rows = [r for r in args.rows.split(",") if any(r in run for run in runs)]
+    print(f"\n{dataset}: mean (sd; min-max) over seeds {','.join(map(str, seeds))}; {args.epochs} epochs per model; {machine_name()}")
+    print("| row | adds | seeds | acc | MaxBoxAccV2 | vs centre | vs plain CAM | IoU50 | GT-known (K=0) | "
+          + " | ".join(f"GT-known @K={k}" for k in ks) + " | instance F1 (K=0) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(ks) + 1))
+
+    def cells(row: str, get) -> list[float | None]:
+        out = []
+        for run in runs:
+            try:
+                out.append(get(run[row], run))
+            except (KeyError, TypeError):
+                out.append(None)
+        return out
+
+    for r in rows:
+        calib = [spread(cells(r, lambda res, run, k=k: calibrated(res)[str(k)]["gt_known"])) for k in ks]
+        print(f"| {r} | {ROWS[r][3]} | {sum(r in run for run in runs)} | {spread(cells(r, lambda res, run: res['classification']['acc'] * 100))} | "
+              f"{spread(cells(r, lambda res, run: res['localization']['MaxBoxAccV2']))} | "
+              f"{spread(cells(r, lambda res, run: res['localization']['MaxBoxAccV2'] - res['centre']['MaxBoxAccV2']))} | "
+              f"{spread(cells(r, lambda res, run: res['localization']['MaxBoxAccV2'] - run['cam']['localization']['MaxBoxAccV2']))} | "
+              f"{spread(cells(r, lambda res, run: res['localization']['IoU50']))} | "
+              f"{spread(cells(r, lambda res, run: res['localization']['GT-known Loc']))} | " + " | ".join(calib) + " | "
+              f"{spread(cells(r, lambda res, run: res['instances']['F1'] * 100))} |")
+    centre = [next(iter(run.values()))["centre"]["MaxBoxAccV2"] for run in runs if run]
+    print(f"| centre baseline | a centred Gaussian | {len(centre)} | - | {spread(centre)} | 0.0 | - | - | - | " + " | ".join("-" for _ in ks) + " | - |")
+
+
+def table(dataset: str, args) -> dict:
+    """Train what the rows need, score them (cached in OUT/results.json), print the table and
+    return the results (row -> cached figures)."""
     ks = [int(k) for k in args.per_class.split(",") if k.strip()]
     args.out = args.out or Path(f"runs/whole-{dataset}")
     root = args.root or Path("../shared/datasets") / dataset
@@ -308,6 +366,7 @@ def table(dataset: str, args) -> None:
           f"{cb.get('GT-known Loc', float('nan')):.1f} | " + " | ".join("-" for _ in ks) + " | - | - |")
     print("(instance F1: every region at the K = 0 threshold one box, matched one to one at IoU 0.5, mean over classes; "
           "s / image: evaluation time of the row's maps on this machine, older cached rows have none)")
+    return results
 
 
 def fmt(value, get, digits: int = 1) -> str:
