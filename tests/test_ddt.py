@@ -141,3 +141,10 @@ def test_command_writes_the_statistics(synth_single, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert (folder / FILE).is_file() and "co-localization statistics of 36 image(s) (train)".replace("36", str(sum(1 for s in load_labels(synth_single).splits if s == "train"))) in run.stdout
     assert load_model(folder).colocalization.mean.shape[0] == 3
+
+
+def test_statistics_saved_into_a_new_folder(tmp_path):
+    stats = Directions(torch.ones(2, 5), torch.ones(2, 5), torch.ones(2), torch.ones(2))
+    path = save_directions(stats, tmp_path / "new" / "ddt")  # a folder of its own, as benchmarks keep them
+    assert path == tmp_path / "new" / "ddt" / FILE and torch.equal(load_directions(path.parent, 2).direction, stats.direction)
+    assert [p.name for p in path.parent.iterdir()] == [FILE]
