@@ -121,8 +121,9 @@ ROWS: dict[str, tuple[str, str, dict, str]] = {
     "refine": ("stride32", "cam", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
                "weakloc train's defaults + guided filter with the image (refine)"),
     "ddt": ("stride32", "ddt", {"input_scale": 2}, "class co-localization of the backbone's features (DDT), 2x size"),
-    "cam+ddt": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True}, "CAM blended with DDT (weight 0.5), 2x size"),
-    "cam+ddt-refine": ("stride32", "cam+ddt", {"input_scale": 2, "positive_weights": True, "refine": "guided"},
+    # cam+ddt takes no positive_weights: it clamps the CAM at 0 itself before blending
+    "cam+ddt": ("stride32", "cam+ddt", {"input_scale": 2}, "CAM blended with DDT (weight 0.5), 2x size"),
+    "cam+ddt-refine": ("stride32", "cam+ddt", {"input_scale": 2, "refine": "guided"},
                        "CAM + DDT, then the guided filter"),
     "attention-refine": ("attention", "attention", {"refine": "guided"}, "attention head's maps, then the guided filter"),
     "box": ("psol", "box", {}, "second stage's box regressor sharing the stride-16 classifier's backbone"),
