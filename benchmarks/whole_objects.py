@@ -251,6 +251,11 @@ def main() -> None:
         spread_table(dataset, seeds, runs, args)
 
 
+def per_class(args) -> list[int]:
+    """K of the calibrated columns, from ``--per-class``."""
+    return [int(k) for k in args.per_class.split(",") if k.strip()]
+
+
 def spread(values: list[float | None], digits: int = 1) -> str:
     """``mean (sd; min-max)`` of the values present; the mean alone for one value, '-' for none."""
     v = [x for x in values if x is not None]
@@ -263,7 +268,7 @@ def spread(values: list[float | None], digits: int = 1) -> str:
 
 def spread_table(dataset: str, seeds: list[int], runs: list[dict], args) -> None:
     """Every row's cells over the seeds: mean (sample standard deviation; min-max)."""
-    ks = [int(k) for k in args.per_class.split(",") if k.strip()]
+    ks = per_class(args)
     rows = [r for r in args.rows.split(",") if any(r in run for run in runs)]
     print(f"\n{dataset}: mean (sd; min-max) over seeds {','.join(map(str, seeds))}; {args.epochs} epochs per model; {machine_name()}")
     print("| row | adds | seeds | acc | MaxBoxAccV2 | vs centre | vs plain CAM | IoU50 | GT-known (K=0) | "
@@ -295,7 +300,7 @@ def spread_table(dataset: str, seeds: list[int], runs: list[dict], args) -> None
 def table(dataset: str, args) -> dict:
     """Train what the rows need, score them (cached in OUT/results.json), print the table and
     return the results (row -> cached figures)."""
-    ks = [int(k) for k in args.per_class.split(",") if k.strip()]
+    ks = per_class(args)
     args.out = args.out or Path(f"runs/whole-{dataset}")
     root = args.root or Path("../shared/datasets") / dataset
     if dataset == "aquarium":

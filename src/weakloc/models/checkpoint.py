@@ -86,8 +86,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 
 
 def replace_files(folder: Path, files: dict[str, bytes]) -> None:
-    """Write every ``files`` entry to a temporary file in ``folder``, then rename each over its name
-    in ``files``' order; no temporary file is left behind, whatever fails."""
+    """Write every ``files`` entry to a temporary file in ``folder`` (made if missing, as
+    :func:`atomic_write` makes its file's), then rename each over its name in ``files``' order; no
+    temporary file is left behind, whatever fails."""
+    folder.mkdir(parents=True, exist_ok=True)
     temps: list[tuple[Path, Path]] = []
     try:
         for name, data in files.items():

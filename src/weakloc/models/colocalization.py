@@ -49,7 +49,6 @@ def save_directions(stats: Directions, folder: str | Path) -> Path:
     """Write ``folder/ddt.safetensors`` atomically (``folder`` made if missing); returns its path."""
     from weakloc.models.checkpoint import replace_files
 
-    Path(folder).mkdir(parents=True, exist_ok=True)
     replace_files(Path(folder), {FILE: directions_bytes(stats)})
     return Path(folder) / FILE
 
