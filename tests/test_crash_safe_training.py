@@ -386,3 +386,29 @@ def test_resuming_another_model_is_refused_by_name(tmp_path):
         check_resumable(torch.nn.Linear(2, 3), tmp_path / "last.ckpt", {"weight": (4, 2), "bias": (3,)})
     with pytest.raises(CheckpointError, match=r"it lacks bias"):
         check_resumable(torch.nn.Linear(2, 3), tmp_path / "last.ckpt", {"weight": (3, 2)})
+
+
+def test_resuming_with_another_recipe_is_refused_by_option(data, tmp_path):
+    """A run resumed with other learning settings would be two recipes in one model, with one
+    config.json describing neither; more epochs, or another place to run, are a resume."""
+    out = tmp_path / "run"
+    fine_tune(data, out, epochs=1, frozen_stages=1, lr=1e-3, **TINY)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*last\.ckpt: it was trained with other settings "
+                                              r"\(--frozen-stages 1 there, 0 here; --lr 0\.001 there, 0\.002 here\); resume with"):
+        fine_tune(data, out, epochs=2, resume=True, **TINY)
+    resumed = fine_tune(data, out, epochs=2, frozen_stages=1, lr=1e-3, resume=True, limit_batches=2, **TINY)
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    assert resumed.model.config.train.frozen_stages == 1
+
+
+def test_recipe_changes_compare_only_what_shapes_learning():
+    from weakloc.config import TrainConfig
+    from weakloc.train.state import recipe_changes, training_recipe
+
+    stored = training_recipe(TrainConfig(crop_scale=(0.5, 1.0)))
+    assert "epochs" not in stored and "workers" not in stored and stored["crop_scale"] == [0.5, 1.0]
+    assert recipe_changes(stored, training_recipe(TrainConfig(crop_scale=(0.5, 1.0), epochs=9, workers=2, devices=2))) == []
+    assert recipe_changes(stored, training_recipe(TrainConfig(crop_scale=(0.4, 1.0), seed=3))) == [
+        "--seed 0 there, 3 here", "--crop-scale [0.5, 1.0] there, [0.4, 1.0] here"]
+    del stored["seed"]  # a checkpoint of an older version lacks settings: those are not compared
+    assert recipe_changes(stored, training_recipe(TrainConfig(crop_scale=(0.5, 1.0), seed=3))) == []

@@ -148,7 +148,6 @@ def save_model(model: WeaklocNet, folder: str | Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot write the model to {folder}: it is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         files = {WEIGHTS_NAME: weights}
         stats = getattr(model, "colocalization", None)
         if stats is None:  # statistics of other weights (an earlier model in this folder) must not be read as this one's

@@ -573,9 +573,9 @@ def fine_tune(
     net = build_model(config, settings_used, teacher_net)
     net.frozen_stage_parameters(settings_used.frozen_stages, option_name("frozen_stages", given.spelled))  # its stage count is known only now
     loaders = make_loaders(train_set, val_set, net.config, settings_used)
-    module = ClassifierModule(net, settings_used, teacher_net)
+    module = ClassifierModule(net, settings_used, teacher_net, given.train)
     if resume_from is not None:
-        check_resumable(module, resume_from, resume_info["shapes"], resume_info["teacher"])
+        check_resumable(module, resume_from, resume_info["shapes"], resume_info["teacher"], resume_info["recipe"])
     run = make_trainer(out, settings_used, len(loaders[0]), progress)
     rank, record = run.trainer.global_rank, training_record(run.trainer, settings_used)
     if len(val_set) < record["processes"]:

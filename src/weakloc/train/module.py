@@ -22,7 +22,7 @@ from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
 from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
-from weakloc.train.state import TEACHER_KEY
+from weakloc.train.state import RECIPE_KEY, TEACHER_KEY, training_recipe
 
 
 #: (earliest, latest) multipliers of the head's learning rate for the backbone's layer groups, when
@@ -76,9 +76,11 @@ class ClassifierModule(pl.LightningModule):
         teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``, refined
             as the teacher stores, thresholded at ``settings.teacher_threshold``, default 0.2) train
             ``model``'s localizer head (masks) and box head (the extent of the present classes' masks).
+        given: the settings as the caller gave them, before the data settled some (None:
+            ``settings``); kept in checkpoints, so that a resume with others is refused.
     """
 
-    def __init__(self, model: WeaklocNet, settings: TrainConfig, teacher: WeaklocNet | None = None):
+    def __init__(self, model: WeaklocNet, settings: TrainConfig, teacher: WeaklocNet | None = None, given: TrainConfig | None = None):
         super().__init__()
         self.model = model
         self.settings = settings
@@ -86,6 +88,9 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError("second-stage heads (localizer, box) are trained from a teacher, and a teacher needs a model with one")
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()  # not a submodule: not saved
         self.teacher_digest = weights_digest(teacher) if teacher is not None else None  # which teacher, kept in checkpoints
+        # the settings as given, before the data settles some of them (a warm-up longer than a short
+        # run is dropped, so extending a finished run would otherwise read as another recipe)
+        self.recipe = training_recipe(given or settings)
         self.teacher_method = settings.teacher_method or "cam"
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.frozen_ids = {id(p) for p in model.frozen_stage_parameters(settings.frozen_stages)}
@@ -115,6 +120,7 @@ class ClassifierModule(pl.LightningModule):
             {"index": it.index, "path": str(it.path), "reason": it.reason} for it in self.skip_log]}
         if self.teacher_digest is not None:
             checkpoint[TEACHER_KEY] = self.teacher_digest
+        checkpoint[RECIPE_KEY] = self.recipe  # a resume with other settings is refused (check_resumable)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("weakloc_skipped", {})

@@ -24,6 +24,13 @@ from weakloc.models.checkpoint import atomic_write
 
 #: the checkpoint key of the teacher's weights digest (:func:`~weakloc.models.checkpoint.weights_digest`)
 TEACHER_KEY = "weakloc_teacher"
+#: the checkpoint key of the run's recipe (:func:`training_recipe`)
+RECIPE_KEY = "weakloc_recipe"
+#: :class:`~weakloc.config.TrainConfig` settings a resumed run may change: where and how fast it
+#: runs, and how long (more epochs extend a finished run); every other setting shapes what is
+#: learnt, and a run resumed with another value would silently be two recipes in one model
+RESUME_MAY_CHANGE = frozenset({"epochs", "pretrained", "precision", "accelerator", "devices", "strategy", "num_nodes", "workers",
+                               "limit_batches"})
 #: suffix of the temporary file :func:`atomic_write` renames over its target
 TMP_SUFFIX = ".tmp"
 #: the file beside ``model/`` listing the images training skipped: path, a tab, why
@@ -66,9 +73,10 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     state. Broken files are skipped with a warning that names them.
 
     Returns:
-        its path and ``{"epoch", "global_step", "shapes", "teacher"}`` (``shapes``: of its
+        its path and ``{"epoch", "global_step", "shapes", "teacher", "recipe"}`` (``shapes``: of its
         ``state_dict``'s tensors; ``teacher``: the weights digest of the teacher it was trained
-        from, or None; both for :func:`check_resumable`).
+        from, or None; ``recipe``: :func:`training_recipe` of its run, or None; all for
+        :func:`check_resumable`).
 
     Raises:
         CheckpointError: no checkpoint, or none usable (every file named with its problem).
@@ -90,7 +98,7 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
             continue
         info = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"]),
                 "shapes": {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)},
-                "teacher": ckpt.get(TEACHER_KEY)}
+                "teacher": ckpt.get(TEACHER_KEY), "recipe": ckpt.get(RECIPE_KEY)}
         usable.append(((info["global_step"], info["epoch"], path.name == "last.ckpt"), path, info))
         del ckpt
     if not usable:
@@ -101,7 +109,21 @@ def resume_checkpoint(folder: str | Path) -> tuple[Path, dict]:
     return path, info
 
 
-def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple], teacher: str | None = None) -> None:
+def training_recipe(settings) -> dict:
+    """The settings of a :class:`~weakloc.config.TrainConfig` that shape what a run learns (all but
+    :data:`RESUME_MAY_CHANGE`), as plain values a ``weights_only`` checkpoint can hold."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.to_dict().items() if k not in RESUME_MAY_CHANGE}
+
+
+def recipe_changes(stored: dict, own: dict) -> list[str]:
+    """``--option STORED there, OWN here`` for each setting of the :func:`training_recipe` ``own``
+    that differs from the interrupted run's ``stored`` one (settings it lacks, from an older
+    version, are not compared)."""
+    return [f"--{k.replace('_', '-')} {stored[k]} there, {own[k]} here" for k in own if k in stored and stored[k] != own[k]]
+
+
+def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple], teacher: str | None = None,
+                    recipe: dict | None = None) -> None:
     """Refuse to resume ``module``'s training from a checkpoint of another model (other backbone,
     head, classes or options), which Lightning would stop at with a long state-dict traceback, or
     of a run made from another teacher of the same architecture (whose targets, and frozen copy,
@@ -111,6 +133,8 @@ def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tu
         shapes: the checkpoint's tensor shapes by name (:func:`resume_checkpoint`'s ``shapes``).
         teacher: the checkpoint's teacher digest (``teacher``; None: no teacher, or a checkpoint
             written before digests were kept), compared with ``module.teacher_digest``.
+        recipe: the checkpoint's :func:`training_recipe` (None: written before recipes were kept),
+            compared with ``module.recipe``.
     """
     own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing, extra = sorted(own.keys() - shapes.keys()), sorted(shapes.keys() - own.keys())
@@ -123,6 +147,10 @@ def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tu
     if teacher is not None and teacher != getattr(module, "teacher_digest", None):
         raise CheckpointError(f"cannot resume from {path}: it was trained from another teacher (its weights differ from "
                               "--teacher's); resume with the interrupted run's --teacher, or train without --resume")
+    changed = recipe_changes(recipe, module.recipe) if recipe is not None and hasattr(module, "recipe") else []
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: it was trained with other settings ({'; '.join(changed)}); resume "
+                              "with the interrupted run's options, or train without --resume")
 
 
 class TrainingHistory(pl.Callback):
