@@ -87,6 +87,14 @@ def offline_imagenet_path(name: str) -> Path:
     return Path(getattr(package, f"EfficientnetLite{size}ModelFile").get_model_file_path())
 
 
+def for_inference(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """``model`` on ``device`` in eval mode, its 4-D weights channels-last (NHWC): oneDNN's and
+    cuDNN's convolutions, and so every map method's forward and backward, run faster on that
+    layout (docs/benchmarks.md), with the same values up to float rounding. Training converts the
+    same way (``ClassifierModule.setup``)."""
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
 def os_reason(e: OSError) -> str:
     """An OSError in a few words, without the path (the message names it): ``permission denied``."""
     return (e.strerror or type(e).__name__).lower()

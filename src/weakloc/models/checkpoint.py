@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save
 
 from weakloc.errors import CheckpointError, WeaklocError
-from weakloc.models.backbone import os_reason, read_state_dict
+from weakloc.models.backbone import for_inference, os_reason, read_state_dict
 from weakloc.models.classifier import ModelConfig, WeaklocNet
 from weakloc.models.colocalization import FILE as COLOCALIZATION_FILE
 from weakloc.models.colocalization import directions_bytes, load_directions
@@ -191,7 +191,8 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> WeaklocNet:
-    """Rebuild a model from a checkpoint folder; ``eval()`` mode, on ``device``.
+    """Rebuild a model from a checkpoint folder; ``eval()`` mode, on ``device``, channels-last
+    (:func:`~weakloc.models.backbone.for_inference`).
 
     Raises:
         CheckpointError: missing or unreadable files, a config.json that fails the schema, weights
@@ -217,4 +218,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> WeaklocN
         )
     model.load_state_dict(state)
     model.colocalization = load_directions(folder, len(config.classes))
-    return model.to(device).eval()
+    return for_inference(model, device)

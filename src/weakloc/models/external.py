@@ -32,7 +32,7 @@ from torch import nn
 
 from weakloc.config import MapConfig, ModelConfig
 from weakloc.errors import CheckpointError, LabelError, OptionError, WeaklocError
-from weakloc.models.backbone import OFFLINE_IMAGENET, match_state_dict, offline_imagenet_path, os_reason, read_state_dict
+from weakloc.models.backbone import OFFLINE_IMAGENET, for_inference, match_state_dict, offline_imagenet_path, os_reason, read_state_dict
 from weakloc.models.classifier import WeaklocNet
 from weakloc.text import class_name_problem
 
@@ -382,7 +382,7 @@ def load_model_spec(spec: str | Path, weights: str | Path | None = None, classes
     if model is None:
         config.maps = MapConfig(method="gradcam", layer="backbone." + default_target_layer(net))
         model = TimmClassifier(net, config)
-    return model.to(device or "cpu").eval()
+    return for_inference(model, device or "cpu")
 
 
 __all__ = ["SPEC_PREFIX", "TimmClassifier", "as_cam_net", "default_class_names", "default_target_layer", "imagenet_class_names",

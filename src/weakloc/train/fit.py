@@ -31,6 +31,7 @@ from weakloc.config import MapConfig, ModelConfig, TrainConfig, fallback_thresho
 from weakloc.data.dataset import EpochLoader, EpochSampler, ImageDataset, SkipLog, collate_skip_bad, eval_transform, train_transform
 from weakloc.data.labels import LabeledImages, load_labels, split_train_val, with_positive
 from weakloc.errors import OptionError, WeaklocError
+from weakloc.models.backbone import for_inference
 from weakloc.models.checkpoint import atomic_write, load_model, save_model
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.module import ClassifierModule, FreezeBackbone, choose_decision_threshold, default_backbone_lr
@@ -424,10 +425,10 @@ def spawned_state(run: _Run, module: ClassifierModule) -> None:
 
 def best_model(module: ClassifierModule, path: Path) -> tuple[WeaklocNet, dict]:
     """The model of the checkpoint at ``path`` (the moving average, with one), on the CPU in eval
-    mode and fp32 as :func:`~weakloc.models.load_model` would give it; and the checkpoint."""
+    mode, fp32 and channels-last as :func:`~weakloc.models.load_model` would give it; and the checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(checkpoint["state_dict"])
-    return module.evaluated_model.cpu().float().eval().requires_grad_(True), checkpoint
+    return for_inference(module.evaluated_model.float()).requires_grad_(True), checkpoint
 
 
 def trained_maps(model: ModelConfig, train: TrainConfig, maps: MapConfig, *, options_given: bool, transformer: bool) -> MapConfig:
