@@ -21,6 +21,7 @@ import torch
 
 from weakloc.explain import explain
 from weakloc.models import ModelConfig, WeaklocNet
+from weakloc.models.backbone import for_inference
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -50,11 +51,15 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2, help="Time everything this many times over; keep each one's best.")
     ap.add_argument("--chunk", type=int, default=64, help="Masked inputs / ablated copies per forward (Score-CAM, Ablation-CAM).")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weakloc's autocast dtype.")
+    ap.add_argument("--layout", default="nchw", choices=["nchw", "channels-last"],
+                    help="The shared model's weight layout (channels-last: what load_model gives since 2026-12-01).")
     args = ap.parse_args()
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = args.device
     torch.manual_seed(0)
     model = WeaklocNet(ModelConfig(backbone=args.backbone, classes=[f"c{i}" for i in range(1000)], input_size=args.size, drop_rate=0.0)).to(dev).eval()
+    if args.layout == "channels-last":  # every library runs the same model, so the comparison stays like for like
+        model = for_inference(model, dev)
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     layer = model.backbone.layer4 if hasattr(model.backbone, "layer4") else None
     rows = []
@@ -142,7 +147,7 @@ def main() -> None:
     rows = [(n, o, p, t, args.batch / (t_fwd if n in ("cam", "cam-all", "eigencam", "scorecam", "ablationcam") else t_grad))
             for n, o, p, t, _ in rows]
     machine = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"{args.backbone}, {args.size} px, batch {args.batch}, weakloc {args.dtype} (peers fp32), {machine}, torch {torch.__version__}")
+    print(f"{args.backbone}, {args.size} px, batch {args.batch}, weakloc {args.dtype} (peers fp32), {args.layout} weights, {machine}, torch {torch.__version__}")
     print("| method | weakloc img/s | pytorch-grad-cam img/s | TorchCAM img/s | ceiling img/s | vs pytorch-grad-cam | vs TorchCAM | of ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ours, pgc_, tc, ceil in rows:
