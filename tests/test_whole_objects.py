@@ -324,3 +324,24 @@ def test_separate_box_network_needs_a_teacher(synth_single, tmp_path):
                   progress=False)
     with pytest.raises(WeaklocError, match="needs box_head"):
         WeaklocNet(ModelConfig(backbone="test_resnet", classes=["a", "b"], box_backbone="test_resnet"))
+
+
+def test_box_maps_run_at_the_training_size_unrefined_unless_asked():
+    """The box regressor learnt its sides at the training size: a stored 2x test size (the classifier's
+    maps') would feed it an upsampled-then-downsampled, blurred image, and the stored guided filter
+    would blur its 0/1 rectangle -- for its own maps and for the next round's targets alike."""
+    from types import SimpleNamespace
+
+    from weakloc.config import MapConfig, ModelConfig, resolve_maps
+    from weakloc.train.pseudo import teacher_size_and_refine
+
+    cfg = ModelConfig(backbone="test_resnet", classes=["a", "b"], input_size=64, box_head=True,
+                      maps=MapConfig(method="cam", test_size=128, refine="guided"))
+    cam, box = resolve_maps(cfg), resolve_maps(cfg, method="box")
+    assert (cam.test_size, cam.refine) == (128, "guided") and (box.test_size, box.refine) == (64, "none")
+    asked = resolve_maps(cfg, method="box", test_size=96, refine="guided:0.05")
+    assert (asked.test_size, asked.refine) == (96, "guided:0.05")  # what the caller asks for wins
+    assert cfg.inference_size() == 128 and cfg.inference_size("box") == 64
+    teacher = SimpleNamespace(config=cfg)
+    assert teacher_size_and_refine(teacher, "box") == (64, "none")
+    assert teacher_size_and_refine(teacher, "cam") == (128, "guided")

@@ -122,6 +122,12 @@ class MapConfig:
         return asdict(self)
 
 
+#: map methods that draw a regressed box, not evidence: the second stage's box regressor. Unless the
+#: caller asks otherwise they run at the model's training size whatever test size is stored (the
+#: regressor learnt the sides' distances at that scale, and a test-size input resized down to it is
+#: blurred out of what it learnt), and unrefined (the stored refine is the classifier's maps'; a
+#: guided filter only blurs a 0/1 rectangle) -- docs/results.md, whole objects, ninth round
+BOX_METHODS = frozenset({"box"})
 #: :class:`MapConfig` fields that are map-making settings (the rest are calibration results and notes)
 MAP_SETTINGS = ("method", "layer", "fusion", "tta", "eigen_smooth", "dtype", "normalization", "refine", "test_size", "count_views")
 #: defaults of the settings when neither the model nor the caller sets them
@@ -299,9 +305,12 @@ class ModelConfig:
     train: TrainConfig | None = None
     format_version: int = FORMAT_VERSION
 
-    def inference_size(self) -> int:
-        """Side of the input for maps, boxes and predictions: ``maps.test_size``, else the training size."""
-        return int(self.input_size if self.maps.test_size is None else self.maps.test_size)
+    def inference_size(self, method: str | None = None) -> int:
+        """Side of the input for maps, boxes and predictions: ``maps.test_size``, else the training
+        size (always the training size for ``method`` in :data:`BOX_METHODS`)."""
+        if self.maps.test_size is None or method in BOX_METHODS:
+            return int(self.input_size)
+        return int(self.maps.test_size)
 
     def instance_box_sizes(self) -> list[list[float]] | None:
         """Counting models: each class's instance box ``[width, height]`` (fractions of the image) in
@@ -600,6 +609,7 @@ def resolve_maps(config: ModelConfig, overrides: MapConfig | dict | None = None,
     Method options merge in that order too: the model's stored options for the resolved method,
     then the caller's. A ``normalization`` option of the method (where calibration stores the one
     it chose for that method) counts as the setting, over the model's method-independent one.
+    The methods of :data:`BOX_METHODS` take the training size and no refinement unless asked.
     The result has every setting concrete (``test_size`` an int, ``count_views`` a name) and
     ``options`` holding the resolved method's options alone; calibration results (``threshold``,
     ``box_sizes``, ``sources``) are the model's.
@@ -625,7 +635,9 @@ def resolve_maps(config: ModelConfig, overrides: MapConfig | dict | None = None,
     options.update(asked_options)
     if "normalization" in options:  # the caller's option spelling of the setting
         out["normalization"] = options.pop("normalization")
-    if out["test_size"] is None:  # not set: the training size (a 0 stays, for the check to refuse)
-        out["test_size"] = config.input_size
+    if "test_size" not in asked:  # not set by the caller: the stored one, else the training size
+        out["test_size"] = config.inference_size(out["method"])
+    if out["method"] in BOX_METHODS and "refine" not in asked:
+        out["refine"] = "none"
     return MapConfig(**out, options={out["method"]: options} if options else {}, threshold=stored.threshold,
                      box_sizes=stored.box_sizes, sources=dict(stored.sources))

@@ -298,7 +298,7 @@ def _default_candidate(model, keys: list[tuple], made_at: dict) -> tuple:
     where each is among the candidates, else the first candidate's."""
     maps = model.config.maps
     method = maps.method or "cam"
-    size = model.config.inference_size()
+    size = model.config.inference_size(method)
     norm = (maps.options.get(method) or {}).get("normalization")
 
     def score(key: tuple) -> tuple:

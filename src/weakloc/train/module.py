@@ -21,7 +21,7 @@ from weakloc.models.checkpoint import weights_digest
 from weakloc.models.classifier import WeaklocNet
 from weakloc.train.alignment import alignment_loss, dropout_consistency_loss, present_classes
 from weakloc.train.augment import cutmix, hide_patches
-from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps
+from weakloc.train.pseudo import box_loss, localizer_loss, pseudo_boxes, pseudo_masks, teacher_maps, teacher_size_and_refine
 from weakloc.train.state import RECIPE_KEY, TEACHER_KEY, training_recipe
 
 
@@ -92,6 +92,7 @@ class ClassifierModule(pl.LightningModule):
         # run is dropped, so extending a finished run would otherwise read as another recipe)
         self.recipe = training_recipe(given or settings)
         self.teacher_method = settings.teacher_method or "cam"
+        self._teacher_view = teacher_size_and_refine(teacher, self.teacher_method) if teacher is not None else None
         self.teacher_threshold = 0.2 if settings.teacher_threshold is None else settings.teacher_threshold
         self.frozen_ids = {id(p) for p in model.frozen_stage_parameters(settings.frozen_stages)}
         for p in model.parameters():
@@ -203,9 +204,10 @@ class ClassifierModule(pl.LightningModule):
                 loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
         if self._teacher and training:  # validation runs without gradients, which some teacher maps need
             teacher = self._teacher[0]
-            # at the teacher's own test size: at its training size its pseudo-boxes are far worse (docs/results.md, sixth round)
-            maps = teacher_maps(teacher, at_size(batch["image"], teacher.config.inference_size()), self.teacher_method,
-                                teacher.config.maps.refine)
+            # at the teacher's own test size and refinement, as its maps are made for evaluation: at its training
+            # size its CAM's pseudo-boxes are far worse (docs/results.md, sixth round); a box teacher's at its own
+            size, refine = self._teacher_view
+            maps = teacher_maps(teacher, at_size(batch["image"], size), self.teacher_method, refine)
             present = present_classes(presence, k)
             if out.localizer is not None:
                 masks = pseudo_masks(maps, tuple(out.localizer.shape[-2:]), self.teacher_threshold)

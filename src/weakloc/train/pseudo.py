@@ -34,6 +34,16 @@ def teacher_maps(teacher, images: torch.Tensor, method: str = "cam", refine: str
     return explain(teacher, images, method, target="all", refine=refine or "none", **(options or {})).normalized
 
 
+def teacher_size_and_refine(teacher, method: str) -> tuple[int, str]:
+    """The input side and refinement ``teacher``'s ``method`` maps are made with by every command
+    (:func:`~weakloc.explain.pipeline.map_settings`: its stored test size and ``refine``; the
+    training size and none for a box method)."""
+    from weakloc.explain.pipeline import map_settings
+
+    settings = map_settings(teacher, method=method)
+    return settings.test_size, settings.refine
+
+
 def pseudo_masks(maps: torch.Tensor, size: tuple[int, int], threshold: float = 0.2) -> torch.Tensor:
     """Object masks of every class on the student's map grid.
 
