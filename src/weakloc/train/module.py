@@ -73,8 +73,9 @@ class ClassifierModule(pl.LightningModule):
         model: the network.
         settings: the losses, their weights, augmentation and the optimiser (:class:`TrainConfig`;
             ``backbone_lr`` None: :func:`default_backbone_lr`).
-        teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``, refined
-            as the teacher stores, thresholded at ``settings.teacher_threshold``, default 0.2) train
+        teacher: a first-stage model whose maps (``settings.teacher_method``, default ``cam``, at the
+            size and refinement the pipeline makes them with, :func:`teacher_size_and_refine`;
+            thresholded at ``settings.teacher_threshold``, default 0.2) train
             ``model``'s localizer head (masks) and box head (the extent of the present classes' masks).
         given: the settings as the caller gave them, before the data settled some (None:
             ``settings``); kept in checkpoints, so that a resume with others is refused.
@@ -204,8 +205,8 @@ class ClassifierModule(pl.LightningModule):
                 loss = loss + o.consistency_weight * dropout_consistency_loss(out.class_maps, present)
         if self._teacher and training:  # validation runs without gradients, which some teacher maps need
             teacher = self._teacher[0]
-            # at the teacher's own test size and refinement, as its maps are made for evaluation: at its training
-            # size its CAM's pseudo-boxes are far worse (docs/results.md, sixth round); a box teacher's at its own
+            # the teacher's maps as every command makes them: a CAM at its test size and refined (at its training size
+            # its pseudo-boxes are far worse, docs/results.md sixth round), a box at its training size, unrefined
             size, refine = self._teacher_view
             maps = teacher_maps(teacher, at_size(batch["image"], size), self.teacher_method, refine)
             present = present_classes(presence, k)
