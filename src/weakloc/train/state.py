@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from weakloc.errors import CheckpointError, WeaklocError
 from weakloc.models.checkpoint import atomic_write
+from weakloc.train.options import option_name
 
 
 #: the checkpoint key of the teacher's weights digest (:func:`~weakloc.models.checkpoint.weights_digest`)
@@ -119,7 +120,7 @@ def recipe_changes(stored: dict, own: dict) -> list[str]:
     """``--option STORED there, OWN here`` for each setting of the :func:`training_recipe` ``own``
     that differs from the interrupted run's ``stored`` one (settings it lacks, from an older
     version, are not compared)."""
-    return [f"--{k.replace('_', '-')} {stored[k]} there, {own[k]} here" for k in own if k in stored and stored[k] != own[k]]
+    return [f"{option_name(k)} {stored[k]} there, {own[k]} here" for k in own if k in stored and stored[k] != own[k]]
 
 
 def check_resumable(module: pl.LightningModule, path: Path, shapes: dict[str, tuple], teacher: str | None = None,
